@@ -1,0 +1,169 @@
+import os
+
+import pandas as pd
+import pytest
+import torch
+
+import data_utils
+import train
+import utils
+from conftest import assert_one_line_error, make_folder_dataset, run_script
+
+TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
+        '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A prepared 4-class train / 3-class test folder dataset and a results folder."""
+    make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3})
+    data_utils.prepare(str(tmp_path / 'data'), 'tiny', num_workers=1)
+    return tmp_path
+
+
+def run_train(tmp_path, *extra, name='tiny'):
+    return run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', name,
+                      '--results_dir', tmp_path / 'results', *TINY, *extra)
+
+
+def prefix(name='tiny', E=2, M=2, share='layer1'):
+    return utils.run_prefix(name, 'uncropped', 'fixed', False, share, 'resnet18', E, M)
+
+
+def test_end_to_end(tiny):
+    result = run_train(tiny)
+    assert result.returncode == 0, result.stderr
+    assert 'Epoch 2/2' in result.stdout and 'R@1' in result.stdout
+    results = tiny / 'results'
+    frame = pd.read_csv(results / f'{prefix()}_results.csv')
+    assert list(frame.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',
+                                   'test_recall@4', 'test_recall@8', 'test_map@r', 'test_r_precision']
+    assert frame['epoch'].tolist() == [1, 2]
+    assert frame.drop(columns='epoch').apply(lambda c: c.between(0, 100)).all().all()
+
+    for name in os.listdir(results):
+        if name.endswith('.pth'):
+            torch.load(results / name, weights_only=True)
+    database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
+    assert database['test_features'].dtype == torch.float16
+    assert database['test_features'].shape == (12, 2 * 2) and database['train_features'].shape == (16, 4)
+    assert len(database['test_images']) == len(database['test_labels']) == 12
+    assert all(os.path.isfile(p) for p in database['train_images'] + database['test_images'])
+    assert database['test_images'][0].startswith(str(tiny / 'data' / 'tiny'))
+
+    checkpoint = torch.load(results / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == 3 and len(checkpoint['results']) == 2
+    assert checkpoint['args']['seed'] == 1 and len(checkpoint['train_items']) == 16
+    ids = torch.load(results / 'tiny_uncropped_fixed_2_2_ids.pth', weights_only=True)
+    assert ids.shape == (2, 4) and torch.equal(ids, checkpoint['ids'])
+    state = torch.load(results / f'{prefix()}_model.pth', weights_only=True)
+    model = train.Model(2, 2, pretrained=False)
+    model.load_state_dict(state)
+
+
+def test_load_ids_reuses_the_saved_ids(tiny):
+    assert run_train(tiny).returncode == 0
+    ids_file = tiny / 'results' / 'tiny_uncropped_fixed_2_2_ids.pth'
+    first = torch.load(ids_file, weights_only=True)
+    result = run_train(tiny, '--load_ids', '--seed', '5', '--num_epochs', '1')
+    assert result.returncode == 0, result.stderr
+    checkpoint = torch.load(tiny / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert torch.equal(checkpoint['ids'], first)
+    assert torch.equal(torch.load(ids_file, weights_only=True), first)
+
+
+def test_query_gallery_dataset_end_to_end(tmp_path):
+    make_folder_dataset(str(tmp_path / 'data' / 'shop'), {'train': 3, 'query': 2, 'gallery': 2})
+    data_utils.prepare(str(tmp_path / 'data'), 'shop', num_workers=1)
+    result = run_train(tmp_path, '--num_epochs', '1', '--recalls', '1,10', name='shop')
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(tmp_path / 'results' / f'{prefix("shop")}_results.csv')
+    assert list(frame.columns)[3:] == ['test_recall@1', 'test_recall@10', 'test_map@r', 'test_r_precision']
+    assert frame['test_recall@10'].iloc[0] == 100.0  # every query has a same-class item among 8 gallery images
+    database = torch.load(tmp_path / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
+    assert set(database) == {f'{s}_{k}' for s in ('query', 'gallery') for k in ('images', 'labels', 'features')}
+
+
+def test_training_learns_on_an_easy_dataset(tmp_path):
+    """Colour-coded classes: a few epochs must lower the loss and raise training accuracy."""
+    make_folder_dataset(str(tmp_path / 'data' / 'easy'), {'train': 6, 'test': 3}, images_per_class=6)
+    data_utils.prepare(str(tmp_path / 'data'), 'easy', num_workers=1)
+    result = run_train(tmp_path, '--num_epochs', '4', '--meta_class_size', '3', name='easy')
+    assert result.returncode == 0, result.stderr
+    frame = pd.read_csv(tmp_path / 'results' / f'{prefix("easy", M=3)}_results.csv')
+    assert frame['train_loss'].iloc[-1] < frame['train_loss'].iloc[0]
+
+
+def test_unreadable_training_image_is_skipped(tiny):
+    victim = tiny / 'data' / 'tiny' / 'train' / 'class_01' / '2.jpg'
+    victim.write_bytes(b'not a jpeg any more')
+    result = run_train(tiny, '--num_epochs', '1')
+    assert result.returncode == 0, result.stderr
+    assert f'skipping unreadable training image {victim}' in result.stderr
+    assert '1 unreadable images skipped' in result.stdout
+
+
+def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
+    monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 2)
+    args = train.get_args_parser().parse_args(['--data_path', str(tmp_path / 'data'), '--data_name', 'demo'])
+    dicts = train.load_data_dicts(args)
+    assert len(dicts['train']) == 2 and len(dicts['test']) == 2
+
+
+# ----------------------------------------------------------------------------- devices
+
+def test_cpu_fallback_and_missing_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert train.select_devices(None) == (torch.device('cpu'), [])
+    assert train.select_devices('cpu') == (torch.device('cpu'), [])
+    with pytest.raises(utils.ReirError, match='GPU 3 is not there'):
+        train.select_devices('3')
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
+    assert train.select_devices(None) == (torch.device('cuda:0'), [0])  # default 0,1 with one GPU
+    with pytest.raises(utils.ReirError, match='GPU 1 is not there'):
+        train.select_devices('0,1')
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_dataset_says_to_run_data_utils(tmp_path):
+    (tmp_path / 'data').mkdir()
+    assert_one_line_error(run_train(tmp_path, name='cub'), 1, 'data_utils.py', 'cub')
+
+
+@pytest.mark.parametrize('flags, fragment', [
+    (['--recalls', '1,x'], 'recalls'), (['--recalls', '0,1'], 'recalls'), (['--ensemble_size', '0'], 'ensemble_size'),
+    (['--batch_size', '-1'], 'batch_size'), (['--image_size', '0'], 'image_size'), (['--num_epochs', '0'], 'num_epochs'),
+    (['--meta_class_size', '0'], 'meta_class_size'), (['--share_type', 'layer9'], 'share_type')])
+def test_bad_flags_exit_2(tiny, flags, fragment):
+    result = run_train(tiny, *flags)
+    assert result.returncode == 2 and fragment in result.stderr and 'Traceback' not in result.stderr
+
+
+@pytest.mark.parametrize('flags, fragment', [
+    (['--meta_class_size', '5'], 'larger than the number of training classes'),
+    (['--meta_class_size', '2', '--ensemble_size', '1'], 'distinct codes'),
+    (['--crop_type', 'cropped'], 'only car and cub')])
+def test_impossible_flag_combinations_exit_2(tiny, flags, fragment):
+    assert_one_line_error(run_train(tiny, *flags), 2, fragment)
+
+
+def test_explicit_missing_gpu_is_an_error(tiny):
+    assert_one_line_error(run_train(tiny, '--gpu_ids', '0'), 1, 'GPU 0 is not there')
+
+
+def test_load_ids_without_file_or_with_wrong_shape(tiny):
+    assert_one_line_error(run_train(tiny, '--load_ids'), 1, 'meta-class ids not found')
+    torch.save(torch.zeros(3, 4, dtype=torch.long), tiny / 'results' / 'tiny_uncropped_fixed_2_2_ids.pth')
+    assert_one_line_error(run_train(tiny, '--load_ids'), 1, 'do not fit', '(2, 4)')
+
+
+def test_tampered_data_dicts_are_refused(tiny):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {tiny / "pwned"}',))
+    torch.save({'train': Payload()}, tiny / 'data' / 'tiny' / 'uncropped_data_dicts.pth')
+    assert_one_line_error(run_train(tiny), 1, 'refused')
+    assert not (tiny / 'pwned').exists()

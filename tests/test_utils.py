@@ -1,0 +1,179 @@
+import pytest
+import torch
+
+import utils
+
+
+# ----------------------------------------------------------------------------- create_id
+
+@pytest.mark.parametrize('M, C, E', [(12, 98, 48), (4, 10, 3), (3, 7, 5), (5, 100, 4)])
+def test_fixed_ids_are_balanced_with_unique_codes(M, C, E):
+    ids = utils.create_id(M, C, E, generator=torch.Generator().manual_seed(0))
+    assert ids.dtype == torch.int64 and ids.shape == (E, C)
+    for row in ids:
+        counts = torch.bincount(row, minlength=M)
+        assert counts.min() >= C // M and counts.max() <= -(-C // M)
+    assert torch.unique(ids, dim=1).shape[1] == C
+
+
+def test_fixed_ids_complete_with_unused_codes_when_codes_are_scarce():
+    # 2**7 = 128 codes for 128 classes: random balanced rows almost never give distinct codes
+    ids = utils.create_id(2, 128, 7, generator=torch.Generator().manual_seed(0))
+    assert torch.unique(ids, dim=1).shape[1] == 128
+    assert ids.min() >= 0 and ids.max() <= 1
+
+
+def test_random_ids_are_in_range():
+    ids = utils.create_id(5, 40, 6, label_type='random', generator=torch.Generator().manual_seed(0))
+    assert ids.shape == (6, 40) and ids.min() >= 0 and ids.max() <= 4
+
+
+def test_ids_follow_the_generator():
+    a = utils.create_id(4, 20, 3, generator=torch.Generator().manual_seed(7))
+    b = utils.create_id(4, 20, 3, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize('M, C, E, message', [(13, 12, 4, 'larger than the number of training classes'),
+                                              (2, 100, 6, 'distinct codes'),
+                                              (0, 10, 2, '>= 1')])
+def test_create_id_errors(M, C, E, message):
+    with pytest.raises(ValueError, match=message):
+        utils.create_id(M, C, E)
+
+
+# ----------------------------------------------------------------------------- sampling and transforms
+
+def test_sample_train_images_caps_classes_reproducibly():
+    train = {'b': [f'b/{i}.jpg' for i in range(10)], 'a': ['a/0.jpg', 'a/1.jpg']}
+    first = utils.sample_train_images(train, torch.Generator().manual_seed(3), max_per_class=4)
+    second = utils.sample_train_images(train, torch.Generator().manual_seed(3), max_per_class=4)
+    assert first == second
+    assert first[:2] == [('a/0.jpg', 0), ('a/1.jpg', 0)]
+    assert [c for _, c in first].count(1) == 4 and len(set(first)) == 6
+
+
+@pytest.mark.parametrize('crop_type', utils.CROP_TYPES)
+@pytest.mark.parametrize('train', [True, False])
+def test_transforms_give_square_normalized_tensors(crop_type, train):
+    from PIL import Image
+    image = Image.new('RGB', (50, 30), (255, 128, 0))
+    tensor = utils.get_transform(crop_type, train, 24, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])(image)
+    assert tensor.shape == (3, 24, 24)
+    assert tensor[0].mean().item() == pytest.approx((1 - 0.5) / 0.25, abs=1e-5)
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def oracle(queries, query_labels, gallery, gallery_labels, ks, self_retrieval):
+    """Brute force: full similarity matrix, sorted ranking, definitions of SPEC §6."""
+    sims = queries @ gallery.T
+    hits, aps, rps = [0] * len(ks), [], []
+    for q in range(len(queries)):
+        order = [g for g in sims[q].argsort(descending=True).tolist() if not (self_retrieval and g == q)]
+        relevant = [int(gallery_labels[g] == query_labels[q]) for g in order]
+        for i, k in enumerate(ks):
+            hits[i] += int(any(relevant[:k]))
+        r = sum(relevant)
+        if r:
+            precisions = [sum(relevant[:i + 1]) / (i + 1) * relevant[i] for i in range(r)]
+            aps.append(sum(precisions) / r)
+            rps.append(sum(relevant[:r]) / r)
+    return [h / len(queries) for h in hits], sum(aps) / len(aps), sum(rps) / len(rps)
+
+
+def random_embeddings(n, d, num_classes, seed):
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, d, generator=generator)
+    labels = torch.randint(num_classes, (n,), generator=generator)
+    vectors = centres[labels] + 1.5 * torch.randn(n, d, generator=generator)
+    return torch.nn.functional.normalize(vectors, dim=1), labels
+
+
+@pytest.mark.parametrize('chunk_size', [None, 7])
+def test_self_retrieval_matches_oracle(chunk_size):
+    vectors, labels = random_embeddings(120, 16, 30, seed=0)  # some classes hold a single image
+    ks = [1, 2, 4, 8, 500]
+    recalls, map_r, rp = utils.retrieval_metrics(vectors, labels, ks, chunk_size=chunk_size)
+    expected = oracle(vectors, labels, vectors, labels, ks, True)
+    assert recalls == pytest.approx(expected[0]) and map_r == pytest.approx(expected[1])
+    assert rp == pytest.approx(expected[2])
+    assert recalls[-1] < 1  # single-image classes are misses even when K exceeds the gallery
+
+
+def test_query_gallery_matches_oracle():
+    vectors, labels = random_embeddings(150, 8, 20, seed=1)
+    queries, query_labels, gallery, gallery_labels = vectors[:60], labels[:60], vectors[60:], labels[60:]
+    ks = [1, 3, 10]
+    recalls = utils.recall(queries, query_labels.tolist(), ks, gallery, gallery_labels.tolist(), chunk_size=16)
+    map_r, rp = utils.map_at_r(queries, query_labels, gallery, gallery_labels, chunk_size=16)
+    expected = oracle(queries, query_labels, gallery, gallery_labels, ks, False)
+    assert recalls == pytest.approx(expected[0])
+    assert (map_r, rp) == pytest.approx(expected[1:])
+
+
+def test_hand_computed_case_with_ties():
+    # 1-D embeddings: scores are products, so ties are easy to build
+    vectors = torch.tensor([[1.0], [1.0], [1.0], [-1.0]])
+    labels = [0, 1, 0, 1]
+    # query 0: gallery 1 (other class) and 2 (same) tie at 1 -> tie counts for the query: hit at K=1
+    # query 3: its only same-class item (1) scores -1, below items 0 and 2 (-1 too): a tie, hit at K=1
+    recalls = utils.recall(vectors, labels, [1, 2])
+    assert recalls[0] == pytest.approx(3 / 4)  # query 1's same-class item 3 scores -1 < 1 twice: miss at 1
+    assert recalls[1] == pytest.approx(3 / 4)
+    assert utils.recall(vectors, labels, [3]) == [1.0]
+
+
+def test_no_positive_queries_are_left_out_of_map():
+    vectors = torch.eye(3)
+    assert utils.map_at_r(vectors, [0, 1, 2]) == (0.0, 0.0)
+    assert utils.recall(vectors, [0, 1, 2], [1, 5]) == [0.0, 0.0]
+    map_r, rp = utils.map_at_r(torch.tensor([[1.0, 0], [1, 0], [0, 1]]), [0, 0, 1])
+    assert (map_r, rp) == (1.0, 1.0)
+
+
+def test_metric_input_errors():
+    with pytest.raises(ValueError, match='non-empty'):
+        utils.recall(torch.empty(0, 4), [], [1])
+    with pytest.raises(ValueError, match='labels'):
+        utils.recall(torch.randn(5, 4), [0, 1], [1])
+    with pytest.raises(ValueError, match='gallery_labels'):
+        utils.recall(torch.randn(5, 4), [0] * 5, [1], torch.randn(3, 4), [0, 1])
+    with pytest.raises(ValueError, match='rank'):
+        utils.recall(torch.randn(5, 4), [0] * 5, [0])
+
+
+# ----------------------------------------------------------------------------- safe loading
+
+class Payload:
+    def __reduce__(self):
+        return (print, ('code ran',))
+
+
+def test_safe_load_refuses_pickled_code(tmp_path, capsys):
+    path = tmp_path / 'evil.pth'
+    torch.save({'model': Payload()}, path)
+    with pytest.raises(utils.ReirError, match='refused'):
+        utils.safe_load(str(path), 'checkpoint')
+    assert 'code ran' not in capsys.readouterr().out
+
+
+def test_safe_load_reports_truncated_files(tmp_path):
+    path = tmp_path / 'cut.pth'
+    torch.save({'x': torch.zeros(1000)}, path)
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(utils.ReirError, match='corrupt'):
+        utils.safe_load(str(path))
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / 'results.csv'
+    path.write_text('old')
+
+    def failing(tmp):
+        with open(tmp, 'w') as f:
+            f.write('half')
+        raise RuntimeError('killed')
+    with pytest.raises(RuntimeError):
+        utils.atomic_write(str(path), failing)
+    assert path.read_text() == 'old' and len(list(tmp_path.iterdir())) == 1

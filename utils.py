@@ -1,0 +1,349 @@
+"""Shared pieces of REIR: file names, safe file I/O, meta-class ids, the image reader, transforms and
+the retrieval metrics. Nothing here reads global state; every function takes what it uses."""
+import os
+import pickle
+import random
+import tempfile
+import zipfile
+from collections import Counter
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+RESULTS_DIR = 'results'
+CROP_TYPES = ('uncropped', 'cropped')
+LABEL_TYPES = ('fixed', 'random')
+MAX_IMAGES_PER_CLASS = 300  # DREML/REIR cap on training images per class, keeps SOP epochs bounded
+EVAL_SPLITS = (('test',), ('query', 'gallery'))  # a dataset evaluates by self-retrieval or query/gallery
+
+
+class ReirError(Exception):
+    """A problem with the user's input (files, flags, data) that the scripts report in one line."""
+
+
+# ----------------------------------------------------------------------------- file names
+
+def data_dicts_path(data_path, data_name, crop_type):
+    return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
+
+
+def run_prefix(data_name, crop_type, label_type, with_random, share_type, model_type, ensemble_size,
+               meta_class_size):
+    """The name every file of a run starts with (SPEC §5)."""
+    randomness = 'random' if with_random else 'unrandom'
+    return (f'{data_name}_{crop_type}_{label_type}_{randomness}_{share_type}_{model_type}_'
+            f'{ensemble_size}_{meta_class_size}')
+
+
+def ids_path(results_dir, data_name, crop_type, label_type, ensemble_size, meta_class_size):
+    return os.path.join(results_dir,
+                        f'{data_name}_{crop_type}_{label_type}_{ensemble_size}_{meta_class_size}_ids.pth')
+
+
+def eval_splits(data_dicts):
+    """('test',) for self-retrieval datasets, ('query', 'gallery') for query/gallery ones."""
+    for splits in EVAL_SPLITS:
+        if all(split in data_dicts for split in splits):
+            return splits
+    raise ReirError(f'data dicts hold neither a test split nor query and gallery splits: {sorted(data_dicts)}')
+
+
+# ----------------------------------------------------------------------------- safe file I/O
+
+def atomic_write(path, write):
+    """Call write(tmp_path), fsync, then rename over path: a kill at any moment leaves either the
+    old file or the complete new one, never a half-written file."""
+    directory = os.path.dirname(path) or '.'
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
+    os.close(fd)
+    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
+    try:
+        write(tmp)
+        with open(tmp, 'rb+') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def safe_load(path, what='file'):
+    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    if not os.path.isfile(path):
+        raise ReirError(f'{what} not found: {path}')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ReirError(f'{path}: refused to load {what}: it holds objects other than tensors and plain '
+                        f'containers ({first_line})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+        raise ReirError(f'{path}: {what} is corrupt or truncated ({type(e).__name__}); delete it or '
+                        f'write it again') from None
+
+
+# ----------------------------------------------------------------------------- randomness
+
+def set_seed(seed):
+    """Seed python, numpy and torch (all devices) from one integer."""
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+# ----------------------------------------------------------------------------- meta-class ids
+
+def create_id(meta_class_size, num_class, ensemble_size, label_type='fixed', generator=None, max_retries=10):
+    """Meta-class ids of DREML: an (ensemble_size, num_class) int64 tensor whose row e maps every
+    training class to one of meta_class_size meta-classes for ensemble member e.
+
+    'fixed': each row is a shuffled balanced assignment and the columns (the classes' codes across all
+    members) are distinct, so that the concatenated embedding can separate every training class.
+    Rows are redrawn up to max_retries times; classes still sharing a code are then separated by swapping
+    meta-classes between two classes of one row (which keeps the rows balanced), and as a last resort
+    given unused codes.
+    'random': every entry uniform in 0..meta_class_size-1.
+    """
+    M, C, E = meta_class_size, num_class, ensemble_size
+    if min(M, C, E) < 1:
+        raise ValueError(f'meta_class_size, num_class and ensemble_size must be >= 1, got {M}, {C}, {E}')
+    if label_type == 'random':
+        return torch.randint(M, (E, C), generator=generator)
+    if label_type != 'fixed':
+        raise ValueError(f"label_type must be 'fixed' or 'random', got {label_type!r}")
+    if M > C:
+        raise ValueError(f'meta_class_size {M} is larger than the number of training classes {C}: '
+                         f'every meta-class needs at least one class')
+    if M ** E < C:
+        raise ValueError(f'{M} meta-classes and {E} ensemble members give only {M ** E} distinct codes for '
+                         f'{C} classes: increase --ensemble_size or --meta_class_size')
+    balanced = torch.arange(C) % M
+    for _ in range(max_retries):
+        ids = torch.stack([balanced[torch.randperm(C, generator=generator)] for _ in range(E)])
+        if torch.unique(ids, dim=1).shape[1] == C:
+            return ids
+    ids = _separate_by_swaps(ids, generator)
+    return _complete_with_unused_codes(ids, M, generator)
+
+
+def _separate_by_swaps(ids, generator, tries_per_class=2000):
+    """Swap the meta-classes of two classes within one row (row balance unchanged) whenever that gives
+    a repeated code a new unique one without repeating another."""
+    E, C = ids.shape
+    ids = ids.clone()
+    counts = Counter(tuple(column) for column in ids.T.tolist())
+    for c in range(C):
+        for _ in range(tries_per_class):
+            if counts[tuple(ids[:, c].tolist())] == 1:
+                break
+            e = int(torch.randint(E, (1,), generator=generator))
+            other = int(torch.randint(C, (1,), generator=generator))
+            if ids[e, other] == ids[e, c]:
+                continue
+            old = [tuple(ids[:, c].tolist()), tuple(ids[:, other].tolist())]
+            ids[e, c], ids[e, other] = ids[e, other].clone(), ids[e, c].clone()
+            new = [tuple(ids[:, c].tolist()), tuple(ids[:, other].tolist())]
+            counts.subtract(old)
+            if counts[new[0]] == 0 and counts[new[1]] == 0:
+                counts.update(new)
+            else:  # the swap would repeat another code: undo it
+                counts.update(old)
+                ids[e, c], ids[e, other] = ids[e, other].clone(), ids[e, c].clone()
+    return ids
+
+
+def _complete_with_unused_codes(ids, meta_class_size, generator):
+    """Give every class whose code repeats an earlier class's code a random code no class uses yet."""
+    E, C = ids.shape
+    ids = ids.clone()
+    used = set()
+    for c in range(C):
+        code = tuple(ids[:, c].tolist())
+        while code in used:
+            ids[:, c] = torch.randint(meta_class_size, (E,), generator=generator)
+            code = tuple(ids[:, c].tolist())
+        used.add(code)
+    return ids
+
+
+# ----------------------------------------------------------------------------- data
+
+def sample_train_images(train_dict, generator, max_per_class=MAX_IMAGES_PER_CLASS):
+    """The run's training list: at most max_per_class images of every class (sorted by class key),
+    as (relative path, class index) pairs."""
+    images = []
+    for index, key in enumerate(sorted(train_dict)):
+        paths = train_dict[key]
+        if len(paths) > max_per_class:
+            chosen = torch.randperm(len(paths), generator=generator)[:max_per_class].sort().values
+            paths = [paths[i] for i in chosen]
+        images.extend((path, index) for path in paths)
+    return images
+
+
+def flatten_split(split_dict):
+    """Every image of a split in a fixed order (sorted class keys) with its class key."""
+    return [(path, key) for key in sorted(split_dict) for path in split_dict[key]]
+
+
+def get_transform(crop_type, train, image_size, mean, std):
+    """The original REIR transforms (SPEC §5)."""
+    if crop_type == 'cropped':
+        steps = [transforms.Resize((image_size, image_size))]
+        if train:
+            steps.append(transforms.RandomHorizontalFlip())
+    elif train:
+        steps = [transforms.Resize(image_size), transforms.RandomCrop(image_size),
+                 transforms.RandomHorizontalFlip()]
+    else:
+        steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+    return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
+
+
+def load_rgb(path):
+    with Image.open(path) as image:
+        return image.convert('RGB')
+
+
+class ImageReader(Dataset):
+    """Images of a dataset folder with one target each: the (E,) meta-class labels for training,
+    the class index for evaluation."""
+
+    def __init__(self, root, items, targets, transform):
+        self.paths = [os.path.join(root, path) for path, _ in items]
+        self.targets = targets
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return self.transform(load_rgb(self.paths[index])), self.targets[index]
+
+
+# ----------------------------------------------------------------------------- retrieval metrics
+
+def _as_label_tensor(labels, n, name):
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.numel() != n:
+        raise ValueError(f'{name} must be a 1-D list of {n} labels, got shape {tuple(labels.shape)}')
+    return labels.long()
+
+
+def _check_inputs(feature_vectors, feature_labels, gallery_vectors, gallery_labels):
+    if feature_vectors.dim() != 2 or feature_vectors.shape[0] == 0:
+        raise ValueError(f'feature_vectors must be a non-empty (N, d) tensor, got shape '
+                         f'{tuple(feature_vectors.shape)}')
+    query_labels = _as_label_tensor(feature_labels, feature_vectors.shape[0], 'feature_labels')
+    if gallery_vectors is None:
+        if gallery_labels is not None:
+            raise ValueError('gallery_labels given without gallery_vectors')
+        return feature_vectors, query_labels, feature_vectors, query_labels, True
+    if gallery_vectors.dim() != 2 or gallery_vectors.shape[0] == 0 \
+            or gallery_vectors.shape[1] != feature_vectors.shape[1]:
+        raise ValueError(f'gallery_vectors must be a non-empty (N, {feature_vectors.shape[1]}) tensor, got '
+                         f'shape {tuple(gallery_vectors.shape)}')
+    if gallery_labels is None:
+        raise ValueError('gallery_vectors given without gallery_labels')
+    gallery_labels = _as_label_tensor(gallery_labels, gallery_vectors.shape[0], 'gallery_labels')
+    return feature_vectors, query_labels, gallery_vectors, gallery_labels, False
+
+
+def _similarity(queries, gallery_t):
+    """queries (c, d) @ gallery_t (d, N) -> (c, N) float32. On the CPU numpy's BLAS does this product
+    markedly faster than torch's (SPEC §8), and the product dominates the evaluation."""
+    if queries.device.type == 'cpu':
+        return torch.from_numpy(np.matmul(queries.numpy(), gallery_t.numpy()))
+    return queries @ gallery_t
+
+
+def _default_chunk_size(num_gallery, memory_budget):
+    # about 14 bytes per similarity: the float32 scores, a masked copy and two boolean masks
+    return max(1, min(8192, memory_budget // (14 * num_gallery)))
+
+
+def retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None,
+                      chunk_size=None, memory_budget=512 * 2 ** 20):
+    """Recall@K for every K in rank, MAP@R and R-precision in one pass over query chunks.
+
+    Exact, with memory bounded by memory_budget bytes of similarities (chunk_size query rows at a
+    time): never the whole N_query x N_gallery matrix. A query is a hit at K exactly when fewer than
+    K gallery items score strictly above its best same-class item, so ties between that item and
+    others count in the query's favour. MAP@R ranks the top R items with torch.topk, which orders
+    tied scores arbitrarily. Queries without a same-class gallery item are misses for Recall@K and
+    are left out of MAP@R and R-precision. Returns (recalls, map_at_r, r_precision) as fractions.
+    """
+    queries, query_labels, gallery, gallery_labels, self_retrieval = _check_inputs(
+        feature_vectors, feature_labels, gallery_vectors, gallery_labels)
+    ks = torch.as_tensor([int(k) for k in rank], dtype=torch.long)
+    if ks.numel() == 0 or (ks < 1).any():
+        raise ValueError(f'rank must be positive integers, got {list(rank)}')
+    device = gallery.device
+    queries, gallery = queries.detach().float(), gallery.detach().float()
+    query_labels, gallery_labels = query_labels.to(device), gallery_labels.to(device)
+    gallery_t = gallery.t().contiguous()
+    chunk_size = chunk_size or _default_chunk_size(gallery.shape[0], memory_budget)
+    ks = ks.to(device)
+
+    hits = torch.zeros(len(ks), dtype=torch.long, device=device)
+    ap_sum = rp_sum = 0.0
+    with_positives = 0
+    for start in range(0, queries.shape[0], chunk_size):
+        stop = min(start + chunk_size, queries.shape[0])
+        sims = _similarity(queries[start:stop].to(device), gallery_t)            # (c, N)
+        positive = query_labels[start:stop, None] == gallery_labels[None, :]     # (c, N)
+        if self_retrieval:
+            rows = torch.arange(stop - start, device=device)
+            sims[rows, rows + start] = float('-inf')
+            positive[rows, rows + start] = False
+        num_positive = positive.sum(1)                                           # (c,)
+        best_positive = sims.masked_fill(~positive, float('-inf')).amax(1)       # (c,)
+        above = (sims > best_positive[:, None]).sum(1)                           # (c,)
+        found = num_positive > 0
+        hits += (found[:, None] & (above[:, None] < ks[None, :])).sum(0)
+
+        # MAP@R: precision at each of the first R ranks that holds a same-class item, over R
+        r = num_positive[found]
+        if r.numel():
+            top = sims[found].topk(int(r.max()), dim=1).indices                  # (q, R_max)
+            relevant = positive[found].gather(1, top)                            # (q, R_max)
+            within_r = torch.arange(top.shape[1], device=device)[None, :] < r[:, None]
+            relevant &= within_r
+            precision = relevant.cumsum(1) / torch.arange(1, top.shape[1] + 1, device=device)
+            ap_sum += float(((precision * relevant).sum(1) / r).sum())
+            rp_sum += float((relevant.sum(1) / r).sum())
+            with_positives += int(r.numel())
+    n = queries.shape[0]
+    recalls = [float(h) / n for h in hits.cpu()]
+    if with_positives == 0:
+        return recalls, 0.0, 0.0
+    return recalls, ap_sum / with_positives, rp_sum / with_positives
+
+
+def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):
+    """Recall@K for every K in rank, as fractions in [0, 1] (see retrieval_metrics)."""
+    return retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors, gallery_labels,
+                             **kwargs)[0]
+
+
+def map_at_r(feature_vectors, feature_labels, gallery_vectors=None, gallery_labels=None, **kwargs):
+    """(MAP@R, R-precision) as fractions (see retrieval_metrics)."""
+    _, map_r, r_precision = retrieval_metrics(feature_vectors, feature_labels, [1], gallery_vectors,
+                                              gallery_labels, **kwargs)
+    return map_r, r_precision
+
