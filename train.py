@@ -13,6 +13,7 @@ import sys
 
 import pandas as pd
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -26,7 +27,9 @@ LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate dr
 LR_GAMMA = 0.1
 DEFAULT_GPU_IDS = '0,1'
 # flags that may differ between a run and its --resume without changing what the run computes
-RESUME_FREE_FLAGS = ('resume', 'num_workers', 'gpu_ids', 'load_ids')
+RESUME_FREE_FLAGS = ('resume', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir')
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
+                   'train_items')
 
 
 class UsageError(utils.ReirError):
@@ -130,7 +133,57 @@ def select_devices(gpu_ids):
 
 
 def warn(message):
-    print(f'warning: {message}', file=sys.stderr)
+    if is_main_process():
+        print(f'warning: {message}', file=sys.stderr)
+
+
+def log(message):
+    if is_main_process():
+        print(message, flush=True)
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+def init_distributed():
+    """(rank, world size, local rank): joins the process group when started by torchrun with several
+    processes (NCCL on CUDA, gloo on the CPU), else (0, 1, 0)."""
+    if int(os.environ.get('WORLD_SIZE', 1)) <= 1:
+        return 0, 1, 0
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def gather_shards(local, total, device):
+    """Reassemble a tensor whose rows rank, rank + G, ... were computed by process rank (ShardSampler)."""
+    if not dist.is_initialized():
+        return local
+    world = dist.get_world_size()
+    size = -(-total // world)
+    padded = torch.zeros((size,) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local.to(device)
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    return torch.stack(shards, dim=1).flatten(0, 1)[:total].cpu()   # (size, G, ...) -> rows in dataset order
+
+
+def all_reduce_sum(values, device):
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_from_main(obj):
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def autocast(device, enabled):
@@ -147,10 +200,12 @@ def load_data_dicts(args):
     if args.crop_type == 'cropped' and args.data_name not in ('car', 'cub') and not os.path.isfile(path):
         raise UsageError(f'--crop_type cropped needs bounding boxes, which only car and cub have; '
                          f'use --crop_type uncropped for {args.data_name}')
-    if args.data_name == 'demo' and not os.path.isfile(path):
+    if args.data_name == 'demo' and not os.path.isfile(path) and is_main_process():
         import data_utils
         for line in data_utils.prepare(args.data_path, 'demo', max(1, args.num_workers)):
             print(line)
+    if dist.is_initialized():
+        dist.barrier()  # the others wait for the main process to prepare the demo
     if not os.path.isfile(path):
         raise utils.ReirError(f'{path} not found: download {args.data_name} into '
                               f'{os.path.join(args.data_path, args.data_name)}/ and run '
@@ -166,22 +221,40 @@ def epoch_seed(seed, epoch):
 
 class SeededSampler(Sampler):
     """Shuffles from (seed, epoch) and gives every sample its own augmentation seed, so that an epoch's
-    batches and augmentations do not depend on the number of workers, or on a resume."""
+    batches and augmentations do not depend on the number of workers, or on a resume. Under
+    torch.distributed each of num_replicas processes takes every num_replicas-th sample of the shuffled
+    order (padded by its first samples to a multiple of num_replicas), as DistributedSampler does."""
 
-    def __init__(self, num_samples, seed):
+    def __init__(self, num_samples, seed, rank=0, num_replicas=1):
         self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.rank, self.num_replicas = rank, num_replicas
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
     def __len__(self):
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator)
         seeds = torch.randint(2 ** 62, (self.num_samples,), generator=generator)
-        return iter(zip(order.tolist(), seeds.tolist()))
+        padding = len(self) * self.num_replicas - self.num_samples
+        order, seeds = torch.cat([order, order[:padding]]), torch.cat([seeds, seeds[:padding]])
+        return iter(zip(order[self.rank::self.num_replicas].tolist(), seeds[self.rank::self.num_replicas].tolist()))
+
+
+class ShardSampler(Sampler):
+    """Evaluation indices rank, rank + num_replicas, ... of a dataset (gather_shards puts them back in order)."""
+
+    def __init__(self, num_samples, rank=0, num_replicas=1):
+        self.indices = range(rank, num_samples, num_replicas)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
 
 
 class TrainReader(utils.ImageReader):
@@ -218,9 +291,30 @@ class EvalReader(utils.ImageReader):
         return self.transform(image), self.targets[index], True
 
 
-def loader_options(args, device):
-    workers = max(0, args.num_workers)
-    return dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0)
+def build_eval_data(data_dicts, dataset_root, transform, batch_size, options):
+    """Items, integer labels (one numbering for query and gallery) and loaders of the evaluation splits."""
+    eval_items = {split: utils.flatten_split(data_dicts[split]) for split in utils.eval_splits(data_dicts)}
+    class_index = {key: i for i, key in enumerate(sorted({k for items in eval_items.values() for _, k in items}))}
+    eval_labels = {split: [class_index[k] for _, k in items] for split, items in eval_items.items()}
+    eval_loaders = {split: eval_loader(EvalReader(dataset_root, items, eval_labels[split], transform), batch_size,
+                                       options)
+                    for split, items in eval_items.items()}
+    return eval_items, eval_labels, eval_loaders
+
+
+def eval_loader(dataset, batch_size, options):
+    """In order; under torch.distributed each process reads its shard (ShardSampler)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world), **options)
+
+
+def loader_options(num_workers, seed, device):
+    """DataLoader settings. The loader gets its own generator for the workers' base seed, which otherwise
+    comes from the global RNG: a resumed run (whose workers start anew) would then draw different
+    --with_random weights than the uninterrupted one."""
+    workers = max(0, num_workers)
+    return dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -229,7 +323,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
     """One pass over the training list; returns mean loss, accuracy in percent and skipped images."""
     model.train()
     total_loss, correct, seen, skipped = 0.0, 0, 0, 0
-    progress = tqdm(loader, desc=description, dynamic_ncols=True, file=sys.stderr)
+    progress = tqdm(loader, desc=description, dynamic_ncols=True, file=sys.stderr, disable=not is_main_process())
     for images, labels, failures in progress:
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)            # (B, E)
@@ -248,18 +342,20 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
         seen += images.shape[0]
         skipped += int(failures.sum())
         progress.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / (seen * labels.shape[1]):.2f}%')
+    total_loss, correct, seen, skipped = all_reduce_sum([total_loss, correct, seen, skipped], device)
     ensemble_size = unwrap(model).ensemble_size
-    return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': skipped}
+    return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': int(skipped)}
 
 
 @torch.inference_mode()
 def extract_features(model, loader, device, amp):
-    """(N, E * M) float32 CPU embeddings of a loader's images in the loader's order, and an (N,) bool
-    tensor of which images could be read (unreadable ones get a blank image's embedding)."""
+    """(N, E * M) float32 CPU embeddings of a loader's images in the dataset's order, and an (N,) bool
+    tensor of which images could be read (unreadable ones get a blank image's embedding). Under
+    torch.distributed every process embeds its shard and all receive the whole."""
     model.eval()
     base = unwrap(model)
-    features = torch.empty(len(loader.dataset), base.ensemble_size * base.meta_class_size)
-    readable = torch.empty(len(loader.dataset), dtype=torch.bool)
+    features = torch.empty(len(loader.sampler), base.ensemble_size * base.meta_class_size)
+    readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
     start = 0
     for images, _, batch_readable in loader:
         with autocast(device, amp):
@@ -268,7 +364,23 @@ def extract_features(model, loader, device, amp):
         features[start:start + batch.shape[0]] = batch
         readable[start:start + batch.shape[0]] = batch_readable
         start += batch.shape[0]
-    return features, readable
+    total = len(loader.dataset)
+    return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
+
+
+def retrieval_scores(features, labels, recalls):
+    """Recall@K, MAP@R and R-precision in percent, from features and integer labels by split:
+    'test' (every image queries the others) or 'query' and 'gallery'."""
+    if 'test' in features:
+        queries, query_labels, gallery, gallery_labels = features['test'], labels['test'], None, None
+    else:
+        queries, query_labels = features['query'], labels['query']
+        gallery, gallery_labels = features['gallery'], labels['gallery']
+    recall_values, map_r, r_precision = utils.retrieval_metrics(queries, query_labels, recalls, gallery,
+                                                                gallery_labels)
+    metrics = {f'recall@{k}': 100 * v for k, v in zip(recalls, recall_values)}
+    metrics.update({'map@r': 100 * map_r, 'r_precision': 100 * r_precision})
+    return metrics
 
 
 def evaluate(model, loaders, labels, recalls, device, amp):
@@ -279,24 +391,15 @@ def evaluate(model, loaders, labels, recalls, device, amp):
         if not readable.all():
             path = loader.dataset.paths[int((~readable).nonzero()[0])]
             raise utils.ReirError(f'evaluation image {path} is unreadable; run data_utils.py again to exclude it')
-    if 'test' in features:
-        queries, query_labels, gallery, gallery_labels = features['test'], labels['test'], None, None
-    else:
-        queries, query_labels = features['query'], labels['query']
-        gallery, gallery_labels = features['gallery'], labels['gallery']
-    recall_values, map_r, r_precision = utils.retrieval_metrics(queries, query_labels, recalls, gallery,
-                                                                gallery_labels)
-    metrics = {f'recall@{k}': 100 * v for k, v in zip(recalls, recall_values)}
-    metrics.update({'map@r': 100 * map_r, 'r_precision': 100 * r_precision})
-    return metrics, features
+    metrics = retrieval_scores(features, labels, recalls) if is_main_process() else None
+    return broadcast_from_main(metrics), features
 
 
 def embed_train_split(model, data_dicts, dataset_root, transform, batch_size, options, device, amp):
     """Every training image (not only the sampled list) and its embedding, for the database;
     unreadable images are left out with a warning."""
     items = utils.flatten_split(data_dicts['train'])
-    loader = DataLoader(EvalReader(dataset_root, items, [0] * len(items), transform), batch_size=batch_size,
-                        **options)
+    loader = eval_loader(EvalReader(dataset_root, items, [0] * len(items), transform), batch_size, options)
     features, readable = extract_features(model, loader, device, amp)
     if not readable.all():
         warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
@@ -317,6 +420,28 @@ def write_results_csv(results, path):
     utils.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
+def save_curves(results, path):
+    """results/<prefix>_curves.png: loss, training accuracy and the test metrics over the epochs."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    frame = pd.DataFrame(results)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
+              ('test retrieval (%)', [c for c in frame.columns if c.startswith('test_')]))
+    for axis, (title, columns) in zip(axes, panels):
+        for column in columns:
+            axis.plot(frame['epoch'], frame[column], marker='o', label=column.removeprefix('test_'))
+        axis.set_title(title)
+        axis.set_xlabel('epoch')
+        axis.grid(alpha=0.3)
+        if len(columns) > 1:
+            axis.legend(fontsize='small')
+    figure.tight_layout()
+    utils.atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=80))
+    plt.close(figure)
+
+
 def save_database(path, items_by_split, features_by_split, dataset_root):
     """The embedding database for inference: image paths (from the repository root), class keys and
     float16 features per split."""
@@ -329,6 +454,26 @@ def save_database(path, items_by_split, features_by_split, dataset_root):
 
 
 # ----------------------------------------------------------------------------- the run
+
+def build_model(args, pretrained):
+    try:
+        return Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type, args.with_random,
+                     pretrained=pretrained)
+    except PretrainedWeightsUnavailable as e:
+        raise utils.ReirError(str(e)) from None
+
+
+def load_checkpoint(path, args):
+    if not os.path.isfile(path):
+        raise utils.ReirError(f'--resume: no checkpoint {path}; run once without --resume')
+    checkpoint = utils.safe_load(path, 'checkpoint')
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise utils.ReirError(f'{path}: not a REIR checkpoint (missing {", ".join(missing)}); delete it and start '
+                              f'again without --resume')
+    check_resume_flags(checkpoint['args'], args)
+    return checkpoint
+
 
 def check_resume_flags(saved_args, args):
     differing = [f'--{name} {saved_args.get(name)!r} -> {value!r}' for name, value in sorted(vars(args).items())
@@ -352,22 +497,36 @@ def draw_or_load_ids(args, num_class, generator):
         ids = utils.create_id(args.meta_class_size, num_class, args.ensemble_size, args.label_type, generator)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    utils.atomic_torch_save(ids, path)
+    if is_main_process():
+        utils.atomic_torch_save(ids, path)
     return ids
 
 
+def select_run_devices(args, local_rank, world):
+    """Under torchrun one device per process (cuda:LOCAL_RANK, else the CPU); otherwise --gpu_ids."""
+    if world == 1:
+        return select_devices(args.gpu_ids)
+    if args.gpu_ids is not None:
+        warn('--gpu_ids is ignored under torchrun: each process uses the GPU of its LOCAL_RANK')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device(f'cuda:{local_rank}'), [local_rank]
+    return torch.device('cpu'), []
+
+
 def main(args):
-    device, gpu_ids = select_devices(args.gpu_ids)
+    rank, world, local_rank = init_distributed()
+    if args.batch_size % world:
+        raise UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: make it a '
+                         f'multiple of {world}')
+    device, gpu_ids = select_run_devices(args, local_rank, world)
     if args.amp and device.type != 'cuda':
         warn('--amp only acts on CUDA: running in float32')
     os.makedirs(args.results_dir, exist_ok=True)
     checkpoint_path = output_path(args, 'checkpoint.pth')
-    checkpoint = None
-    if args.resume:
-        if not os.path.isfile(checkpoint_path):
-            raise utils.ReirError(f'--resume: no checkpoint {checkpoint_path}; run once without --resume')
-        checkpoint = utils.safe_load(checkpoint_path, 'checkpoint')
-        check_resume_flags(checkpoint['args'], args)
+    if is_main_process():
+        utils.remove_stale_temporaries(args.results_dir, prefix_of(args))
+    checkpoint = load_checkpoint(checkpoint_path, args) if args.resume else None
 
     # ------------------------------------------------------------------ data
     data_dicts = load_data_dicts(args)
@@ -382,28 +541,24 @@ def main(args):
     mean, std = data_dicts['mean'], data_dicts['std']
     train_set = TrainReader(dataset_root, train_items, [ids[:, c] for _, c in train_items],
                             utils.get_transform(args.crop_type, True, args.image_size, mean, std))
-    sampler = SeededSampler(len(train_set), args.seed)
-    options = loader_options(args, device)
-    train_loader = DataLoader(train_set, batch_size=args.batch_size, sampler=sampler, **options)
+    sampler = SeededSampler(len(train_set), args.seed, rank, world)
+    options = loader_options(args.num_workers, args.seed, device)
+    batch_size = args.batch_size // world  # per process
+    train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **options)
 
     test_transform = utils.get_transform(args.crop_type, False, args.image_size, mean, std)
-    eval_items = {split: utils.flatten_split(data_dicts[split]) for split in utils.eval_splits(data_dicts)}
-    class_index = {key: i for i, key in enumerate(sorted({k for items in eval_items.values() for _, k in items}))}
-    eval_labels = {split: [class_index[k] for _, k in items] for split, items in eval_items.items()}
-    eval_loaders = {split: DataLoader(EvalReader(dataset_root, items, eval_labels[split], test_transform),
-                                      batch_size=args.batch_size, **options)
-                    for split, items in eval_items.items()}
-    print(f'{args.data_name}: {len(train_classes)} training classes, {len(train_items)} training images, '
-          + ', '.join(f'{len(items)} {split} images' for split, items in eval_items.items()))
+    eval_items, eval_labels, eval_loaders = build_eval_data(data_dicts, dataset_root, test_transform,
+                                                            batch_size, options)
+    log(f'{args.data_name}: {len(train_classes)} training classes, {len(train_items)} training images, '
+        + ', '.join(f'{len(items)} {split} images' for split, items in eval_items.items())
+        + (f'; {world} processes of {batch_size} images a step' if world > 1 else ''))
 
     # ------------------------------------------------------------------ model
-    try:
-        model = Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type,
-                      args.with_random, pretrained=not args.no_pretrained)
-    except PretrainedWeightsUnavailable as e:
-        raise utils.ReirError(str(e)) from None
-    model = model.to(device)
-    if len(gpu_ids) > 1:
+    utils.set_seed(args.seed)  # the heads' initial weights, the same in every process
+    model = build_model(args, pretrained=not args.no_pretrained).to(device)
+    if world > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
+    elif len(gpu_ids) > 1:
         model = nn.DataParallel(model, device_ids=gpu_ids)
 
     # ------------------------------------------------------------------ optimizer
@@ -421,7 +576,7 @@ def main(args):
         scheduler.load_state_dict(checkpoint['scheduler'])
         scaler.load_state_dict(checkpoint['scaler'])
         start_epoch, best_recall, results = checkpoint['epoch'], checkpoint['best_recall'], checkpoint['results']
-        print(f'resumed from {checkpoint_path} at epoch {start_epoch}')
+        log(f'resumed from {checkpoint_path} at epoch {start_epoch}')
 
     # ------------------------------------------------------------------ epochs
     selection_key = f'recall@{args.recalls[0]}'
@@ -434,34 +589,42 @@ def main(args):
         metrics, features = evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
 
         skipped = f' | {train_stats["skipped"]} unreadable images skipped' if train_stats['skipped'] else ''
-        print(f'Epoch {epoch}/{args.num_epochs} | loss: {train_stats["loss"]:.4f} | '
-              f'accuracy: {train_stats["accuracy"]:.2f}% | {format_metrics(metrics, args.recalls)}{skipped}')
+        log(f'Epoch {epoch}/{args.num_epochs} | loss: {train_stats["loss"]:.4f} | '
+            f'accuracy: {train_stats["accuracy"]:.2f}% | {format_metrics(metrics, args.recalls)}{skipped}')
         results.append({'epoch': epoch, 'train_loss': train_stats['loss'], 'train_accuracy': train_stats['accuracy'],
                         **{f'test_{name}': value for name, value in metrics.items()}})
-        write_results_csv(results, output_path(args, 'results.csv'))
+        if is_main_process():
+            write_results_csv(results, output_path(args, 'results.csv'))
+            save_curves(results, output_path(args, 'curves.png'))
 
         if metrics[selection_key] > best_recall:
             best_recall = metrics[selection_key]
-            utils.atomic_torch_save(unwrap(model).state_dict(), output_path(args, 'model.pth'))
             database_items = dict(eval_items)
-            if 'test' in eval_items:
+            if 'test' in eval_items:  # every process embeds its shard of the training images
                 database_items['train'], features['train'] = embed_train_split(
-                    model, data_dicts, dataset_root, test_transform, args.batch_size, options, device, args.amp)
-            save_database(output_path(args, 'data_base.pth'), database_items, features, dataset_root)
+                    model, data_dicts, dataset_root, test_transform, batch_size, options, device, args.amp)
+            if is_main_process():
+                utils.atomic_torch_save(unwrap(model).state_dict(), output_path(args, 'model.pth'))
+                save_database(output_path(args, 'data_base.pth'), database_items, features, dataset_root)
 
-        utils.atomic_torch_save({
-            'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
-            'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch + 1,
-            'best_recall': best_recall, 'results': results, 'args': vars(args), 'ids': ids,
-            'train_items': train_items,
-        }, checkpoint_path)
-    print(f'best {selection_key}: {best_recall:.2f}% -> {output_path(args, "model.pth")}')
+        if is_main_process():
+            utils.atomic_torch_save({
+                'model': unwrap(model).state_dict(), 'optimizer': optimizer.state_dict(),
+                'scheduler': scheduler.state_dict(), 'scaler': scaler.state_dict(), 'epoch': epoch + 1,
+                'best_recall': best_recall, 'results': results, 'args': vars(args), 'ids': ids,
+                'train_items': train_items,
+            }, checkpoint_path)
+    log(f'best {selection_key}: {best_recall:.2f}% -> {output_path(args, "model.pth")}')
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
-if __name__ == '__main__':
-    arguments = get_args_parser().parse_args()
+def run_cli(main_function, args):
+    """Run a script's main with the project's error convention: one line, exit 2 for flag errors,
+    1 for data errors, never a traceback for a problem the user can fix."""
     try:
-        main(arguments)
+        main_function(args)
     except UsageError as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
@@ -475,3 +638,7 @@ if __name__ == '__main__':
     except KeyboardInterrupt:
         print('interrupted: the last completed epoch is in the checkpoint; continue with --resume', file=sys.stderr)
         sys.exit(130)
+
+
+if __name__ == '__main__':
+    run_cli(main, get_args_parser().parse_args())

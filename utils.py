@@ -78,6 +78,14 @@ def current_umask():
     return mask
 
 
+def remove_stale_temporaries(directory, prefix):
+    """Delete the temporary files that a killed atomic_write of a file named prefix* left behind."""
+    if os.path.isdir(directory):
+        for name in os.listdir(directory):
+            if name.startswith(f'.{prefix}') and name.endswith('.tmp'):
+                os.remove(os.path.join(directory, name))
+
+
 def atomic_torch_save(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
@@ -253,7 +261,7 @@ def _check_inputs(feature_vectors, feature_labels, gallery_vectors, gallery_labe
     if gallery_vectors is None:
         if gallery_labels is not None:
             raise ValueError('gallery_labels given without gallery_vectors')
-        return feature_vectors, query_labels, feature_vectors, query_labels, True
+        return feature_vectors.detach(), query_labels, feature_vectors.detach(), query_labels, True
     if gallery_vectors.dim() != 2 or gallery_vectors.shape[0] == 0 \
             or gallery_vectors.shape[1] != feature_vectors.shape[1]:
         raise ValueError(f'gallery_vectors must be a non-empty (N, {feature_vectors.shape[1]}) tensor, got '
@@ -261,32 +269,61 @@ def _check_inputs(feature_vectors, feature_labels, gallery_vectors, gallery_labe
     if gallery_labels is None:
         raise ValueError('gallery_vectors given without gallery_labels')
     gallery_labels = _as_label_tensor(gallery_labels, gallery_vectors.shape[0], 'gallery_labels')
-    return feature_vectors, query_labels, gallery_vectors, gallery_labels, False
+    return feature_vectors.detach(), query_labels, gallery_vectors.detach(), gallery_labels, False
 
 
 def _similarity(queries, gallery_t):
-    """queries (c, d) @ gallery_t (d, N) -> (c, N) float32. On the CPU numpy's BLAS does this product
-    markedly faster than torch's (SPEC §8), and the product dominates the evaluation."""
+    """queries (c, d) @ gallery_t (d, N) -> (c, N) float32. On the CPU numpy's OpenBLAS does this product
+    faster than torch (SPEC §8; benchmark.py eval measures it), and the product dominates evaluation."""
     if queries.device.type == 'cpu':
         return torch.from_numpy(np.matmul(queries.numpy(), gallery_t.numpy()))
     return queries @ gallery_t
 
 
+def _count_above(sims, thresholds):
+    """(c,) number of entries of each row of sims strictly above the row's threshold."""
+    if sims.device.type == 'cpu':  # numpy counts a boolean mask several times faster than torch's sum
+        return torch.from_numpy(np.count_nonzero(sims.numpy() > thresholds.numpy()[:, None], axis=1))
+    return (sims > thresholds[:, None]).sum(1)
+
+
+class _ClassIndex:
+    """Where each query's same-class gallery items are: gallery indices sorted by label, and for each query
+    the start and length of its class's run in that order."""
+
+    def __init__(self, query_labels, gallery_labels):
+        sorted_labels, self.order = torch.sort(gallery_labels, stable=True)
+        self.start = torch.searchsorted(sorted_labels, query_labels, right=False)
+        self.count = torch.searchsorted(sorted_labels, query_labels, right=True) - self.start
+
+    def positives(self, rows):
+        """(c, R) gallery indices of the same-class items of the queries `rows`, and a (c, R) validity mask."""
+        count = self.count[rows]
+        width = max(int(count.max()), 1)
+        offsets = torch.arange(width, device=count.device)
+        valid = offsets[None, :] < count[:, None]                                 # (c, R)
+        index = (self.start[rows, None] + offsets[None, :]).clamp(max=len(self.order) - 1)
+        return self.order[index], valid
+
+
 def _default_chunk_size(num_gallery, memory_budget):
-    # about 14 bytes per similarity: the float32 scores, a masked copy and two boolean masks
-    return max(1, min(8192, memory_budget // (14 * num_gallery)))
+    # per similarity: 4 bytes of float32 score and 1 byte of comparison mask
+    return max(1, min(4096, memory_budget // (5 * num_gallery)))
 
 
 def retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None,
                       chunk_size=None, memory_budget=512 * 2 ** 20):
-    """Recall@K for every K in rank, MAP@R and R-precision in one pass over query chunks.
+    """Recall@K for every K in rank, MAP@R and R-precision, exact, in one pass over query chunks.
 
-    Exact, with memory bounded by memory_budget bytes of similarities (chunk_size query rows at a
-    time): never the whole N_query x N_gallery matrix. A query is a hit at K exactly when fewer than
-    K gallery items score strictly above its best same-class item, so ties between that item and
-    others count in the query's favour. MAP@R ranks the top R items with torch.topk, which orders
-    tied scores arbitrarily. Queries without a same-class gallery item are misses for Recall@K and
-    are left out of MAP@R and R-precision. Returns (recalls, map_at_r, r_precision) as fractions.
+    Memory is bounded by memory_budget bytes of similarities (chunk_size query rows at a time), never the
+    N_query x N_gallery matrix. With feature_vectors as its own gallery (gallery_vectors None) each query's
+    own entry is excluded. Ties: items are ranked by score, and a same-class item goes before any other
+    item of equal score. So a query is a hit at K exactly when fewer than K gallery items score strictly
+    above its best same-class item (all K of rank from that one count), and the j-th best same-class item
+    has rank j + (other-class items scoring strictly above it). MAP@R averages, over the first R ranks,
+    the precision at ranks that hold a same-class item (R = the query's same-class gallery items);
+    R-precision is the same-class fraction of the first R. Queries with R = 0 are misses for Recall@K
+    and left out of MAP@R and R-precision. Returns (recalls, map_at_r, r_precision) as fractions.
     """
     queries, query_labels, gallery, gallery_labels, self_retrieval = _check_inputs(
         feature_vectors, feature_labels, gallery_vectors, gallery_labels)
@@ -294,45 +331,64 @@ def retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors=Non
     if ks.numel() == 0 or (ks < 1).any():
         raise ValueError(f'rank must be positive integers, got {list(rank)}')
     device = gallery.device
-    queries, gallery = queries.detach().float(), gallery.detach().float()
-    query_labels, gallery_labels = query_labels.to(device), gallery_labels.to(device)
-    gallery_t = gallery.t().contiguous()
+    query_labels, gallery_labels, ks = query_labels.to(device), gallery_labels.to(device), ks.to(device)
+    # (d, N): a transposed view, except for float16 storage, which the product needs as float32
+    gallery_t = gallery.t() if gallery.dtype == torch.float32 else gallery.t().float()
+    classes = _ClassIndex(query_labels, gallery_labels)
     chunk_size = chunk_size or _default_chunk_size(gallery.shape[0], memory_budget)
-    ks = ks.to(device)
 
     hits = torch.zeros(len(ks), dtype=torch.long, device=device)
     ap_sum = rp_sum = 0.0
     with_positives = 0
     for start in range(0, queries.shape[0], chunk_size):
-        stop = min(start + chunk_size, queries.shape[0])
-        sims = _similarity(queries[start:stop].to(device), gallery_t)            # (c, N)
-        positive = query_labels[start:stop, None] == gallery_labels[None, :]     # (c, N)
-        if self_retrieval:
-            rows = torch.arange(stop - start, device=device)
-            sims[rows, rows + start] = float('-inf')
-            positive[rows, rows + start] = False
-        num_positive = positive.sum(1)                                           # (c,)
-        best_positive = sims.masked_fill(~positive, float('-inf')).amax(1)       # (c,)
-        above = (sims > best_positive[:, None]).sum(1)                           # (c,)
-        found = num_positive > 0
-        hits += (found[:, None] & (above[:, None] < ks[None, :])).sum(0)
-
-        # MAP@R: precision at each of the first R ranks that holds a same-class item, over R
-        r = num_positive[found]
-        if r.numel():
-            top = sims[found].topk(int(r.max()), dim=1).indices                  # (q, R_max)
-            relevant = positive[found].gather(1, top)                            # (q, R_max)
-            within_r = torch.arange(top.shape[1], device=device)[None, :] < r[:, None]
-            relevant &= within_r
-            precision = relevant.cumsum(1) / torch.arange(1, top.shape[1] + 1, device=device)
-            ap_sum += float(((precision * relevant).sum(1) / r).sum())
-            rp_sum += float((relevant.sum(1) / r).sum())
-            with_positives += int(r.numel())
-    n = queries.shape[0]
-    recalls = [float(h) / n for h in hits.cpu()]
+        rows = torch.arange(start, min(start + chunk_size, queries.shape[0]), device=device)
+        chunk = _chunk_statistics(queries[start:start + chunk_size].to(device).float(), rows, gallery_t, classes,
+                                  ks, self_retrieval)
+        hits += chunk[0]
+        ap_sum, rp_sum, with_positives = ap_sum + chunk[1], rp_sum + chunk[2], with_positives + chunk[3]
+    recalls = [float(h) / queries.shape[0] for h in hits.cpu()]
     if with_positives == 0:
         return recalls, 0.0, 0.0
     return recalls, ap_sum / with_positives, rp_sum / with_positives
+
+
+def _chunk_statistics(queries, rows, gallery_t, classes, ks, self_retrieval):
+    """Hits per K, sums of AP@R and R-precision, and the number of queries with a same-class item, for the
+    queries `rows` (its (c, N) similarities are freed on return, before the next chunk's exist)."""
+    device = gallery_t.device
+    sims = _similarity(queries, gallery_t)                                       # (c, N)
+    positive_index, valid = classes.positives(rows)                             # (c, R)
+    if self_retrieval:
+        sims[rows - rows[0], rows] = float('-inf')
+        valid &= positive_index != rows[:, None]
+    positive_scores = sims.gather(1, positive_index).masked_fill(~valid, float('-inf'))
+    positive_scores = positive_scores.sort(dim=1, descending=True).values      # (c, R), -inf last
+    num_positive = valid.sum(1)                                                  # (c,)
+    found = num_positive > 0
+
+    # The top r_max scores of a row decide its Recall@K for K <= r_max and all of its MAP@R: whatever
+    # scores above the j-th same-class item while that item is within rank R is among them.
+    r_max = max(int(num_positive.max()), 1)
+    top = sims.topk(r_max, dim=1).values                                         # (c, r_max)
+    best = positive_scores[:, 0]
+    above_best = (top > best[:, None]).sum(1)                                    # (c,), exact below r_max
+    # only rows whose best same-class item is not in the top r_max need a full count, and only for K > r_max
+    uncounted = (found & (above_best == r_max)).nonzero().flatten() if int(ks.max()) > r_max else []
+    for block in torch.split(torch.as_tensor(uncounted, dtype=torch.long), 256):
+        above_best[block] = _count_above(sims[block], best[block]).to(device)
+    hits = (found[:, None] & (above_best[:, None] < ks[None, :])).sum(0)        # (len(ks),)
+    if not found.any():
+        return hits, 0.0, 0.0, 0
+    scores = positive_scores[:, :r_max]                                          # (c, r_max)
+    items_above = (top[:, None, :] > scores[:, :, None]).sum(2)                  # (c, r_max)
+    positives_above = (scores[:, None, :] > scores[:, :, None]).sum(2)           # (c, r_max)
+    j = torch.arange(1, r_max + 1, device=device)
+    ranks = j[None, :] + items_above - positives_above                           # (c, r_max)
+    in_top_r = (j[None, :] <= num_positive[:, None]) & (ranks <= num_positive[:, None])
+    r = num_positive[found].double()
+    ap_sum = float(((in_top_r * j / ranks).sum(1)[found] / r).sum())
+    rp_sum = float((in_top_r.sum(1)[found] / r).sum())
+    return hits, ap_sum, rp_sum, int(found.sum())
 
 
 def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):

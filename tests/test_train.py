@@ -167,3 +167,109 @@ def test_tampered_data_dicts_are_refused(tiny):
     torch.save({'train': Payload()}, tiny / 'data' / 'tiny' / 'uncropped_data_dicts.pth')
     assert_one_line_error(run_train(tiny), 1, 'refused')
     assert not (tiny / 'pwned').exists()
+
+
+# ----------------------------------------------------------------------------- resume
+
+def test_killed_run_resumes_to_the_same_results(tiny, tmp_path_factory):
+    """SIGKILL right after the first checkpoint, --resume, and the CSV equals an uninterrupted run's."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    flags = ['--num_epochs', '3', '--num_workers', '1', '--with_random']
+    reference = run_train(tiny, *flags)
+    assert reference.returncode == 0, reference.stderr
+    run_prefix = utils.run_prefix('tiny', 'uncropped', 'fixed', True, 'layer1', 'resnet18', 2, 2)
+    expected = (tiny / 'results' / f'{run_prefix}_results.csv').read_text()
+
+    killed = tmp_path_factory.mktemp('killed')
+    command = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'train.py'), '--data_path',
+               str(tiny / 'data'), '--data_name', 'tiny', '--results_dir', str(killed), *TINY, *flags]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = killed / f'{run_prefix}_checkpoint.pth'
+    deadline = time.time() + 300
+    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert checkpoint.exists()
+    epochs_done = torch.load(checkpoint, weights_only=True)['epoch'] - 1
+    assert epochs_done < 3, 'the run finished before it could be killed'
+
+    resumed = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny', '--results_dir', killed,
+                         *TINY, *flags, '--resume')
+    assert resumed.returncode == 0, resumed.stderr
+    assert f'resumed from' in resumed.stdout
+    assert (killed / f'{run_prefix}_results.csv').read_text() == expected
+    assert not [name for name in os.listdir(killed) if name.endswith('.tmp')]
+
+
+def test_resume_with_other_flags_is_refused(tiny):
+    assert run_train(tiny, '--num_epochs', '1').returncode == 0
+    result = run_train(tiny, '--num_epochs', '1', '--batch_size', '3', '--resume')
+    assert_one_line_error(result, 2, '--batch_size 4 -> 3')
+
+
+def test_resume_without_or_with_a_bad_checkpoint(tiny):
+    assert_one_line_error(run_train(tiny, '--resume'), 1, 'no checkpoint')
+    checkpoint = tiny / 'results' / f'{prefix()}_checkpoint.pth'
+    checkpoint.write_bytes(b'\x00' * 100)
+    assert_one_line_error(run_train(tiny, '--resume'), 1, 'corrupt')
+    torch.save({'model': {}}, checkpoint)
+    assert_one_line_error(run_train(tiny, '--resume'), 1, 'not a REIR checkpoint')
+
+
+def test_tampered_checkpoint_runs_no_code(tiny):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {tiny / "pwned"}',))
+    (tiny / 'results').mkdir()
+    torch.save({'args': Payload()}, tiny / 'results' / f'{prefix()}_checkpoint.pth')
+    assert_one_line_error(run_train(tiny, '--resume'), 1, 'refused')
+    assert not (tiny / 'pwned').exists()
+
+
+# ----------------------------------------------------------------------------- curves and torch.distributed
+
+def test_curves_are_drawn_after_every_epoch(tiny, tmp_path):
+    from PIL import Image
+    assert run_train(tiny, '--num_epochs', '1').returncode == 0
+    with Image.open(tiny / 'results' / f'{prefix()}_curves.png') as image:
+        assert image.format == 'PNG' and image.width > 400
+    rows = [{'epoch': e, 'train_loss': 2.0 / e, 'train_accuracy': 10.0 * e, 'test_recall@1': 5.0 * e,
+             'test_map@r': 1.0 * e, 'test_r_precision': 2.0 * e} for e in (1, 2)]
+    train.save_curves(rows[:1], str(tmp_path / 'one.png'))
+    train.save_curves(rows, str(tmp_path / 'two.png'))
+    assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
+
+
+def test_two_process_gloo_run_writes_what_one_process_writes(tiny, tmp_path_factory):
+    import subprocess
+    import sys
+    single = run_train(tiny, '--num_epochs', '1')
+    assert single.returncode == 0, single.stderr
+    results = tmp_path_factory.mktemp('ddp')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(os.path.dirname(train.__file__), 'train.py'), '--data_path', str(tiny / 'data'),
+               '--data_name', 'tiny', '--results_dir', str(results), *TINY, '--num_epochs', '1']
+    distributed = subprocess.run(command, capture_output=True, text=True, timeout=600,
+                                 env=dict(os.environ, OMP_NUM_THREADS='1'))
+    assert distributed.returncode == 0, distributed.stderr
+    assert distributed.stdout.count('Epoch 1/1 |') == 1  # only rank 0 prints
+    assert '2 processes of 2 images a step' in distributed.stdout
+    assert sorted(os.listdir(results)) == sorted(os.listdir(tiny / 'results'))
+    database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
+    reference = torch.load(tiny / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
+    assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order
+    assert database['train_features'].shape == reference['train_features'].shape
+    frame = pd.read_csv(results / f'{prefix()}_results.csv')
+    assert len(frame) == 1 and frame['test_recall@1'].between(0, 100).all()
+
+
+def test_seeded_sampler_shards_cover_every_sample():
+    sampler = train.SeededSampler(10, seed=0, rank=1, num_replicas=3)
+    assert len(sampler) == 4 and len(list(sampler)) == 4
+    shards = [[i for i, _ in train.SeededSampler(10, 0, r, 3)] for r in range(3)]
+    assert sorted(set(sum(shards, []))) == list(range(10))
+    assert list(train.SeededSampler(10, 0)) == list(train.SeededSampler(10, 0))

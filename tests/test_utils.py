@@ -66,12 +66,14 @@ def test_transforms_give_square_normalized_tensors(crop_type, train):
 # ----------------------------------------------------------------------------- metrics
 
 def oracle(queries, query_labels, gallery, gallery_labels, ks, self_retrieval):
-    """Brute force: full similarity matrix, sorted ranking, definitions of SPEC §6."""
-    sims = queries @ gallery.T
+    """Brute force: the full similarity matrix and a sorted ranking of every query's gallery, same-class
+    items first among equal scores (the documented tie rule), then the definitions of SPEC §6."""
+    sims = (queries @ gallery.T).tolist()
     hits, aps, rps = [0] * len(ks), [], []
     for q in range(len(queries)):
-        order = [g for g in sims[q].argsort(descending=True).tolist() if not (self_retrieval and g == q)]
-        relevant = [int(gallery_labels[g] == query_labels[q]) for g in order]
+        ranked = sorted((-sims[q][g], -int(gallery_labels[g] == query_labels[q]), g) for g in range(len(gallery))
+                        if not (self_retrieval and g == q))
+        relevant = [-same for _, same, _ in ranked]
         for i, k in enumerate(ks):
             hits[i] += int(any(relevant[:k]))
         r = sum(relevant)
@@ -101,6 +103,15 @@ def test_self_retrieval_matches_oracle(chunk_size):
     assert recalls[-1] < 1  # single-image classes are misses even when K exceeds the gallery
 
 
+def test_many_hard_queries_need_full_counts():
+    """Over 256 queries whose best same-class item is outside their top R, with K beyond R."""
+    vectors, labels = random_embeddings(700, 4, 200, seed=3)
+    ks = [1, 3, 50, 1000]
+    expected = oracle(vectors, labels, vectors, labels, ks, True)
+    recalls, map_r, rp = utils.retrieval_metrics(vectors, labels, ks, chunk_size=700)
+    assert recalls == pytest.approx(expected[0]) and (map_r, rp) == pytest.approx(expected[1:])
+
+
 def test_query_gallery_matches_oracle():
     vectors, labels = random_embeddings(150, 8, 20, seed=1)
     queries, query_labels, gallery, gallery_labels = vectors[:60], labels[:60], vectors[60:], labels[60:]
@@ -110,6 +121,22 @@ def test_query_gallery_matches_oracle():
     expected = oracle(queries, query_labels, gallery, gallery_labels, ks, False)
     assert recalls == pytest.approx(expected[0])
     assert (map_r, rp) == pytest.approx(expected[1:])
+
+
+@pytest.mark.parametrize('self_retrieval', [True, False])
+def test_many_ties_match_the_tie_aware_oracle(self_retrieval):
+    generator = torch.Generator().manual_seed(2)
+    vectors = torch.randint(-1, 2, (90, 3), generator=generator).float()  # few distinct scores: ties everywhere
+    labels = torch.randint(6, (90,), generator=generator)
+    ks = [1, 2, 5, 20]
+    if self_retrieval:
+        got = utils.retrieval_metrics(vectors, labels, ks, chunk_size=16)
+        expected = oracle(vectors, labels, vectors, labels, ks, True)
+    else:
+        got = utils.retrieval_metrics(vectors[:40], labels[:40], ks, vectors[40:], labels[40:], chunk_size=16)
+        expected = oracle(vectors[:40], labels[:40], vectors[40:], labels[40:], ks, False)
+    assert got[0] == pytest.approx(expected[0])
+    assert got[1:] == pytest.approx(expected[1:])
 
 
 def test_hand_computed_case_with_ties():

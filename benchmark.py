@@ -1,0 +1,177 @@
+"""Benchmarks of REIR against a baseline measured in the same run.
+
+    python benchmark.py eval [--quick]     # exact retrieval metrics at SOP scale vs faiss-cpu IndexFlatIP
+
+Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
+exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
+"""
+import argparse
+import multiprocessing
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import torch
+
+import utils
+
+SOP_TEST_IMAGES, SOP_TEST_CLASSES = 60_502, 11_316
+EVAL_RANKS = (1, 10, 100, 1000)
+FP16_MIN_DIM = 8192  # from this dimension on, features may be stored as float16 (train.py does not; evaluation may)
+
+
+# ----------------------------------------------------------------------------- memory of this process
+
+def _status_kib(field):
+    with open('/proc/self/status') as f:
+        for line in f:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    return 0
+
+
+def reset_peak_memory():
+    """Make VmHWM (the peak resident memory) restart from the current resident memory (Linux)."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_mib_since_reset(baseline_kib):
+    return (_status_kib('VmHWM') - baseline_kib) / 1024
+
+
+# ----------------------------------------------------------------------------- eval
+
+def clustered_embeddings(n, d, num_classes, seed, dtype):
+    """n unit vectors around num_classes random centres (SOP-like: about 5 images a class), written in
+    blocks so that generating them never holds more than the result."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (n,), generator=generator)
+    centres = torch.randn(num_classes, d, generator=generator)
+    vectors = torch.empty(n, d, dtype=dtype)
+    for start in range(0, n, 4096):
+        block = centres[labels[start:start + 4096]]
+        block += 2.2 * torch.randn(block.shape, generator=generator)
+        vectors[start:start + 4096] = torch.nn.functional.normalize(block, dim=1).to(dtype)
+    return vectors, labels
+
+
+def faiss_metrics(vectors, labels, ranks):
+    """The usual faiss recipe: exact inner-product top-k search (k = max K + 1 for the query itself),
+    then Recall@K from the neighbours' labels and MAP@R from the first R."""
+    import faiss
+    data = np.ascontiguousarray(vectors.float().numpy())
+    index = faiss.IndexFlatIP(data.shape[1])
+    index.add(data)
+    counts = torch.bincount(labels)[labels] - 1                                 # R per query
+    k = min(max(max(ranks), int(counts.max())) + 1, len(data))
+    _, neighbours = index.search(data, k)
+    neighbours = torch.from_numpy(neighbours)
+    own = neighbours == torch.arange(len(data))[:, None]
+    keep = torch.where(own.any(1, keepdim=True), ~own, torch.arange(k)[None, :] < k - 1)
+    neighbours = neighbours[keep].view(len(data), k - 1)                        # self removed
+    relevant = labels[neighbours] == labels[:, None]                            # (n, k-1)
+    recalls = [float(relevant[:, :K].any(1).float().mean()) for K in ranks]
+    positions = torch.arange(1, k, dtype=torch.float64)
+    within = relevant & (positions[None, :] <= counts[:, None])
+    precision = within.cumsum(1) / positions
+    found = counts > 0
+    map_r = float(((precision * within).sum(1)[found] / counts[found]).mean())
+    return recalls, map_r
+
+
+def eval_case(method, n, d, dtype_name, seed, queue):
+    dtype = getattr(torch, dtype_name)
+    vectors, labels = clustered_embeddings(n, d, max(2, n * SOP_TEST_CLASSES // SOP_TEST_IMAGES), seed, dtype)
+    reset_peak_memory()
+    baseline = _status_kib('VmRSS')
+    start = time.perf_counter()
+    if method == 'reir':
+        recalls, map_r, _ = utils.retrieval_metrics(vectors, labels, EVAL_RANKS)
+    else:
+        recalls, map_r = faiss_metrics(vectors, labels, EVAL_RANKS)
+    seconds = time.perf_counter() - start
+    queue.put(dict(method=method, n=n, d=d, storage=dtype_name, seconds=round(seconds, 2),
+                   peak_mem_mb=round(peak_mib_since_reset(baseline), 1),
+                   **{f'recall@{k}': round(100 * r, 3) for k, r in zip(EVAL_RANKS, recalls)},
+                   **{'map@r': round(100 * map_r, 3)}))
+
+
+def run_in_worker(target, *args):
+    context = multiprocessing.get_context('spawn')
+    queue = context.Queue()
+    process = context.Process(target=target, args=(*args, queue))
+    process.start()
+    row = queue.get()
+    process.join()
+    return row
+
+
+def benchmark_eval(args):
+    try:
+        import faiss  # noqa: F401  (only checks that the baseline is installed)
+        methods = ('reir', 'faiss')
+    except ImportError:
+        print('faiss-cpu is not installed (pip install faiss-cpu): measuring reir alone', file=sys.stderr)
+        methods = ('reir',)
+    n = 12_000 if args.quick else SOP_TEST_IMAGES
+    cases = [(576, 'float32', methods), (2048, 'float32', methods)]
+    if not args.quick:
+        # faiss needs float32 and as long as reir at large d; from d = 8192 the sweep measures reir alone
+        cases += [(8192, 'float32', ('reir',)), (8192, 'float16', ('reir',)), (24576, 'float16', ('reir',))]
+    rows = []
+    for d, dtype_name, case_methods in cases:
+        for method in case_methods:
+            row = run_in_worker(eval_case, method, n, d, dtype_name, args.seed)
+            print(f"{method:>5} n={n} d={d:>5} {dtype_name:>7}: {row['seconds']:7.2f} s, peak +{row['peak_mem_mb']:7.1f} MiB, "
+                  f"R@1 {row['recall@1']:.2f} R@1000 {row['recall@1000']:.2f} MAP@R {row['map@r']:.2f}", flush=True)
+            rows.append(dict(row, machine=machine_name()))
+    frame = pd.DataFrame(rows)
+    write_csv(frame, 'eval')
+    for (d, dtype_name), group in frame.groupby(['d', 'storage']):
+        times = dict(zip(group['method'], group['seconds']))
+        if 'faiss' in times:
+            print(f'd={d} {dtype_name}: reir takes {times["reir"] / times["faiss"]:.2f}x the time of faiss IndexFlatIP')
+    fp16 = frame[(frame['method'] == 'reir') & (frame['d'] == 8192)].set_index('storage')
+    if len(fp16) == 2:
+        change = (fp16.loc['float16', 'recall@1'] - fp16.loc['float32', 'recall@1'])
+        print(f'd=8192: float16 storage changes R@1 by {change:+.3f} points')
+
+
+# ----------------------------------------------------------------------------- common
+
+def machine_name():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open('/proc/cpuinfo') as f:
+            cpu = next(line.split(':', 1)[1].strip() for line in f if line.startswith('model name'))
+    except (OSError, StopIteration):
+        pass
+    return f'{cpu}, {os.cpu_count()} cores'
+
+
+def write_csv(frame, name):
+    path = os.path.join(utils.RESULTS_DIR, f'benchmark_{name}.csv')
+    utils.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    print(f'-> {path}')
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='REIR benchmarks, each against a baseline in the same run')
+    commands = parser.add_subparsers(dest='command', required=True)
+    evaluation = commands.add_parser('eval', help='exact retrieval metrics at SOP scale vs faiss IndexFlatIP')
+    evaluation.add_argument('--quick', action='store_true', help='12,000 embeddings, d 576 and 2048 only')
+    evaluation.add_argument('--seed', type=int, default=0)
+    evaluation.set_defaults(run=benchmark_eval)
+    return parser
+
+
+if __name__ == '__main__':
+    arguments = get_args_parser().parse_args()
+    arguments.run(arguments)

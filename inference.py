@@ -1,0 +1,135 @@
+"""Retrieve the images most similar to a query with a trained run, and draw them.
+
+    python inference.py --query_img_name data/cub/images/200.Common_Yellowthroat/x.jpg \
+        --data_base cub_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth --retrieval_num 8
+
+Embeds the query with the run's best model (<prefix>_model.pth beside the database), ranks the database
+split by similarity and writes results/<query name>_<prefix>_retrieval.png: the query, then its top K,
+each labelled with rank and similarity and framed green (same class) or red (other class) when the
+query's class is known, that is when the query is an image of the database. Runs on the CPU.
+"""
+import argparse
+import os
+
+import torch
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+import train
+import utils
+from evaluate import load_model, run_settings
+from model import embed
+
+TILE = 160          # side of each image in the grid, pixels
+CAPTION = 22        # height of the caption under each image
+FRAME = 5
+GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (255, 255, 255)
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(description='Retrieve and draw the nearest images of a query')
+    parser.add_argument('--query_img_name', required=True, help='path of the query image')
+    parser.add_argument('--data_base', required=True,
+                        help='<prefix>_data_base.pth: a name under results/ or a path')
+    parser.add_argument('--data_type', default=None, choices=('train', 'test', 'query', 'gallery'),
+                        help='database split to search (default: test, or gallery for query/gallery datasets)')
+    parser.add_argument('--retrieval_num', default=8, type=train.positive_int, help='images to retrieve')
+    parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s)')
+    parser.add_argument('--image_size', default=None, type=train.positive_int, help='default: the run\'s')
+    return parser
+
+
+def resolve_database(name):
+    if os.path.isfile(name):
+        return name
+    candidate = os.path.join(utils.RESULTS_DIR, name)
+    if os.path.isfile(candidate):
+        return candidate
+    raise utils.ReirError(f'embedding database {name} not found (as a path or under {utils.RESULTS_DIR}/); '
+                          f'train.py writes <prefix>_data_base.pth there')
+
+
+def query_class(query_path, database):
+    """The class id of the query when it is one of the database's images, else None."""
+    query_path = os.path.abspath(query_path)
+    for key, value in database.items():
+        if key.endswith('_images'):
+            split = key[:-len('_images')]
+            for path, label in zip(value, database[f'{split}_labels']):
+                if os.path.abspath(path) == query_path:
+                    return label
+    return None
+
+
+def retrieve(query_feature, features, images, query_path, count):
+    """Indices and similarities of the count most similar database images, the query itself excluded."""
+    scores = features.float() @ query_feature                                   # (N,)
+    own = torch.tensor([os.path.abspath(p) == os.path.abspath(query_path) for p in images])
+    scores[own] = float('-inf')
+    top = scores.topk(min(count, int((~own).sum())))
+    return top.indices.tolist(), top.values.tolist()
+
+
+def tile(path, caption, frame_colour, font):
+    """One image letterboxed into a TILE square, framed, with a caption strip under it."""
+    canvas = Image.new('RGB', (TILE, TILE + CAPTION), GREY)
+    image = ImageOps.contain(utils.load_rgb(path), (TILE - 2 * FRAME, TILE - 2 * FRAME))
+    if frame_colour is not None:
+        ImageDraw.Draw(canvas).rectangle([0, 0, TILE - 1, TILE - 1], outline=frame_colour, width=FRAME)
+    canvas.paste(image, ((TILE - image.width) // 2, (TILE - image.height) // 2))
+    ImageDraw.Draw(canvas).text((4, TILE + 4), caption, fill=(0, 0, 0), font=font)
+    return canvas
+
+
+def draw_grid(query_path, results, label, font):
+    """Query first, then the retrieved images: [(path, similarity, class id)]."""
+    tiles = [tile(query_path, 'query', None, font)]
+    for rank, (path, similarity, other) in enumerate(results, start=1):
+        colour = None if label is None else (GREEN if other == label else RED)
+        tiles.append(tile(path, f'{rank}: {similarity:.3f}', colour, font))
+    grid = Image.new('RGB', (TILE * len(tiles), TILE + CAPTION), GREY)
+    for i, image in enumerate(tiles):
+        grid.paste(image, (i * TILE, 0))
+    return grid
+
+
+def main(args):
+    database_path = resolve_database(args.data_base)
+    settings, prefix_path, _ = run_settings(database_path, {'data_path': args.data_path, 'image_size': args.image_size,
+                                                            'num_workers': 0}, kinds=('_data_base.pth',))
+    database = utils.safe_load(database_path, 'embedding database')
+    split = args.data_type or ('test' if 'test_features' in database else 'gallery')
+    if f'{split}_features' not in database:
+        raise utils.ReirError(f'{database_path} has no {split} split; it holds '
+                              f'{", ".join(k[:-9] for k in database if k.endswith("_features"))}')
+    if not os.path.isfile(args.query_img_name):
+        raise utils.ReirError(f'query image {args.query_img_name} not found')
+
+    data_dicts = train.load_data_dicts(settings)
+    transform = utils.get_transform(settings.crop_type, False, settings.image_size, data_dicts['mean'],
+                                    data_dicts['std'])
+    model = load_model(prefix_path + '_model.pth', settings)
+    try:
+        query = transform(utils.load_rgb(args.query_img_name))[None]          # (1, 3, S, S)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
+    with torch.inference_mode():
+        query_feature = embed(model(query))[0]                                   # (E * M,)
+
+    images, labels = database[f'{split}_images'], database[f'{split}_labels']
+    indices, similarities = retrieve(query_feature, database[f'{split}_features'], images, args.query_img_name,
+                                     args.retrieval_num)
+    label = query_class(args.query_img_name, database)
+    results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
+    grid = draw_grid(args.query_img_name, results, label, ImageFont.load_default())
+
+    name = os.path.splitext(os.path.basename(args.query_img_name))[0]
+    output = os.path.join(os.path.dirname(database_path), f'{name}_{os.path.basename(prefix_path)}_retrieval.png')
+    utils.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
+    for rank, (path, similarity, other) in enumerate(results, start=1):
+        mark = '' if label is None else (' (same class)' if other == label else '')
+        print(f'{rank}: {similarity:.4f} {path}{mark}')
+    print(f'-> {output}')
+
+
+if __name__ == '__main__':
+    train.run_cli(main, get_args_parser().parse_args())

@@ -1,0 +1,61 @@
+import os
+
+import pytest
+from PIL import Image
+
+import data_utils
+import inference
+from conftest import assert_one_line_error, make_folder_dataset, run_script, write_image
+from test_train import prefix, run_train
+
+
+@pytest.fixture(scope='module')
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp('inference')
+    make_folder_dataset(str(root / 'data' / 'tiny'), {'train': 4, 'test': 3})
+    data_utils.prepare(str(root / 'data'), 'tiny', num_workers=1)
+    result = run_train(root, '--num_epochs', '1')
+    assert result.returncode == 0, result.stderr
+    return root
+
+
+def test_retrieval_grid_for_a_database_image(trained):
+    query = trained / 'data' / 'tiny' / 'test' / 'class_01' / '0.jpg'
+    database = trained / 'results' / f'{prefix()}_data_base.pth'
+    result = run_script('inference.py', '--query_img_name', query, '--data_base', database, '--retrieval_num', '5')
+    assert result.returncode == 0, result.stderr
+    output = trained / 'results' / f'0_{prefix()}_retrieval.png'
+    with Image.open(output) as grid:
+        assert grid.size == (6 * inference.TILE, inference.TILE + inference.CAPTION)
+        grid = grid.convert('RGB')
+        # every retrieved tile is framed green or red: its top-left pixel is one of the two colours
+        frames = {grid.getpixel((i * inference.TILE + 1, 1)) for i in range(1, 6)}
+        assert frames <= {inference.GREEN, inference.RED} and frames
+    lines = [line for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert len(lines) == 5 and str(query) not in result.stdout.split('->')[0]
+
+
+def test_query_from_outside_the_dataset_has_no_frames(trained, tmp_path):
+    query = tmp_path / 'holiday.jpg'
+    write_image(str(query), size=(50, 70), seed=9)
+    result = run_script('inference.py', '--query_img_name', query, '--data_base',
+                        trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
+    assert result.returncode == 0, result.stderr
+    with Image.open(trained / 'results' / f'holiday_{prefix()}_retrieval.png') as grid:
+        assert grid.width == 9 * inference.TILE
+        assert grid.convert('RGB').getpixel((inference.TILE + 1, 1)) == (255, 255, 255)
+
+
+def test_database_by_name_under_results(trained):
+    query = trained / 'data' / 'tiny' / 'test' / 'class_00' / '1.jpg'
+    result = run_script('inference.py', '--query_img_name', query, '--data_base', f'{prefix()}_data_base.pth',
+                        cwd=trained)
+    assert result.returncode == 0, result.stderr
+
+
+def test_missing_database_or_query(trained):
+    assert_one_line_error(run_script('inference.py', '--query_img_name', 'x.jpg', '--data_base', 'nope_data_base.pth',
+                                     cwd=trained), 1, 'not found')
+    result = run_script('inference.py', '--query_img_name', trained / 'missing.jpg', '--data_base',
+                        trained / 'results' / f'{prefix()}_data_base.pth')
+    assert_one_line_error(result, 1, 'query image')
