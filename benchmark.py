@@ -1,6 +1,7 @@
 """Benchmarks of REIR against a baseline measured in the same run.
 
-    python benchmark.py eval [--quick]     # exact retrieval metrics at SOP scale vs faiss-cpu IndexFlatIP
+    python benchmark.py eval [--quick]       # exact retrieval metrics at SOP scale vs faiss-cpu IndexFlatIP
+    python benchmark.py branches [--quick]   # grouped branch engine vs the per-branch loop
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
@@ -9,6 +10,7 @@ import argparse
 import multiprocessing
 import os
 import platform
+from queue import Empty
 import sys
 import time
 
@@ -50,14 +52,15 @@ def peak_mib_since_reset(baseline_kib):
 
 def clustered_embeddings(n, d, num_classes, seed, dtype):
     """n unit vectors around num_classes random centres (SOP-like: about 5 images a class), written in
-    blocks so that generating them never holds more than the result."""
+    blocks so that generating them never holds more than the result. The noise grows as d**0.25 so that
+    the retrieval problem stays about as hard at every dimension (R@1 near 85% at SOP's size)."""
     generator = torch.Generator().manual_seed(seed)
     labels = torch.randint(num_classes, (n,), generator=generator)
     centres = torch.randn(num_classes, d, generator=generator)
     vectors = torch.empty(n, d, dtype=dtype)
     for start in range(0, n, 4096):
         block = centres[labels[start:start + 4096]]
-        block += 2.2 * torch.randn(block.shape, generator=generator)
+        block += 2.2 * (d / 576) ** 0.25 * torch.randn(block.shape, generator=generator)
         vectors[start:start + 4096] = torch.nn.functional.normalize(block, dim=1).to(dtype)
     return vectors, labels
 
@@ -108,9 +111,15 @@ def run_in_worker(target, *args):
     queue = context.Queue()
     process = context.Process(target=target, args=(*args, queue))
     process.start()
-    row = queue.get()
+    while True:
+        try:
+            result = queue.get(timeout=5)
+            break
+        except Empty:
+            if not process.is_alive():
+                raise RuntimeError(f'benchmark worker {target.__name__} died (exit code {process.exitcode})') from None
     process.join()
-    return row
+    return result
 
 
 def benchmark_eval(args):
@@ -144,6 +153,120 @@ def benchmark_eval(args):
         print(f'd=8192: float16 storage changes R@1 by {change:+.3f} points')
 
 
+# ----------------------------------------------------------------------------- branches
+
+BRANCH_COLUMNS = ['impl', 'device', 'phase', 'model_type', 'ensemble_size', 'batch_size', 'image_size',
+                  'images_per_s', 'peak_mem_mb', 'amp']
+
+
+def time_steps(model, phase, batch, labels, steps, amp):
+    """Seconds per step: forward, loss, backward and an Adam step for 'train'; a forward for 'eval'."""
+    import torch.nn.functional as F
+    import train
+    device = batch.device
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def step():
+        if phase == 'train':
+            with train.autocast(device, amp):
+                logits = model(batch)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        else:
+            with torch.inference_mode(), train.autocast(device, amp):
+                model(batch)
+
+    model.train(phase == 'train')
+    step()  # warm-up: allocations, cuDNN algorithm choice
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / max(steps, 1)
+
+
+def branch_setup(config):
+    from model import Model
+    import train
+    torch.manual_seed(0)
+    device = torch.device(config['device'])
+    layout = train.memory_format(device, config['amp'])
+    model = Model(12, config['ensemble_size'], config['share_type'], config['model_type'], pretrained=False)
+    model = model.to(device, memory_format=layout)
+    batch = torch.randn(config['batch_size'], 3, config['image_size'], config['image_size'], device=device)
+    labels = torch.randint(12, (config['batch_size'], config['ensemble_size']), device=device)
+    return model, batch.contiguous(memory_format=layout), labels
+
+
+def branches_speed(config, queue):
+    """Seconds per step of every engine and phase, in one process, interleaved over rounds (best round
+    kept), so that the loop and the engines compared with it see the same machine state."""
+    model, batch, labels = branch_setup(config)
+    best = {}
+    for phase in ('train', 'eval'):
+        for _ in range(config['rounds']):
+            for impl in ('loop', 'grouped', 'auto'):
+                model.branch_impl = impl
+                seconds = time_steps(model, phase, batch, labels, config['steps'], config['amp'])
+                best[phase, impl] = min(best.get((phase, impl), float('inf')), seconds)
+    queue.put(best)
+
+
+def branches_memory(config, impl, phase, queue):
+    """Peak memory (MiB) of one step beyond the model and its input, in a fresh process."""
+    model, batch, labels = branch_setup(config)
+    model.branch_impl = impl
+    if batch.device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(batch.device)
+        base = torch.cuda.memory_allocated(batch.device)
+        time_steps(model, phase, batch, labels, 0, config['amp'])
+        queue.put((torch.cuda.max_memory_allocated(batch.device) - base) / 2 ** 20)
+    else:
+        reset_peak_memory()
+        base = _status_kib('VmRSS')
+        time_steps(model, phase, batch, labels, 0, config['amp'])
+        queue.put(peak_mib_since_reset(base))
+
+
+def benchmark_branches(args):
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        print('error: --device cuda, but CUDA is not available', file=sys.stderr)
+        sys.exit(1)
+    base = dict(device=args.device, share_type='layer1', batch_size=10, amp=False)
+    if args.quick:
+        configs = [dict(base, model_type='resnet18', ensemble_size=8, image_size=64, steps=3, rounds=3)]
+    elif args.device == 'cpu':
+        configs = [dict(base, model_type='resnet18', ensemble_size=e, image_size=64, steps=3, rounds=2)
+                   for e in (8, 48)]
+    else:  # the README configuration and ResNet-50, with and without --amp
+        configs = [dict(base, model_type=m, ensemble_size=48, image_size=256, steps=10, rounds=3, amp=amp)
+                   for m in ('resnet18', 'resnet50') for amp in (False, True)]
+    rows = []
+    for config in configs:
+        seconds = run_in_worker(branches_speed, config)
+        for phase in ('train', 'eval'):
+            for impl in ('loop', 'grouped', 'auto'):
+                row = dict(impl=impl, device=config['device'], phase=phase, model_type=config['model_type'],
+                           ensemble_size=config['ensemble_size'], batch_size=config['batch_size'],
+                           image_size=config['image_size'],
+                           images_per_s=round(config['batch_size'] / seconds[phase, impl], 2),
+                           peak_mem_mb=round(run_in_worker(branches_memory, config, impl, phase), 1),
+                           amp=config['amp'])
+                rows.append(row)
+                print(f"{row['device']} {row['model_type']} E={row['ensemble_size']} B={row['batch_size']} "
+                      f"{row['image_size']}px amp={row['amp']} {phase:>5} {impl:>7}: {row['images_per_s']:8.2f} "
+                      f"images/s ({seconds[phase, 'loop'] / seconds[phase, impl]:.2f}x loop), "
+                      f"peak +{row['peak_mem_mb']:.0f} MiB", flush=True)
+    frame = pd.DataFrame(rows, columns=BRANCH_COLUMNS)
+    frame['machine'] = machine_name() if args.device == 'cpu' else torch.cuda.get_device_name()
+    write_csv(frame, 'branches')
+
+
 # ----------------------------------------------------------------------------- common
 
 def machine_name():
@@ -169,6 +292,10 @@ def get_args_parser():
     evaluation.add_argument('--quick', action='store_true', help='12,000 embeddings, d 576 and 2048 only')
     evaluation.add_argument('--seed', type=int, default=0)
     evaluation.set_defaults(run=benchmark_eval)
+    branches = commands.add_parser('branches', help='grouped branch engine vs the per-branch loop')
+    branches.add_argument('--quick', action='store_true', help='ResNet-18, E=8, 64 px: a few minutes on a CPU')
+    branches.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    branches.set_defaults(run=benchmark_branches)
     return parser
 
 

@@ -11,6 +11,7 @@ from collections import OrderedDict
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torchvision import models
 
 # backbone name -> (torchvision constructor, ImageNet weights enum); the original REIR used IMAGENET1K_V1
@@ -22,6 +23,7 @@ BACKBONES = {
 }
 STAGES = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
 SHARE_TYPES = ('none',) + STAGES[3:]  # the last shared stage; 'none' shares nothing
+BRANCH_IMPLS = ('auto', 'loop', 'grouped')
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -59,24 +61,95 @@ class Branch(nn.Module):
         return self.fc(x)                         # (B, meta_class_size)
 
 
+def grouped_like(stages, ensemble_size):
+    """A weightless (meta device) copy of the branch stages whose convolutions and batch norms span all
+    branches: Conv2d(E*in, E*out, groups=E*groups) and BatchNorm2d(E*C). Channel block e of every layer
+    then computes exactly what branch e computes (Packed-Ensembles, Laurent et al., ICLR 2023)."""
+    def widen(module):
+        for name, child in module.named_children():
+            if isinstance(child, nn.Conv2d):
+                child = nn.Conv2d(child.in_channels * ensemble_size, child.out_channels * ensemble_size,
+                                  child.kernel_size, child.stride, child.padding, child.dilation,
+                                  child.groups * ensemble_size, child.bias is not None, child.padding_mode,
+                                  device='meta')
+            elif isinstance(child, nn.BatchNorm2d):
+                child = nn.BatchNorm2d(child.num_features * ensemble_size, child.eps, child.momentum, child.affine,
+                                       child.track_running_stats, device='meta')
+            else:
+                widen(child)
+            setattr(module, name, child)
+    template = copy.deepcopy(stages).to('meta')
+    widen(template)
+    return template
+
+
+class GroupedBranches:
+    """Runs all branches' stages as one grouped computation. It owns no weights: the branches keep theirs
+    (so state_dict and optimizer state are the loop's), concatenated along the channel axis at every call;
+    batch-norm running statistics computed on the concatenation are copied back into the branches.
+    Kept outside the module tree on purpose: a weightless helper, not a submodule."""
+
+    def __init__(self, branches):
+        self.template = grouped_like(branches[0].features, len(branches))
+        self.parameter_names = [name for name, _ in self.template.named_parameters()]
+        self.buffer_names = [name for name, _ in self.template.named_buffers()]
+
+    def __call__(self, branches, x):
+        """x (B, E*C, H, W): branch e's input in channel block e -> (B, E, M) logits."""
+        E = len(branches)
+        tensors = {name: torch.cat([b.features.get_parameter(name) for b in branches])
+                   for name in self.parameter_names}
+        buffers = {}
+        for name in self.buffer_names:
+            per_branch = [b.features.get_buffer(name) for b in branches]
+            buffers[name] = per_branch[0].clone() if per_branch[0].dim() == 0 else torch.cat(per_branch)
+        training = branches[0].training
+        self.template.train(training)  # batch statistics or running statistics, as the branches would use
+        features = functional_call(self.template, {**tensors, **buffers}, (x,))  # (B, E*F, h, w)
+        if training and buffers:
+            self.copy_back(branches, buffers)
+        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)             # (B, E*F)
+        pooled = pooled.view(pooled.shape[0], E, -1)                               # (B, E, F)
+        weight = torch.stack([b.fc.weight for b in branches])                      # (E, M, F)
+        bias = torch.stack([b.fc.bias for b in branches])                          # (E, M)
+        return torch.einsum('bef,emf->bem', pooled, weight) + bias                 # (B, E, M)
+
+    def copy_back(self, branches, buffers):
+        targets, sources = [], []
+        for name, value in buffers.items():
+            pieces = [value] * len(branches) if value.dim() == 0 else value.chunk(len(branches))
+            targets += [b.features.get_buffer(name) for b in branches]
+            sources += pieces
+        with torch.no_grad():
+            torch._foreach_copy_(targets, sources)
+
+
 class Model(nn.Module):
     """Shared stem + ensemble_size branches; forward returns (batch, ensemble_size, meta_class_size) logits.
 
     with_random: in training the shared feature given to branch e is scaled by w_e, with
     w = softmax(rand(ensemble_size)) drawn every forward pass; in evaluation w_e = 1 / ensemble_size,
     its expectation, so that embeddings are deterministic.
+
+    branch_impl: 'loop' runs the branches one after the other; 'grouped' runs them as one grouped
+    computation (GroupedBranches), the same function within float rounding; 'auto' takes 'grouped' on
+    CUDA, where it replaces thousands of small kernel launches, and 'loop' elsewhere, where oneDNN's grouped
+    convolutions measured slower (benchmark.py branches). The parameters and state_dict are the same.
     """
 
     def __init__(self, meta_class_size, ensemble_size, share_type='layer1', model_type='resnet18',
-                 with_random=False, pretrained=True):
+                 with_random=False, pretrained=True, branch_impl='auto'):
         super().__init__()
         if model_type not in BACKBONES:
             raise ValueError(f'model_type must be one of {", ".join(BACKBONES)}, got {model_type!r}')
+        if branch_impl not in BRANCH_IMPLS:
+            raise ValueError(f'branch_impl must be one of {", ".join(BRANCH_IMPLS)}, got {branch_impl!r}')
         if share_type not in SHARE_TYPES:
             raise ValueError(f'share_type must be one of {", ".join(SHARE_TYPES)}, got {share_type!r}')
         self.ensemble_size = ensemble_size
         self.meta_class_size = meta_class_size
         self.with_random = with_random
+        self.branch_impl = branch_impl
 
         backbone = build_backbone(model_type, pretrained)
         split = 0 if share_type == 'none' else STAGES.index(share_type) + 1
@@ -86,6 +159,7 @@ class Model(nn.Module):
         self.branches = nn.ModuleList(
             Branch(copy.deepcopy(branch_stages), backbone.fc.in_features, meta_class_size)
             for _ in range(ensemble_size))
+        self.grouped = GroupedBranches(self.branches)
 
     def branch_weights(self, device):
         """(ensemble_size,) scales of the shared feature per branch, or None without with_random."""
@@ -95,12 +169,22 @@ class Model(nn.Module):
             return torch.softmax(torch.rand(self.ensemble_size, device=device), dim=0)
         return torch.full((self.ensemble_size,), 1.0 / self.ensemble_size, device=device)
 
+    def engine(self, device):
+        if self.branch_impl == 'auto':
+            return 'grouped' if device.type == 'cuda' else 'loop'
+        return self.branch_impl
+
     def forward(self, x):
         shared = self.shared(x)                   # (B, C, H, W)
         weights = self.branch_weights(x.device)
-        logits = [branch(shared if weights is None else shared * weights[e])
-                  for e, branch in enumerate(self.branches)]
-        return torch.stack(logits, dim=1)         # (B, ensemble_size, meta_class_size)
+        if self.engine(x.device) == 'loop':
+            logits = [branch(shared if weights is None else shared * weights[e])
+                      for e, branch in enumerate(self.branches)]
+            return torch.stack(logits, dim=1)     # (B, ensemble_size, meta_class_size)
+        inputs = shared.unsqueeze(1).expand(-1, self.ensemble_size, -1, -1, -1)  # (B, E, C, H, W)
+        if weights is not None:
+            inputs = inputs * weights.view(1, -1, 1, 1, 1)
+        return self.grouped(self.branches, inputs.flatten(1, 2))  # (B, E*C, H, W) -> (B, E, M)
 
 
 def embed(logits):

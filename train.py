@@ -21,13 +21,14 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import utils
-from model import BACKBONES, SHARE_TYPES, Model, PretrainedWeightsUnavailable, embed
+from model import BACKBONES, BRANCH_IMPLS, SHARE_TYPES, Model, PretrainedWeightsUnavailable, embed
 
 LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate drops
 LR_GAMMA = 0.1
 DEFAULT_GPU_IDS = '0,1'
-# flags that may differ between a run and its --resume without changing what the run computes
-RESUME_FREE_FLAGS = ('resume', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir')
+# flags that may differ between a run and its --resume without changing what the run computes (the
+# branch engines compute the same function and share one checkpoint layout)
+RESUME_FREE_FLAGS = ('resume', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir', 'branch_impl')
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
                    'train_items')
 
@@ -92,6 +93,9 @@ def get_args_parser():
     parser.add_argument('--no_pretrained', action='store_true', help='start from random weights, not ImageNet')
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported)')
+    parser.add_argument('--branch_impl', default='auto', choices=BRANCH_IMPLS,
+                        help='run the branches one by one (loop) or as grouped convolutions (grouped); auto: '
+                             'grouped on CUDA, loop on the CPU. Same parameters and checkpoints either way')
     parser.add_argument('--resume', action='store_true',
                         help='continue the run with these flags from its last completed epoch')
     parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where the run writes its files')
@@ -184,6 +188,11 @@ def broadcast_from_main(obj):
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def memory_format(device, amp):
+    """channels_last lets mixed-precision convolutions use tensor cores without layout conversions."""
+    return torch.channels_last if amp and device.type == 'cuda' else torch.preserve_format
 
 
 def autocast(device, enabled):
@@ -325,7 +334,7 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
     total_loss, correct, seen, skipped = 0.0, 0, 0, 0
     progress = tqdm(loader, desc=description, dynamic_ncols=True, file=sys.stderr, disable=not is_main_process())
     for images, labels, failures in progress:
-        images = images.to(device, non_blocking=True)
+        images = images.to(device, non_blocking=True, memory_format=memory_format(device, amp))
         labels = labels.to(device, non_blocking=True)            # (B, E)
         with autocast(device, amp):
             logits = model(images)                                # (B, E, M)
@@ -359,7 +368,7 @@ def extract_features(model, loader, device, amp):
     start = 0
     for images, _, batch_readable in loader:
         with autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True))
+            logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
         batch = embed(logits.float()).cpu()
         features[start:start + batch.shape[0]] = batch
         readable[start:start + batch.shape[0]] = batch_readable
@@ -458,7 +467,7 @@ def save_database(path, items_by_split, features_by_split, dataset_root):
 def build_model(args, pretrained):
     try:
         return Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type, args.with_random,
-                     pretrained=pretrained)
+                     pretrained=pretrained, branch_impl=getattr(args, 'branch_impl', 'auto'))
     except PretrainedWeightsUnavailable as e:
         raise utils.ReirError(str(e)) from None
 
@@ -555,7 +564,8 @@ def main(args):
 
     # ------------------------------------------------------------------ model
     utils.set_seed(args.seed)  # the heads' initial weights, the same in every process
-    model = build_model(args, pretrained=not args.no_pretrained).to(device)
+    model = build_model(args, pretrained=not args.no_pretrained)
+    model = model.to(device, memory_format=memory_format(device, args.amp))
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
     elif len(gpu_ids) > 1:

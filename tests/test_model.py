@@ -1,3 +1,4 @@
+import copy
 import os
 import urllib.error
 
@@ -89,3 +90,78 @@ def test_missing_pretrained_weights_offline_fail_clearly(tmp_path, monkeypatch):
 def test_model_has_no_device_placement():
     source = open(model_module.__file__).read()
     assert '.cuda(' not in source and 'device_ids' not in source
+
+
+# ----------------------------------------------------------------------------- the grouped branch engine
+
+def run_engine(net, impl, x, seed):
+    """Logits, parameter gradients and buffers after one training step of the given engine."""
+    net.branch_impl = impl
+    net.zero_grad()
+    torch.manual_seed(seed)  # the same --with_random weights for both engines
+    logits = net(x)
+    (logits.square().mean() + logits[:, :, 0].sum()).backward()
+    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
+    buffers = {name: b.clone() for name, b in net.named_buffers()}
+    return logits.detach(), grads, buffers
+
+
+def assert_engines_agree(net, x, atol, rtol):
+    initial = copy.deepcopy(net.state_dict())
+    loop = run_engine(net, 'loop', x, seed=3)
+    net.load_state_dict(initial)  # the same running statistics before the grouped step
+    grouped = run_engine(net, 'grouped', x, seed=3)
+    assert torch.allclose(loop[0], grouped[0], atol=atol, rtol=rtol), (loop[0] - grouped[0]).abs().max()
+    for name in loop[1]:
+        assert torch.allclose(loop[1][name], grouped[1][name], atol=atol, rtol=rtol), name
+    for name in loop[2]:
+        assert torch.allclose(loop[2][name].double(), grouped[2][name].double(), atol=atol, rtol=rtol), name
+    assert any('running_mean' in n for n in loop[2]) or not list(net.branches[0].features.children())
+
+
+@pytest.mark.parametrize('share_type', SHARE_TYPES)
+def test_grouped_engine_equals_the_loop_for_every_share_type(share_type):
+    torch.manual_seed(0)
+    net = Model(5, 3, share_type=share_type, with_random=True, pretrained=False).train()
+    # in float64 the two engines agree to rounding: the same function, gradients and running statistics
+    assert_engines_agree(net.double(), torch.randn(4, 3, 32, 32, dtype=torch.float64), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize('model_type', list(BACKBONES))
+def test_grouped_engine_equals_the_loop_for_every_backbone(model_type):
+    torch.manual_seed(0)
+    net = Model(4, 2, share_type='layer2', model_type=model_type, pretrained=False).train().double()
+    # batch 4 at 64 px: with 2 images of 1x1 features, batch norm would amplify rounding itself
+    assert_engines_agree(net, torch.randn(4, 3, 64, 64, dtype=torch.float64), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize('share_type', SHARE_TYPES)
+def test_grouped_engine_outputs_within_1e_5_in_float32(share_type):
+    torch.manual_seed(0)
+    net = Model(6, 4, share_type=share_type, with_random=True, pretrained=False).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        net.branch_impl = 'loop'
+        loop = net(x)
+        net.branch_impl = 'grouped'
+        grouped = net(x)
+    assert (loop - grouped).abs().max() < 1e-5
+
+
+def test_state_dict_does_not_depend_on_the_engine():
+    torch.manual_seed(0)
+    loop = Model(4, 3, pretrained=False, branch_impl='loop')
+    grouped = Model(4, 3, pretrained=False, branch_impl='grouped')
+    assert list(loop.state_dict()) == list(grouped.state_dict())
+    grouped.load_state_dict(loop.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(loop.eval()(x), grouped.eval()(x), atol=1e-5)
+
+
+def test_auto_engine_follows_the_device():
+    net = Model(4, 2, pretrained=False)
+    assert net.branch_impl == 'auto'
+    assert net.engine(torch.device('cpu')) == 'loop' and net.engine(torch.device('cuda', 0)) == 'grouped'
+    with pytest.raises(ValueError, match='branch_impl'):
+        Model(4, 2, pretrained=False, branch_impl='fast')
