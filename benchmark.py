@@ -2,6 +2,7 @@
 
     python benchmark.py eval [--quick]       # exact retrieval metrics at SOP scale vs faiss-cpu IndexFlatIP
     python benchmark.py branches [--quick]   # grouped branch engine vs the per-branch loop
+    python benchmark.py data [--quick]       # the training input pipeline vs PIL + the original transforms
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
@@ -17,6 +18,7 @@ import time
 import numpy as np
 import pandas as pd
 import torch
+from PIL import Image
 
 import utils
 
@@ -267,6 +269,99 @@ def benchmark_branches(args):
     write_csv(frame, 'branches')
 
 
+# ----------------------------------------------------------------------------- data
+
+class BaselineReader(torch.utils.data.Dataset):
+    """The original input pipeline: PIL decodes the whole JPEG, then Resize, RandomCrop, flip, ToTensor,
+    Normalize."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        with Image.open(self.paths[index]) as image:
+            return self.transform(image.convert('RGB')), 0
+
+
+def write_photos(folder, count, seed):
+    """Cars/SOP-sized photo-like JPEGs, about 1000 x 700 (smooth colour, edges, sensor noise)."""
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        width, height = int(rng.integers(900, 1100)), int(rng.integers(620, 780))
+        x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+        y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+        waves = 0.5 + 0.5 * np.sin(rng.uniform(3, 9) * x + rng.uniform(3, 9) * y + np.array([0, 2, 4], np.float32))
+        edges = (np.sin(rng.uniform(20, 60) * x * y) > 0.6) * 0.3
+        pixels = 255 * np.clip(0.8 * waves + edges, 0, 1) + rng.normal(0, 8, (height, width, 3))
+        path = os.path.join(folder, 'train', f'class_{i % 10}', f'{i:04d}.jpg')
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def loader_images_per_s(dataset, batch_size, passes):
+    """Images per second of one DataLoader worker over the dataset (best of passes, workers kept)."""
+    from torch.utils.data import DataLoader
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=1, persistent_workers=True, prefetch_factor=4)
+    best = float('inf')
+    for _ in range(passes):
+        start = time.perf_counter()
+        for _ in loader:
+            pass
+        best = min(best, time.perf_counter() - start)
+    return len(dataset) / best
+
+
+def benchmark_data(args):
+    import tempfile
+    import data_utils
+    import train
+    count, size = (60, 256) if args.quick else (300, 256)
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        root = os.path.join(folder, 'photos')
+        paths = write_photos(root, count, args.seed)
+        os.makedirs(os.path.join(root, 'test', 'class_0'))
+        os.link(paths[0], os.path.join(root, 'test', 'class_0', 'x.jpg'))
+        data_utils.prepare(folder, 'photos', num_workers=os.cpu_count() or 1, short_side=size)
+        short = [p for p, _ in utils.flatten_split(torch.load(utils.data_dicts_path(folder, 'photos', 'uncropped'),
+                                                               weights_only=True)['train'])]
+        items = [(p, 0) for p in paths]
+        targets = [torch.zeros(1, dtype=torch.long)] * count
+        fast = utils.get_transform('uncropped', True, size, mean, std)
+        pipelines = {
+            'baseline': BaselineReader(paths, utils.get_transform('uncropped', True, size, mean, std, exact=True)),
+            'reir': SeededItems(train.TrainReader('', items, targets, fast, min_side=size)),
+            'reir_short_side': SeededItems(train.TrainReader(root, [(p, 0) for p in short], targets, fast,
+                                                             min_side=size)),
+        }
+        speeds = {name: loader_images_per_s(dataset, 10, 2 if args.quick else 3) for name, dataset in pipelines.items()}
+    for name, speed in speeds.items():
+        rows.append(dict(pipeline=name, image_size_src='~1000x700', images_per_s=round(speed, 1),
+                         machine=machine_name()))
+        print(f'{name:>16}: {speed:7.1f} images/s, {speed / speeds["baseline"]:.2f}x baseline', flush=True)
+    write_csv(pd.DataFrame(rows), 'data')
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """TrainReader takes (index, augmentation seed) items from train.SeededSampler; a plain index here."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, index):
+        return self.reader[(index, index)][:2]
+
+
 # ----------------------------------------------------------------------------- common
 
 def machine_name():
@@ -296,6 +391,10 @@ def get_args_parser():
     branches.add_argument('--quick', action='store_true', help='ResNet-18, E=8, 64 px: a few minutes on a CPU')
     branches.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     branches.set_defaults(run=benchmark_branches)
+    data = commands.add_parser('data', help='the training input pipeline vs PIL + the original transforms')
+    data.add_argument('--quick', action='store_true', help='60 photos instead of 300')
+    data.add_argument('--seed', type=int, default=0)
+    data.set_defaults(run=benchmark_data)
     return parser
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import ReirError, atomic_torch_save, atomic_write, data_dicts_path
+from utils import ReirError, atomic_torch_save, atomic_write, data_dicts_path, short_side_size
 
 # Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
 # theirs computed from the train split.
@@ -42,6 +42,7 @@ CAR_TRAIN_CLASSES = range(1, 99)   # classes 1-98 train, 99-196 test
 CUB_TRAIN_CLASSES = range(1, 101)  # classes 1-100 train, 101-200 test
 FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))
 CROP_QUALITY = 95
+SHORT_SIDE_DIR = 'short'  # data/<name>/short<N>/: copies resized by --short_side N
 MAX_REPORTED = 5
 
 DEMO_CLASSES = 200
@@ -195,26 +196,43 @@ def image_format(path):
 
 
 def check_image(task):
-    """Decode one image fully (truncated files fail here), write its crop unless a valid one exists,
-    and return (error or None, per-channel [sum, sum of squares, pixel count] or None)."""
-    source, box, crop_path, with_stats = task
+    """Decode one image fully (truncated files fail here), write its crop and its reduced copies unless
+    valid ones exist. Returns (error or None, per-channel [sum, sum of squares, pixel count] or None,
+    {crop type: path relative to the dataset folder that training reads})."""
+    root, relpath, box, with_stats, short_side = task
     try:
-        with Image.open(source) as image:
+        with Image.open(os.path.join(root, relpath)) as image:
             image.load()
             rgb = image.convert('RGB')
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        return f'{type(e).__name__}: {e}', None
-    if crop_path is not None:
-        region = clamp_box(box, rgb.size)
-        expected = (region[2] - region[0], region[3] - region[1])
-        if not crop_is_valid(crop_path, expected):
-            os.makedirs(os.path.dirname(crop_path), exist_ok=True)
-            crop = rgb.crop(region)
-            atomic_write(crop_path, lambda tmp: crop.save(tmp, format=image_format(crop_path), quality=CROP_QUALITY))
+        return f'{type(e).__name__}: {e}', None, None
+    versions = {'uncropped': (relpath, rgb)}
+    if box is not None:
+        crop = rgb.crop(clamp_box(box, rgb.size))
+        write_unless_valid(os.path.join(root, 'cropped', relpath), crop)
+        versions['cropped'] = ('cropped/' + relpath, crop)
+    outputs = {}
+    for crop_type, (path, version) in versions.items():
+        if short_side is not None and min(version.size) > short_side:
+            path = f'{SHORT_SIDE_DIR}{short_side}/{path}'
+            write_unless_valid(os.path.join(root, path), resize_short_side(version, short_side))
+        outputs[crop_type] = path
     if not with_stats:
-        return None, None
+        return None, None, outputs
     pixels = np.asarray(rgb, dtype=np.float64).reshape(-1, 3) / 255  # (H*W, 3)
-    return None, (pixels.sum(0), (pixels ** 2).sum(0), pixels.shape[0])
+    return None, (pixels.sum(0), (pixels ** 2).sum(0), pixels.shape[0]), outputs
+
+
+def resize_short_side(image, short_side):
+    """As torchvision's Resize(short_side) does it."""
+    return image.resize(short_side_size(*image.size, short_side), Image.BILINEAR)
+
+
+def write_unless_valid(path, image):
+    """Write image (atomically) unless a readable file of its size is already there: re-runs redo nothing."""
+    if not crop_is_valid(path, image.size):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        atomic_write(path, lambda tmp: image.save(tmp, format=image_format(path), quality=CROP_QUALITY))
 
 
 def crop_is_valid(path, expected_size):
@@ -229,8 +247,10 @@ def crop_is_valid(path, expected_size):
 
 # ----------------------------------------------------------------------------- preparation
 
-def prepare(data_path, name, num_workers):
-    """Read, verify (and crop) one dataset and write its data dicts; returns the summary lines."""
+def prepare(data_path, name, num_workers, short_side=None):
+    """Read, verify (and crop) one dataset and write its data dicts; returns the summary lines.
+    short_side: also write copies of the images whose shorter side is larger, resized to it, under
+    data/<name>/short<N>/, and point the data dicts at them."""
     root = os.path.join(data_path, name)
     if name == 'demo':
         make_demo(root, num_workers)
@@ -244,22 +264,20 @@ def prepare(data_path, name, num_workers):
             check_inside(relpath, root)
 
     stats_needed = name not in KNOWN_STATS
-    tasks = []
-    for split, images in splits.items():
-        for relpath, _ in images:
-            crop_path = os.path.join(root, 'cropped', relpath) if boxes is not None else None
-            tasks.append((os.path.join(root, relpath), boxes[relpath] if boxes else None, crop_path,
-                          stats_needed and split == 'train'))
-    action = 'verifying and cropping' if boxes else 'verifying'
+    tasks = [(root, relpath, boxes[relpath] if boxes else None, stats_needed and split == 'train', short_side)
+             for split, images in splits.items() for relpath, _ in images]
+    action = 'verifying' + (' and cropping' if boxes else '') + (' and resizing' if short_side else '')
     with Pool(num_workers) as pool:
         outcomes = list(tqdm(pool.imap(check_image, tasks, chunksize=8), total=len(tasks),
                              desc=f'{name}: {action}', unit='img', file=sys.stderr))
 
-    bad, stats = set(), []
-    for (source, *_), (error, stat) in zip(tasks, outcomes):
+    bad, stats, outputs = set(), [], {}
+    for (_, relpath, *_), (error, stat, paths) in zip(tasks, outcomes):
         if error is not None:
-            bad.add(os.path.relpath(source, root))
-        elif stat is not None:
+            bad.add(relpath)
+            continue
+        outputs[relpath] = paths
+        if stat is not None:
             stats.append(stat)
     if bad:
         shown = ', '.join(sorted(bad)[:MAX_REPORTED]) + (', ...' if len(bad) > MAX_REPORTED else '')
@@ -268,8 +286,7 @@ def prepare(data_path, name, num_workers):
 
     summary = []
     for crop_type in ('uncropped', 'cropped') if boxes else ('uncropped',):
-        data_dicts = {split: group_by_class(images, bad, 'cropped/' if crop_type == 'cropped' else '')
-                      for split, images in splits.items()}
+        data_dicts = {split: group_by_class(images, outputs, crop_type) for split, images in splits.items()}
         data_dicts.update(mean=list(mean), std=list(std))
         path = data_dicts_path(data_path, name, crop_type)
         atomic_torch_save(data_dicts, path)
@@ -279,11 +296,12 @@ def prepare(data_path, name, num_workers):
     return summary
 
 
-def group_by_class(images, excluded, path_prefix):
+def group_by_class(images, outputs, crop_type):
+    """{class: [paths]} of the readable images, each at the path of its crop_type version."""
     classes = {}
     for relpath, label in images:
-        if relpath not in excluded:
-            classes.setdefault(label, []).append(path_prefix + relpath)
+        if relpath in outputs:
+            classes.setdefault(label, []).append(outputs[relpath][crop_type])
     return classes
 
 
@@ -381,6 +399,9 @@ def get_args_parser():
     parser.add_argument('--data_name', nargs='*', default=None,
                         help='datasets to prepare (car, cub, sop, isc, demo or a folder dataset); '
                              'default: every dataset folder under --data_path')
+    parser.add_argument('--short_side', type=int, default=None,
+                        help='also write copies whose shorter side is reduced to this (when larger) and train from '
+                             'them: less to decode every epoch; keep it >= train.py --image_size')
     parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
                         help='worker processes that decode and crop images')
     return parser
@@ -399,7 +420,7 @@ def find_datasets(data_path):
 def main(args):
     names = args.data_name or find_datasets(args.data_path)
     for name in names:
-        for line in prepare(args.data_path, name, max(1, args.num_workers)):
+        for line in prepare(args.data_path, name, max(1, args.num_workers), args.short_side):
             print(line)
 
 

@@ -35,6 +35,8 @@ def get_args_parser():
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s, else data)')
     parser.add_argument('--image_size', default=None, type=train.positive_int,
                         help='network input side (default: the run\'s, else 256)')
+    parser.add_argument('--exact_pipeline', action='store_true', default=None,
+                        help='decode and resize as the original REIR does (default: as the run did)')
     parser.add_argument('--batch_size', default=32, type=train.positive_int)
     parser.add_argument('--gpu_ids', default=None, help='as in train.py')
     parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
@@ -54,14 +56,15 @@ def run_settings(path, overrides, kinds=KINDS):
                                f'prefix train.py writes (<data_name>_<crop_type>_..._<ensemble_size>_<meta_class_size>)')
     settings = dict(match.groupdict(), with_random=match['randomness'] == 'random',
                     ensemble_size=int(match['ensemble_size']), meta_class_size=int(match['meta_class_size']),
-                    recalls=[1, 2, 4, 8], data_path='data', image_size=256)
+                    recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
     del settings['randomness']
     prefix_path = path[:-len(kind)]
     checkpoint = prefix_path + '_checkpoint.pth'
     if os.path.isfile(checkpoint):
         try:
             saved = torch.load(checkpoint, map_location='cpu', weights_only=True, mmap=True)['args']
-            settings.update({k: saved[k] for k in ('recalls', 'data_path', 'image_size') if k in saved})
+            settings.update({k: saved[k] for k in ('recalls', 'data_path', 'image_size', 'exact_pipeline')
+                             if k in saved})
         except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, OSError, EOFError):
             train.warn(f'could not read the run\'s settings from {checkpoint}: using defaults and flags')
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -94,10 +97,12 @@ def evaluate_model(path, settings, args):
     device, gpu_ids = train.select_devices(args.gpu_ids)
     data_dicts = train.load_data_dicts(settings)
     transform = utils.get_transform(settings.crop_type, False, settings.image_size, data_dicts['mean'],
-                                    data_dicts['std'])
+                                    data_dicts['std'], settings.exact_pipeline)
+    min_side = None if settings.exact_pipeline else settings.image_size
     options = train.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, settings.data_name)
-    _, labels, loaders = train.build_eval_data(data_dicts, dataset_root, transform, args.batch_size, options)
+    _, labels, loaders = train.build_eval_data(data_dicts, dataset_root, transform, min_side, args.batch_size,
+                                                 options)
     model = load_model(path, settings)
     model = model.to(device)
     if len(gpu_ids) > 1:
@@ -107,7 +112,7 @@ def evaluate_model(path, settings, args):
 
 
 def main(args):
-    overrides = {k: getattr(args, k) for k in ('recalls', 'data_path', 'image_size', 'num_workers')}
+    overrides = {k: getattr(args, k) for k in ('recalls', 'data_path', 'image_size', 'exact_pipeline', 'num_workers')}
     settings, prefix_path, kind = run_settings(args.path, overrides)
     if kind == '_data_base.pth':
         metrics = evaluate_database(args.path, settings.recalls)

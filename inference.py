@@ -106,10 +106,11 @@ def main(args):
 
     data_dicts = train.load_data_dicts(settings)
     transform = utils.get_transform(settings.crop_type, False, settings.image_size, data_dicts['mean'],
-                                    data_dicts['std'])
+                                    data_dicts['std'], settings.exact_pipeline)
+    min_side = None if settings.exact_pipeline else settings.image_size
     model = load_model(prefix_path + '_model.pth', settings)
     try:
-        query = transform(utils.load_rgb(args.query_img_name))[None]          # (1, 3, S, S)
+        query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
     except (OSError, SyntaxError, ValueError) as e:
         raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
     with torch.inference_mode():

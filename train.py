@@ -91,6 +91,9 @@ def get_args_parser():
     parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int,
                         help='DataLoader worker processes')
     parser.add_argument('--no_pretrained', action='store_true', help='start from random weights, not ImageNet')
+    parser.add_argument('--exact_pipeline', action='store_true',
+                        help='decode JPEGs whole and resize then crop, as the original REIR does (slower); by '
+                             'default large JPEGs are decoded at reduced scale and only the kept region resized')
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported)')
     parser.add_argument('--branch_impl', default='auto', choices=BRANCH_IMPLS,
@@ -276,7 +279,7 @@ class TrainReader(utils.ImageReader):
         for offset in range(len(self)):
             path = self.paths[(index + offset) % len(self)]
             try:
-                image = utils.load_rgb(path)
+                image = utils.load_rgb(path, self.min_side)
             except (OSError, SyntaxError, ValueError) as e:
                 warn(f'skipping unreadable training image {path} ({type(e).__name__})')
                 failures += 1
@@ -294,19 +297,19 @@ class EvalReader(utils.ImageReader):
 
     def __getitem__(self, index):
         try:
-            image = utils.load_rgb(self.paths[index])
+            image = utils.load_rgb(self.paths[index], self.min_side)
         except (OSError, SyntaxError, ValueError):
             return self.transform(Image.new('RGB', (1, 1))), self.targets[index], False
         return self.transform(image), self.targets[index], True
 
 
-def build_eval_data(data_dicts, dataset_root, transform, batch_size, options):
+def build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, options):
     """Items, integer labels (one numbering for query and gallery) and loaders of the evaluation splits."""
     eval_items = {split: utils.flatten_split(data_dicts[split]) for split in utils.eval_splits(data_dicts)}
     class_index = {key: i for i, key in enumerate(sorted({k for items in eval_items.values() for _, k in items}))}
     eval_labels = {split: [class_index[k] for _, k in items] for split, items in eval_items.items()}
-    eval_loaders = {split: eval_loader(EvalReader(dataset_root, items, eval_labels[split], transform), batch_size,
-                                       options)
+    eval_loaders = {split: eval_loader(EvalReader(dataset_root, items, eval_labels[split], transform, min_side),
+                                       batch_size, options)
                     for split, items in eval_items.items()}
     return eval_items, eval_labels, eval_loaders
 
@@ -322,8 +325,11 @@ def loader_options(num_workers, seed, device):
     comes from the global RNG: a resumed run (whose workers start anew) would then draw different
     --with_random weights than the uninterrupted one."""
     workers = max(0, num_workers)
-    return dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-                generator=torch.Generator().manual_seed(seed))
+    options = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
+                   generator=torch.Generator().manual_seed(seed))
+    if workers:
+        options['prefetch_factor'] = 4  # batches each worker keeps ready
+    return options
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -404,11 +410,11 @@ def evaluate(model, loaders, labels, recalls, device, amp):
     return broadcast_from_main(metrics), features
 
 
-def embed_train_split(model, data_dicts, dataset_root, transform, batch_size, options, device, amp):
+def embed_train_split(model, data_dicts, dataset_root, transform, min_side, batch_size, options, device, amp):
     """Every training image (not only the sampled list) and its embedding, for the database;
     unreadable images are left out with a warning."""
     items = utils.flatten_split(data_dicts['train'])
-    loader = eval_loader(EvalReader(dataset_root, items, [0] * len(items), transform), batch_size, options)
+    loader = eval_loader(EvalReader(dataset_root, items, [0] * len(items), transform, min_side), batch_size, options)
     features, readable = extract_features(model, loader, device, amp)
     if not readable.all():
         warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
@@ -548,15 +554,17 @@ def main(args):
         ids = draw_or_load_ids(args, len(train_classes), generator)
         train_items = utils.sample_train_images(data_dicts['train'], generator)
     mean, std = data_dicts['mean'], data_dicts['std']
+    min_side = None if args.exact_pipeline else args.image_size  # reduced-scale JPEG decoding
     train_set = TrainReader(dataset_root, train_items, [ids[:, c] for _, c in train_items],
-                            utils.get_transform(args.crop_type, True, args.image_size, mean, std))
+                            utils.get_transform(args.crop_type, True, args.image_size, mean, std, args.exact_pipeline),
+                            min_side)
     sampler = SeededSampler(len(train_set), args.seed, rank, world)
     options = loader_options(args.num_workers, args.seed, device)
     batch_size = args.batch_size // world  # per process
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **options)
 
-    test_transform = utils.get_transform(args.crop_type, False, args.image_size, mean, std)
-    eval_items, eval_labels, eval_loaders = build_eval_data(data_dicts, dataset_root, test_transform,
+    test_transform = utils.get_transform(args.crop_type, False, args.image_size, mean, std, args.exact_pipeline)
+    eval_items, eval_labels, eval_loaders = build_eval_data(data_dicts, dataset_root, test_transform, min_side,
                                                             batch_size, options)
     log(f'{args.data_name}: {len(train_classes)} training classes, {len(train_items)} training images, '
         + ', '.join(f'{len(items)} {split} images' for split, items in eval_items.items())
@@ -612,7 +620,8 @@ def main(args):
             database_items = dict(eval_items)
             if 'test' in eval_items:  # every process embeds its shard of the training images
                 database_items['train'], features['train'] = embed_train_split(
-                    model, data_dicts, dataset_root, test_transform, batch_size, options, device, args.amp)
+                    model, data_dicts, dataset_root, test_transform, min_side, batch_size, options, device,
+                    args.amp)
             if is_main_process():
                 utils.atomic_torch_save(unwrap(model).state_dict(), output_path(args, 'model.pth'))
                 save_database(output_path(args, 'data_base.pth'), database_items, features, dataset_root)

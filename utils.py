@@ -94,12 +94,15 @@ def safe_load(path, what='file'):
     """torch.load with weights_only=True: tensors and plain containers only, never code."""
     if not os.path.isfile(path):
         raise ReirError(f'{what} not found: {path}')
+    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is damaged or foreign
+        raise ReirError(f'{path}: {what} is corrupt or truncated (not a torch.save archive); delete it or '
+                        f'write it again')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ReirError(f'{path}: refused to load {what}: it holds objects other than tensors and plain '
-                        f'containers ({first_line})') from None
+        lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
+        reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
+        raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise ReirError(f'{path}: {what} is corrupt or truncated ({type(e).__name__}); delete it or '
                         f'write it again') from None
@@ -209,39 +212,80 @@ def flatten_split(split_dict):
     return [(path, key) for key in sorted(split_dict) for path in split_dict[key]]
 
 
-def get_transform(crop_type, train, image_size, mean, std):
-    """The original REIR transforms (SPEC §5)."""
+def get_transform(crop_type, train, image_size, mean, std, exact=False):
+    """The original REIR transforms (SPEC §5). exact=False computes Resize(S) + RandomCrop(S) or
+    CenterCrop(S) as one resize of the kept region (ResizeCrop), the same pixels up to float rounding."""
     if crop_type == 'cropped':
         steps = [transforms.Resize((image_size, image_size))]
         if train:
             steps.append(transforms.RandomHorizontalFlip())
-    elif train:
-        steps = [transforms.Resize(image_size), transforms.RandomCrop(image_size),
-                 transforms.RandomHorizontalFlip()]
+    elif exact:
+        steps = [transforms.Resize(image_size),
+                 transforms.RandomCrop(image_size) if train else transforms.CenterCrop(image_size)]
+        if train:
+            steps.append(transforms.RandomHorizontalFlip())
     else:
-        steps = [transforms.Resize(image_size), transforms.CenterCrop(image_size)]
+        steps = [ResizeCrop(image_size, train)] + ([transforms.RandomHorizontalFlip()] if train else [])
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
-def load_rgb(path):
+def short_side_size(width, height, size):
+    """(width, height) after torchvision's Resize(size): the shorter side to size, the longer truncated."""
+    if width <= height:
+        return size, int(size * height / width)
+    return int(size * width / height), size
+
+
+class ResizeCrop:
+    """Resize(size) then RandomCrop(size) (random) or CenterCrop(size) of a PIL image, computed as a single
+    PIL resize of the source region the crop keeps: size x size output pixels instead of the whole resized
+    image, each computed from the same source pixels with the same filter. Draws the crop offset exactly
+    as RandomCrop does, so the same seed gives the same crop."""
+
+    def __init__(self, size, random):
+        self.size, self.random = size, random
+
+    def __call__(self, image):
+        width, height = image.size
+        size = self.size
+        new_width, new_height = short_side_size(width, height, size)
+        if not self.random:
+            top, left = int(round((new_height - size) / 2.0)), int(round((new_width - size) / 2.0))
+        elif new_width == size and new_height == size:
+            top = left = 0
+        else:  # the two draws of RandomCrop.get_params
+            top = torch.randint(0, new_height - size + 1, size=(1,)).item()
+            left = torch.randint(0, new_width - size + 1, size=(1,)).item()
+        scale_x, scale_y = width / new_width, height / new_height
+        box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
+        return image.resize((size, size), Image.BILINEAR, box=box)
+
+
+def load_rgb(path, min_side=None):
+    """An image as RGB. With min_side, a JPEG at least twice that size on both sides is decoded at
+    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL draft), keeping both sides >= min_side: fewer
+    pixels decoded for what a resize to min_side keeps."""
     with Image.open(path) as image:
+        if min_side is not None:
+            image.draft('RGB', (min_side, min_side))
         return image.convert('RGB')
 
 
 class ImageReader(Dataset):
     """Images of a dataset folder with one target each: the (E,) meta-class labels for training,
-    the class index for evaluation."""
+    the class index for evaluation. min_side: see load_rgb (None decodes every image whole)."""
 
-    def __init__(self, root, items, targets, transform):
+    def __init__(self, root, items, targets, transform, min_side=None):
         self.paths = [os.path.join(root, path) for path, _ in items]
         self.targets = targets
         self.transform = transform
+        self.min_side = min_side
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, index):
-        return self.transform(load_rgb(self.paths[index])), self.targets[index]
+        return self.transform(load_rgb(self.paths[index], self.min_side)), self.targets[index]
 
 
 # ----------------------------------------------------------------------------- retrieval metrics

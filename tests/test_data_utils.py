@@ -202,3 +202,22 @@ def test_cli_prepares_every_folder_by_default(tmp_path):
     assert result.returncode == 0, result.stderr
     assert 'one (uncropped): train 2 classes / 4 images' in result.stdout
     assert 'two (uncropped): train 2 classes / 5 images' in result.stdout
+
+
+def test_short_side_copies_are_written_and_used(cub_root):
+    summary = data_utils.prepare(str(cub_root.parent), 'cub', num_workers=2, short_side=32)
+    assert len(summary) == 2
+    for crop_type, prefix in (('uncropped', 'short32/images/'), ('cropped', 'short32/cropped/images/')):
+        dicts = load_dicts(cub_root, crop_type)
+        paths = all_paths(dicts['train']) + all_paths(dicts['test'])
+        assert len(paths) == 12
+        for path in paths:
+            with Image.open(cub_root / path) as image:
+                if path.startswith(prefix):
+                    assert min(image.size) == 32
+                else:  # already small enough: the original is used
+                    assert min(image.size) <= 32 and not path.startswith('short')
+    assert any(p.startswith('short32/images/') for p in all_paths(load_dicts(cub_root)['train']))
+    stamps = {p: os.stat(p).st_mtime_ns for p in (cub_root / 'short32').rglob('*.jpg')}
+    data_utils.prepare(str(cub_root.parent), 'cub', num_workers=2, short_side=32)
+    assert {p: os.stat(p).st_mtime_ns for p in (cub_root / 'short32').rglob('*.jpg')} == stamps

@@ -204,3 +204,71 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
     with pytest.raises(RuntimeError):
         utils.atomic_write(str(path), failing)
     assert path.read_text() == 'old' and len(list(tmp_path.iterdir())) == 1
+
+
+# ----------------------------------------------------------------------------- the input pipeline
+
+def photo(path, size=(1000, 700), seed=0):
+    """A photo-like JPEG: smooth colour waves, edges and sensor noise."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    x = np.linspace(0, 1, size[0])[None, :, None]
+    y = np.linspace(0, 1, size[1])[:, None, None]
+    waves = 0.5 + 0.5 * np.sin(rng.uniform(3, 9) * x + rng.uniform(3, 9) * y + np.array([0, 2, 4]))
+    edges = (np.sin(40 * x * y) > 0.6) * 0.3
+    pixels = 255 * np.clip(waves * 0.8 + edges, 0, 1) + rng.normal(0, 8, (size[1], size[0], 3))
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
+def psnr(a, b):
+    return float(10 * torch.log10(1 / torch.mean((a - b) ** 2)))
+
+
+@pytest.mark.parametrize('crop_type', utils.CROP_TYPES)
+@pytest.mark.parametrize('train', [True, False])
+@pytest.mark.parametrize('size', [(1000, 700), (300, 410), (256, 300)])
+def test_fast_transform_matches_the_original(tmp_path, crop_type, train, size):
+    """Same seed, same crop; the single region resize equals resize-then-crop up to float rounding."""
+    image = utils.load_rgb(photo(str(tmp_path / 'p.jpg'), size))
+    raw = dict(mean=[0, 0, 0], std=[1, 1, 1])
+    torch.manual_seed(5)
+    exact = utils.get_transform(crop_type, train, 256, exact=True, **raw)(image)
+    torch.manual_seed(5)
+    fast = utils.get_transform(crop_type, train, 256, **raw)(image)
+    assert fast.shape == exact.shape == (3, 256, 256) and fast.dtype == exact.dtype == torch.float32
+    assert (fast - exact).abs().max() <= 2 / 255 and psnr(fast, exact) > 45
+
+
+def test_normalization_matches_the_original(tmp_path):
+    image = utils.load_rgb(photo(str(tmp_path / 'p.jpg')))
+    stats = dict(mean=[0.4707, 0.4601, 0.4549], std=[0.2767, 0.2760, 0.2850])
+    exact = utils.get_transform('uncropped', False, 128, exact=True, **stats)(image)
+    fast = utils.get_transform('uncropped', False, 128, **stats)(image)
+    assert torch.allclose(exact.mean((1, 2)), fast.mean((1, 2)), atol=1e-3)
+    assert torch.allclose(exact.std((1, 2)), fast.std((1, 2)), atol=1e-3)
+
+
+@pytest.mark.parametrize('crop_type', utils.CROP_TYPES)
+def test_reduced_scale_decoding_stays_close_to_the_full_decode(tmp_path, crop_type):
+    path = photo(str(tmp_path / 'p.jpg'), seed=1)
+    raw = dict(mean=[0, 0, 0], std=[1, 1, 1])
+    transform = utils.get_transform(crop_type, False, 256, **raw)
+    with __import__('PIL').Image.open(path) as image:
+        image.draft('RGB', (256, 256))
+        assert image.size == (500, 350)  # decoded at half scale
+    full = transform(utils.load_rgb(path))
+    reduced = transform(utils.load_rgb(path, min_side=256))
+    assert psnr(full, reduced) >= 30
+    small = photo(str(tmp_path / 's.jpg'), size=(400, 300))  # under twice the target: decoded whole
+    assert utils.load_rgb(small, min_side=256).size == (400, 300)
+
+
+def test_augmentation_is_reproducible_from_the_sample_seed(tmp_path):
+    import train
+    paths = [photo(str(tmp_path / f'{i}.jpg'), size=(320, 240), seed=i) for i in range(3)]
+    reader = train.TrainReader('', [(p, 0) for p in paths], [torch.zeros(2, dtype=torch.long)] * 3,
+                               utils.get_transform('uncropped', True, 64, [0, 0, 0], [1, 1, 1]), min_side=64)
+    first, second, other = reader[(1, 1234)][0], reader[(1, 1234)][0], reader[(1, 999)][0]
+    assert torch.equal(first, second) and not torch.equal(first, other)
