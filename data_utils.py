@@ -3,6 +3,7 @@
     python data_utils.py                          # every dataset folder under data/
     python data_utils.py --data_name cub car      # only these
     python data_utils.py --data_name demo         # synthetic dataset, no download
+    python data_utils.py --data_name sop --short_side 256   # also smaller copies to train from
 
 For each dataset it writes data/<name>/uncropped_data_dicts.pth (and cropped_data_dicts.pth with
 bounding-box crops under data/<name>/cropped/ for car and cub): {'train': {class: [paths]},
@@ -17,7 +18,6 @@ from multiprocessing import Pool
 from pathlib import PurePosixPath
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 

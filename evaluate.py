@@ -12,7 +12,6 @@ import argparse
 import os
 import pickle
 import re
-import sys
 
 import torch
 
@@ -53,7 +52,7 @@ def run_settings(path, overrides, kinds=KINDS):
     match = PREFIX_PATTERN.match(name[:-len(kind)]) if kind else None
     if match is None:
         raise train.UsageError(f'{path}: expected a file named <prefix>{" or <prefix>".join(kinds)}, with the '
-                               f'prefix train.py writes (<data_name>_<crop_type>_..._<ensemble_size>_<meta_class_size>)')
+                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>)')
     settings = dict(match.groupdict(), with_random=match['randomness'] == 'random',
                     ensemble_size=int(match['ensemble_size']), meta_class_size=int(match['meta_class_size']),
                     recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)

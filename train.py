@@ -1,7 +1,9 @@
 """Train REIR, evaluating retrieval after every epoch.
 
     python train.py --data_name cub --crop_type cropped
-    python train.py --data_name demo --no_pretrained --image_size 64 --ensemble_size 4 --num_epochs 3
+    python train.py --data_name demo --no_pretrained --lr 1e-3 --image_size 64 --share_type layer4 \
+        --ensemble_size 12 --batch_size 32 --num_epochs 8
+    torchrun --nproc_per_node=4 train.py --data_name sop --batch_size 40
 
 Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <prefix>_data_base.pth
 (at the best test Recall@K for the first K of --recalls), <prefix>_checkpoint.pth (every epoch, for
@@ -49,6 +51,16 @@ def positive_int(text):
     return value
 
 
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'{value} is not above 0')
+    return value
+
+
 def recall_list(text):
     try:
         values = [int(k) for k in text.split(',')]
@@ -79,7 +91,7 @@ def get_args_parser():
                         help='reuse the meta-class ids saved under results/ instead of drawing new ones')
     parser.add_argument('--batch_size', default=10, type=positive_int, help='images per step (all GPUs together)')
     parser.add_argument('--num_epochs', default=20, type=positive_int)
-    parser.add_argument('--lr', default=1e-4, type=float,
+    parser.add_argument('--lr', default=1e-4, type=positive_float,
                         help='Adam learning rate (the original 1e-4 suits ImageNet weights; from scratch try 1e-3)')
     parser.add_argument('--ensemble_size', default=48, type=positive_int, help='branches E')
     parser.add_argument('--meta_class_size', default=12, type=positive_int, help='meta-classes M per branch')

@@ -41,8 +41,7 @@ def test_car_split_boundary_crops_and_stats(car_root):
     assert_relative_and_existing(car_root, cropped, ('train', 'test'))
     for i, path in enumerate(sorted(all_paths(cropped['train']) + all_paths(cropped['test']))):
         assert path.startswith('cropped/car_ims/')
-        x1 = 3 + i % 4  # the boxes of the fixture: x1, 5, x1 + 30 + i, 40
-        with Image.open(car_root / path) as crop:
+        with Image.open(car_root / path) as crop:  # the fixture's boxes: x1, 5, x1 + 30 + i, 40
             assert crop.size == (30 + i, 35)
 
 
@@ -144,7 +143,8 @@ def test_demo_is_large_enough_and_deterministic(tmp_path):
         split = 'train' if index < 100 else 'test'
         for name in os.listdir(tmp_path / 'b' / 'demo' / split / f'class_{index:03d}'):
             relative = os.path.join(split, f'class_{index:03d}', name)
-            assert (tmp_path / 'a' / 'demo' / relative).read_bytes() == (tmp_path / 'b' / 'demo' / relative).read_bytes()
+            first, second = (tmp_path / 'a' / 'demo' / relative), (tmp_path / 'b' / 'demo' / relative)
+            assert first.read_bytes() == second.read_bytes()
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -135,7 +135,8 @@ def test_missing_dataset_says_to_run_data_utils(tmp_path):
 
 @pytest.mark.parametrize('flags, fragment', [
     (['--recalls', '1,x'], 'recalls'), (['--recalls', '0,1'], 'recalls'), (['--ensemble_size', '0'], 'ensemble_size'),
-    (['--batch_size', '-1'], 'batch_size'), (['--image_size', '0'], 'image_size'), (['--num_epochs', '0'], 'num_epochs'),
+    (['--batch_size', '-1'], 'batch_size'), (['--image_size', '0'], 'image_size'),
+    (['--num_epochs', '0'], 'num_epochs'), (['--lr', '0'], 'lr'),
     (['--meta_class_size', '0'], 'meta_class_size'), (['--share_type', 'layer9'], 'share_type')])
 def test_bad_flags_exit_2(tiny, flags, fragment):
     result = run_train(tiny, *flags)
@@ -200,7 +201,7 @@ def test_killed_run_resumes_to_the_same_results(tiny, tmp_path_factory):
     resumed = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny', '--results_dir', killed,
                          *TINY, *flags, '--resume')
     assert resumed.returncode == 0, resumed.stderr
-    assert f'resumed from' in resumed.stdout
+    assert 'resumed from' in resumed.stdout
     assert (killed / f'{run_prefix}_results.csv').read_text() == expected
     assert not [name for name in os.listdir(killed) if name.endswith('.tmp')]
 
