@@ -97,29 +97,31 @@ class GroupedBranches:
     def __call__(self, branches, x):
         """x (B, E*C, H, W): branch e's input in channel block e -> (B, E, M) logits."""
         E = len(branches)
-        tensors = {name: torch.cat([b.features.get_parameter(name) for b in branches])
-                   for name in self.parameter_names}
+        parameters = [dict(b.features.named_parameters()) for b in branches]  # one walk per branch
+        tensors = {name: torch.cat([p[name] for p in parameters]) for name in self.parameter_names}
         buffers = {}
+        branch_buffers = [dict(b.features.named_buffers()) for b in branches]
         for name in self.buffer_names:
-            per_branch = [b.features.get_buffer(name) for b in branches]
+            per_branch = [b[name] for b in branch_buffers]
             buffers[name] = per_branch[0].clone() if per_branch[0].dim() == 0 else torch.cat(per_branch)
         training = branches[0].training
         self.template.train(training)  # batch statistics or running statistics, as the branches would use
         features = functional_call(self.template, {**tensors, **buffers}, (x,))  # (B, E*F, h, w)
         if training and buffers:
-            self.copy_back(branches, buffers)
+            self.copy_back(branch_buffers, buffers)
         pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)             # (B, E*F)
         pooled = pooled.view(pooled.shape[0], E, -1)                               # (B, E, F)
         weight = torch.stack([b.fc.weight for b in branches])                      # (E, M, F)
         bias = torch.stack([b.fc.bias for b in branches])                          # (E, M)
         return torch.einsum('bef,emf->bem', pooled, weight) + bias                 # (B, E, M)
 
-    def copy_back(self, branches, buffers):
+    @staticmethod
+    def copy_back(branch_buffers, buffers):
+        """Write the running statistics updated on the concatenation back into every branch."""
         targets, sources = [], []
         for name, value in buffers.items():
-            pieces = [value] * len(branches) if value.dim() == 0 else value.chunk(len(branches))
-            targets += [b.features.get_buffer(name) for b in branches]
-            sources += pieces
+            targets += [b[name] for b in branch_buffers]
+            sources += [value] * len(branch_buffers) if value.dim() == 0 else value.chunk(len(branch_buffers))
         with torch.no_grad():
             torch._foreach_copy_(targets, sources)
 
