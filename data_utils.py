@@ -230,12 +230,12 @@ def resize_short_side(image, short_side):
 
 def write_unless_valid(path, image):
     """Write image (atomically) unless a readable file of its size is already there: re-runs redo nothing."""
-    if not crop_is_valid(path, image.size):
+    if not has_valid_image(path, image.size):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda tmp: image.save(tmp, format=image_format(path), quality=CROP_QUALITY))
 
 
-def crop_is_valid(path, expected_size):
+def has_valid_image(path, expected_size):
     if not os.path.isfile(path):
         return False
     try:
@@ -418,6 +418,8 @@ def find_datasets(data_path):
 
 
 def main(args):
+    if args.short_side is not None and args.short_side < 1:
+        raise DatasetError(f'--short_side {args.short_side}: give a side length of at least 1 pixel')
     names = args.data_name or find_datasets(args.data_path)
     for name in names:
         for line in prepare(args.data_path, name, max(1, args.num_workers), args.short_side):
