@@ -274,3 +274,19 @@ def test_seeded_sampler_shards_cover_every_sample():
     shards = [[i for i, _ in train.SeededSampler(10, 0, r, 3)] for r in range(3)]
     assert sorted(set(sum(shards, []))) == list(range(10))
     assert list(train.SeededSampler(10, 0)) == list(train.SeededSampler(10, 0))
+
+
+def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
+    """A run trained with --branch_impl grouped: its checkpoint has the loop's layout, and evaluate.py
+    (the loop on the CPU) reproduces its recall."""
+    result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random')
+    assert result.returncode == 0, result.stderr
+    run_prefix = utils.run_prefix('tiny', 'uncropped', 'fixed', True, 'layer1', 'resnet18', 2, 2)
+    state = torch.load(tiny / 'results' / f'{run_prefix}_model.pth', weights_only=True)
+    assert list(state) == list(train.Model(2, 2, pretrained=False).state_dict())
+    evaluation = run_script('evaluate.py', tiny / 'results' / f'{run_prefix}_model.pth', '--batch_size', '4',
+                            '--num_workers', '0')
+    assert evaluation.returncode == 0, evaluation.stderr
+    trained = pd.read_csv(tiny / 'results' / f'{run_prefix}_results.csv')
+    evaluated = pd.read_csv(tiny / 'results' / f'{run_prefix}_eval.csv')
+    assert evaluated['test_recall@1'].iloc[0] == pytest.approx(trained['test_recall@1'].iloc[0], abs=100 / 12)
