@@ -95,9 +95,8 @@ def evaluate_database(path, recalls):
 def evaluate_model(path, settings, args):
     device, gpu_ids = train.select_devices(args.gpu_ids)
     data_dicts = train.load_data_dicts(settings)
-    transform = utils.get_transform(settings.crop_type, False, settings.image_size, data_dicts['mean'],
-                                    data_dicts['std'], settings.exact_pipeline)
-    min_side = None if settings.exact_pipeline else settings.image_size
+    transform, min_side = utils.input_pipeline(settings.crop_type, False, settings.image_size, data_dicts['mean'],
+                                               data_dicts['std'], settings.exact_pipeline)
     options = train.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, settings.data_name)
     _, labels, loaders = train.build_eval_data(data_dicts, dataset_root, transform, min_side, args.batch_size,

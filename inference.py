@@ -105,9 +105,8 @@ def main(args):
         raise utils.ReirError(f'query image {args.query_img_name} not found')
 
     data_dicts = train.load_data_dicts(settings)
-    transform = utils.get_transform(settings.crop_type, False, settings.image_size, data_dicts['mean'],
-                                    data_dicts['std'], settings.exact_pipeline)
-    min_side = None if settings.exact_pipeline else settings.image_size
+    transform, min_side = utils.input_pipeline(settings.crop_type, False, settings.image_size, data_dicts['mean'],
+                                               data_dicts['std'], settings.exact_pipeline)
     model = load_model(prefix_path + '_model.pth', settings)
     try:
         query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
@@ -127,7 +126,7 @@ def main(args):
     output = os.path.join(os.path.dirname(database_path), f'{name}_{os.path.basename(prefix_path)}_retrieval.png')
     utils.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
     for rank, (path, similarity, other) in enumerate(results, start=1):
-        mark = '' if label is None else (' (same class)' if other == label else '')
+        mark = ' (same class)' if label is not None and other == label else ''
         print(f'{rank}: {similarity:.4f} {path}{mark}')
     print(f'-> {output}')
 

@@ -566,16 +566,16 @@ def main(args):
         ids = draw_or_load_ids(args, len(train_classes), generator)
         train_items = utils.sample_train_images(data_dicts['train'], generator)
     mean, std = data_dicts['mean'], data_dicts['std']
-    min_side = None if args.exact_pipeline else args.image_size  # reduced-scale JPEG decoding
-    train_set = TrainReader(dataset_root, train_items, [ids[:, c] for _, c in train_items],
-                            utils.get_transform(args.crop_type, True, args.image_size, mean, std, args.exact_pipeline),
+    train_transform, min_side = utils.input_pipeline(args.crop_type, True, args.image_size, mean, std,
+                                                     args.exact_pipeline)
+    train_set = TrainReader(dataset_root, train_items, [ids[:, c] for _, c in train_items], train_transform,
                             min_side)
     sampler = SeededSampler(len(train_set), args.seed, rank, world)
     options = loader_options(args.num_workers, args.seed, device)
     batch_size = args.batch_size // world  # per process
     train_loader = DataLoader(train_set, batch_size=batch_size, sampler=sampler, **options)
 
-    test_transform = utils.get_transform(args.crop_type, False, args.image_size, mean, std, args.exact_pipeline)
+    test_transform, _ = utils.input_pipeline(args.crop_type, False, args.image_size, mean, std, args.exact_pipeline)
     eval_items, eval_labels, eval_loaders = build_eval_data(data_dicts, dataset_root, test_transform, min_side,
                                                             batch_size, options)
     log(f'{args.data_name}: {len(train_classes)} training classes, {len(train_items)} training images, '

@@ -229,6 +229,12 @@ def get_transform(crop_type, train, image_size, mean, std, exact=False):
     return transforms.Compose(steps + [transforms.ToTensor(), transforms.Normalize(mean, std)])
 
 
+def input_pipeline(crop_type, train, image_size, mean, std, exact=False):
+    """(transform, min_side for load_rgb). exact: the original REIR's whole-image decoding and transforms;
+    otherwise reduced-scale JPEG decoding and the single region resize (ResizeCrop)."""
+    return get_transform(crop_type, train, image_size, mean, std, exact), None if exact else image_size
+
+
 def short_side_size(width, height, size):
     """(width, height) after torchvision's Resize(size): the shorter side to size, the longer truncated."""
     if width <= height:
