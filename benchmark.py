@@ -159,7 +159,7 @@ def benchmark_eval(args):
 
 # ----------------------------------------------------------------------------- branches
 
-BRANCH_COLUMNS = ['impl', 'device', 'phase', 'model_type', 'ensemble_size', 'batch_size', 'image_size',
+BRANCH_COLUMNS = ['impl', 'engine', 'device', 'phase', 'model_type', 'ensemble_size', 'batch_size', 'image_size',
                   'images_per_s', 'peak_mem_mb', 'amp']
 
 
@@ -210,15 +210,19 @@ def branch_setup(config):
 def branches_speed(config, queue):
     """Seconds per step of every engine and phase, in one process, interleaved over rounds (best round
     kept), so that the loop and the engines compared with it see the same machine state."""
+    import train
     model, batch, labels = branch_setup(config)
+    print(train.choose_branch_impl(model, 'auto', batch.device, config['batch_size'], config['image_size'],
+                                   config['amp']), flush=True)
+    engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': model.branch_impl}  # auto: what train.py would run
     best = {}
     for phase in ('train', 'eval'):
         for _ in range(config['rounds']):
-            for impl in ('loop', 'grouped', 'auto'):
-                model.branch_impl = impl
+            for impl, engine in engines.items():
+                model.branch_impl = engine
                 seconds = time_steps(model, phase, batch, labels, config['steps'], config['amp'])
                 best[phase, impl] = min(best.get((phase, impl), float('inf')), seconds)
-    queue.put(best)
+    queue.put((best, engines['auto']))
 
 
 def branches_memory(config, impl, phase, queue):
@@ -242,7 +246,10 @@ def benchmark_branches(args):
         print('error: --device cuda, but CUDA is not available', file=sys.stderr)
         sys.exit(1)
     base = dict(device=args.device, share_type='layer1', batch_size=10, amp=False)
-    if args.quick:
+    if args.quick and args.device == 'cuda':  # the default run's model, a few steps
+        configs = [dict(base, model_type='resnet18', ensemble_size=48, image_size=256, steps=5, rounds=2, amp=amp)
+                   for amp in (False, True)]
+    elif args.quick:
         configs = [dict(base, model_type='resnet18', ensemble_size=8, image_size=64, steps=3, rounds=3)]
     elif args.device == 'cpu':
         configs = [dict(base, model_type='resnet18', ensemble_size=e, image_size=64, steps=3, rounds=2)
@@ -252,14 +259,15 @@ def benchmark_branches(args):
                    for m in ('resnet18', 'resnet50') for amp in (False, True)]
     rows = []
     for config in configs:
-        seconds = run_in_worker(branches_speed, config)
+        seconds, auto_engine = run_in_worker(branches_speed, config)
+        engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': auto_engine}
         for phase in ('train', 'eval'):
-            for impl in ('loop', 'grouped', 'auto'):
-                row = dict(impl=impl, device=config['device'], phase=phase, model_type=config['model_type'],
-                           ensemble_size=config['ensemble_size'], batch_size=config['batch_size'],
+            for impl, engine in engines.items():
+                row = dict(impl=impl, engine=engine, device=config['device'], phase=phase,
+                           model_type=config['model_type'], ensemble_size=config['ensemble_size'], batch_size=config['batch_size'],
                            image_size=config['image_size'],
                            images_per_s=round(config['batch_size'] / seconds[phase, impl], 2),
-                           peak_mem_mb=round(run_in_worker(branches_memory, config, impl, phase), 1),
+                           peak_mem_mb=round(run_in_worker(branches_memory, config, engine, phase), 1),
                            amp=config['amp'])
                 rows.append(row)
                 print(f"{row['device']} {row['model_type']} E={row['ensemble_size']} B={row['batch_size']} "
@@ -391,7 +399,8 @@ def get_args_parser():
     evaluation.add_argument('--dims', type=int, nargs='*', help='only these embedding dimensions')
     evaluation.set_defaults(run=benchmark_eval)
     branches = commands.add_parser('branches', help='grouped branch engine vs the per-branch loop')
-    branches.add_argument('--quick', action='store_true', help='ResNet-18, E=8, 64 px: a few minutes on a CPU')
+    branches.add_argument('--quick', action='store_true',
+                          help='CPU: ResNet-18, E=8, 64 px, a few minutes; CUDA: ResNet-18, E=48, 256 px, fewer steps')
     branches.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
     branches.set_defaults(run=benchmark_branches)
     data = commands.add_parser('data', help='the training input pipeline vs PIL + the original transforms')

@@ -102,7 +102,10 @@ def evaluate_model(path, settings, args):
     _, labels, loaders = train.build_eval_data(data_dicts, dataset_root, transform, min_side, args.batch_size,
                                                  options)
     model = load_model(path, settings)
-    model = model.to(device)
+    model = model.to(device, memory_format=train.memory_format(device, args.amp))
+    replica_batch = -(-args.batch_size // max(1, len(gpu_ids)))
+    train.log(train.choose_branch_impl(model, 'auto', device, replica_batch, settings.image_size, args.amp,
+                                       training=False))
     if len(gpu_ids) > 1:
         model = torch.nn.DataParallel(model, device_ids=gpu_ids)
     metrics, _ = train.evaluate(model, loaders, labels, settings.recalls, device, args.amp)

@@ -5,14 +5,17 @@ separate classifiers, each on its own random grouping of the training classes in
 retrieves with the concatenation of their L2-normalized outputs. REIR shares the first backbone stages
 between the members, so that the ensemble is one network trained jointly.
 """
+import contextlib
 import copy
+import math
+import time
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torchvision import models
+from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # backbone name -> (torchvision constructor, ImageNet weights enum); the original REIR used IMAGENET1K_V1
 BACKBONES = {
@@ -61,69 +64,89 @@ class Branch(nn.Module):
         return self.fc(x)                         # (B, meta_class_size)
 
 
-def grouped_like(stages, ensemble_size):
-    """A weightless (meta device) copy of the branch stages whose convolutions and batch norms span all
-    branches: Conv2d(E*in, E*out, groups=E*groups) and BatchNorm2d(E*C). Channel block e of every layer
-    then computes exactly what branch e computes (Packed-Ensembles, Laurent et al., ICLR 2023)."""
-    def widen(module):
-        for name, child in module.named_children():
-            if isinstance(child, nn.Conv2d):
-                child = nn.Conv2d(child.in_channels * ensemble_size, child.out_channels * ensemble_size,
-                                  child.kernel_size, child.stride, child.padding, child.dilation,
-                                  child.groups * ensemble_size, child.bias is not None, child.padding_mode,
-                                  device='meta')
-            elif isinstance(child, nn.BatchNorm2d):
-                child = nn.BatchNorm2d(child.num_features * ensemble_size, child.eps, child.momentum, child.affine,
-                                       child.track_running_stats, device='meta')
-            else:
-                widen(child)
-            setattr(module, name, child)
-    template = copy.deepcopy(stages).to('meta')
-    widen(template)
-    return template
+def grouped_branches(branches, x):
+    """Every branch's stages, pooling and classifier as one grouped computation (Packed-Ensembles, Laurent
+    et al., ICLR 2023): each convolution becomes one convolution with E times its groups over the branches'
+    weights concatenated, each batch norm one batch norm over the concatenated channels, and the E
+    classifiers one batched matmul. Channel block e then computes exactly what branch e computes.
+
+    x (B, E*C, H, W) holds branch e's input in channel block e; returns (B, E, M) logits. It is a pure
+    function of the branches' tensors: weights are concatenated anew at every call and nothing is stored
+    between calls, so concurrent calls (threads, DataParallel replicas) cannot see each other's tensors.
+    In training it writes the updated batch-norm running statistics into the branches, as their own
+    BatchNorm2d modules would."""
+    E = len(branches)
+    features = _grouped([branch.features for branch in branches], x)          # (B, E*F, h, w)
+    pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)           # (B, E*F)
+    pooled = pooled.view(pooled.shape[0], E, -1)                             # (B, E, F)
+    weight = torch.stack([branch.fc.weight for branch in branches])          # (E, M, F)
+    bias = torch.stack([branch.fc.bias for branch in branches])              # (E, M)
+    return torch.einsum('bef,emf->bem', pooled, weight) + bias               # (B, E, M)
 
 
-class GroupedBranches:
-    """Runs all branches' stages as one grouped computation. It owns no weights: the branches keep theirs
-    (so state_dict and optimizer state are the loop's), concatenated along the channel axis at every call;
-    batch-norm running statistics computed on the concatenation are copied back into the branches.
-    Kept outside the module tree on purpose: a weightless helper, not a submodule."""
+def _grouped(modules, x):
+    """The same module of every branch, applied to x (B, E*C, H, W) as one computation."""
+    first = modules[0]
+    if isinstance(first, nn.Sequential):
+        for children in zip(*modules):
+            x = _grouped(children, x)
+        return x
+    if isinstance(first, (BasicBlock, Bottleneck)):
+        return _grouped_residual_block(modules, x)
+    if isinstance(first, nn.Conv2d) and first.padding_mode == 'zeros':
+        return _grouped_conv(modules, x)
+    if isinstance(first, nn.BatchNorm2d):
+        return _grouped_batch_norm(modules, x)
+    if isinstance(first, (nn.ReLU, nn.MaxPool2d)):  # no weights: the same function on the concatenation
+        return first(x)
+    raise TypeError(f'the grouped branch engine cannot run {type(first).__name__}; use branch_impl="loop"')
 
-    def __init__(self, branches):
-        self.template = grouped_like(branches[0].features, len(branches))
-        self.parameter_names = [name for name, _ in self.template.named_parameters()]
-        self.buffer_names = [name for name, _ in self.template.named_buffers()]
 
-    def __call__(self, branches, x):
-        """x (B, E*C, H, W): branch e's input in channel block e -> (B, E, M) logits."""
-        E = len(branches)
-        parameters = [dict(b.features.named_parameters()) for b in branches]  # one walk per branch
-        tensors = {name: torch.cat([p[name] for p in parameters]) for name in self.parameter_names}
-        buffers = {}
-        branch_buffers = [dict(b.features.named_buffers()) for b in branches]
-        for name in self.buffer_names:
-            per_branch = [b[name] for b in branch_buffers]
-            buffers[name] = per_branch[0].clone() if per_branch[0].dim() == 0 else torch.cat(per_branch)
-        training = branches[0].training
-        self.template.train(training)  # batch statistics or running statistics, as the branches would use
-        features = functional_call(self.template, {**tensors, **buffers}, (x,))  # (B, E*F, h, w)
-        if training and buffers:
-            self.copy_back(branch_buffers, buffers)
-        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)             # (B, E*F)
-        pooled = pooled.view(pooled.shape[0], E, -1)                               # (B, E, F)
-        weight = torch.stack([b.fc.weight for b in branches])                      # (E, M, F)
-        bias = torch.stack([b.fc.bias for b in branches])                          # (E, M)
-        return torch.einsum('bef,emf->bem', pooled, weight) + bias                 # (B, E, M)
+def _grouped_residual_block(blocks, x):
+    """torchvision's BasicBlock (two conv-bn pairs) and Bottleneck (three), shortcut added before the last relu."""
+    first = blocks[0]
+    depth = 3 if isinstance(first, Bottleneck) else 2
+    out = x
+    for i in range(1, depth + 1):
+        out = _grouped_conv([getattr(block, f'conv{i}') for block in blocks], out)
+        out = _grouped_batch_norm([getattr(block, f'bn{i}') for block in blocks], out)
+        if i < depth:
+            out = first.relu(out)
+    shortcut = x if first.downsample is None else _grouped([block.downsample for block in blocks], x)
+    return first.relu(out + shortcut)
 
-    @staticmethod
-    def copy_back(branch_buffers, buffers):
-        """Write the running statistics updated on the concatenation back into every branch."""
-        targets, sources = [], []
-        for name, value in buffers.items():
-            targets += [b[name] for b in branch_buffers]
-            sources += [value] * len(branch_buffers) if value.dim() == 0 else value.chunk(len(branch_buffers))
+
+def _grouped_conv(convs, x):
+    first = convs[0]
+    weight = torch.cat([conv.weight for conv in convs])  # (E*out, in/groups, kh, kw)
+    bias = None if first.bias is None else torch.cat([conv.bias for conv in convs])
+    return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(convs))
+
+
+def _grouped_batch_norm(norms, x):
+    """One batch norm over the concatenated channels, following BatchNorm2d.forward; in training the
+    running statistics it updates are copied back into every branch's own buffers."""
+    first = norms[0]
+
+    def concatenate(name):
+        return torch.cat([getattr(norm, name) for norm in norms])
+
+    momentum = 0.0 if first.momentum is None else first.momentum
+    update = first.training and first.track_running_stats
+    if update:
+        torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
+        if first.momentum is None:  # cumulative moving average
+            momentum = 1.0 / float(first.num_batches_tracked)
+    running_mean = concatenate('running_mean') if first.track_running_stats else None
+    running_var = concatenate('running_var') if first.track_running_stats else None
+    weight, bias = (concatenate('weight'), concatenate('bias')) if first.affine else (None, None)
+    out = F.batch_norm(x, running_mean, running_var, weight, bias, first.training or not first.track_running_stats,
+                       momentum, first.eps)
+    if update:  # F.batch_norm updated the concatenated copies
         with torch.no_grad():
-            torch._foreach_copy_(targets, sources)
+            torch._foreach_copy_([norm.running_mean for norm in norms] + [norm.running_var for norm in norms],
+                                 list(running_mean.chunk(len(norms))) + list(running_var.chunk(len(norms))))
+    return out
 
 
 class Model(nn.Module):
@@ -134,9 +157,9 @@ class Model(nn.Module):
     its expectation, so that embeddings are deterministic.
 
     branch_impl: 'loop' runs the branches one after the other; 'grouped' runs them as one grouped
-    computation (GroupedBranches), the same function within float rounding; 'auto' takes 'grouped' on
-    CUDA, where it replaces thousands of small kernel launches, and 'loop' elsewhere, where oneDNN's grouped
-    convolutions measured slower (benchmark.py branches). The parameters and state_dict are the same.
+    computation (grouped_branches), the same function within float rounding. The parameters and state_dict
+    are the same for both. 'auto' runs the loop until an engine is chosen by measurement: set
+    model.branch_impl to the faster of time_branch_impls(model, a batch like the run's).
     """
 
     def __init__(self, meta_class_size, ensemble_size, share_type='layer1', model_type='resnet18',
@@ -161,7 +184,6 @@ class Model(nn.Module):
         self.branches = nn.ModuleList(
             Branch(copy.deepcopy(branch_stages), backbone.fc.in_features, meta_class_size)
             for _ in range(ensemble_size))
-        self.grouped = GroupedBranches(self.branches)
 
     def branch_weights(self, device):
         """(ensemble_size,) scales of the shared feature per branch, or None without with_random."""
@@ -171,25 +193,69 @@ class Model(nn.Module):
             return torch.softmax(torch.rand(self.ensemble_size, device=device), dim=0)
         return torch.full((self.ensemble_size,), 1.0 / self.ensemble_size, device=device)
 
-    def engine(self, device):
-        if self.branch_impl == 'auto':
-            return 'grouped' if device.type == 'cuda' else 'loop'
-        return self.branch_impl
-
     def forward(self, x):
         shared = self.shared(x)                   # (B, C, H, W)
         weights = self.branch_weights(x.device)
-        if self.engine(x.device) == 'loop':
+        if self.branch_impl != 'grouped':
             logits = [branch(shared if weights is None else shared * weights[e])
                       for e, branch in enumerate(self.branches)]
             return torch.stack(logits, dim=1)     # (B, ensemble_size, meta_class_size)
         inputs = shared.unsqueeze(1).expand(-1, self.ensemble_size, -1, -1, -1)  # (B, E, C, H, W)
         if weights is not None:
             inputs = inputs * weights.view(1, -1, 1, 1, 1)
-        return self.grouped(self.branches, inputs.flatten(1, 2))  # (B, E*C, H, W) -> (B, E, M)
+        return grouped_branches(self.branches, inputs.flatten(1, 2))  # (B, E*C, H, W) -> (B, E, M)
 
 
 def embed(logits):
     """Retrieval embedding: every branch's logits L2-normalized, then concatenated.
     (B, E, M) -> (B, E * M)."""
     return F.normalize(logits, dim=-1).flatten(1)
+
+
+def time_branch_impls(model, images, training=True, autocast=contextlib.nullcontext, rounds=3):
+    """Seconds per step of the 'loop' and 'grouped' engines on this model and this batch: forward and
+    backward in training, a forward in evaluation. The engines alternate, after a warm-up round, and each
+    keeps its best round. An engine that runs out of GPU memory takes infinitely long.
+
+    The model is left as it was found: parameters, gradients, batch-norm statistics, branch_impl, its
+    mode, and the random streams that with_random draws from."""
+    buffers = [buffer.clone() for buffer in model.buffers()]
+    gradients = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
+    impl, was_training = model.branch_impl, model.training
+    cuda = images.device.type == 'cuda'
+    seconds = {'loop': math.inf, 'grouped': math.inf}
+    try:
+        with torch.random.fork_rng(devices=[images.device] if cuda else []):
+            model.train(training)
+            for round_ in range(rounds + 1):
+                for candidate in seconds:
+                    model.branch_impl = candidate
+                    try:
+                        elapsed = _timed_step(model, images, training, autocast, cuda)
+                    except torch.cuda.OutOfMemoryError:
+                        elapsed = math.inf
+                        torch.cuda.empty_cache()
+                    if round_:  # round 0 warms up: allocations, kernel selection
+                        seconds[candidate] = min(seconds[candidate], elapsed)
+    finally:
+        with torch.no_grad():
+            for buffer, saved in zip(model.buffers(), buffers):
+                buffer.copy_(saved)
+        for parameter, gradient in zip(model.parameters(), gradients):
+            parameter.grad = gradient
+        model.branch_impl = impl
+        model.train(was_training)
+    return seconds
+
+
+def _timed_step(model, images, training, autocast, cuda):
+    if cuda:
+        torch.cuda.synchronize(images.device)
+    start = time.perf_counter()
+    with torch.set_grad_enabled(training), autocast():
+        logits = model(images)
+    if training:
+        logits.float().square().mean().backward()
+    if cuda:
+        torch.cuda.synchronize(images.device)
+    return time.perf_counter() - start

@@ -23,7 +23,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 import utils
-from model import BACKBONES, BRANCH_IMPLS, SHARE_TYPES, Model, PretrainedWeightsUnavailable, embed
+from model import (BACKBONES, BRANCH_IMPLS, SHARE_TYPES, Model, PretrainedWeightsUnavailable, embed,
+                   time_branch_impls)
 
 LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate drops
 LR_GAMMA = 0.1
@@ -110,7 +111,8 @@ def get_args_parser():
                         help='mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported)')
     parser.add_argument('--branch_impl', default='auto', choices=BRANCH_IMPLS,
                         help='run the branches one by one (loop) or as grouped convolutions (grouped); auto: '
-                             'grouped on CUDA, loop on the CPU. Same parameters and checkpoints either way')
+                             'on CUDA the faster in a timed trial before training, on the CPU the loop. Same '
+                             'parameters and checkpoints either way')
     parser.add_argument('--resume', action='store_true',
                         help='continue the run with these flags from its last completed epoch')
     parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where the run writes its files')
@@ -482,6 +484,28 @@ def save_database(path, items_by_split, features_by_split, dataset_root):
 
 # ----------------------------------------------------------------------------- the run
 
+def choose_branch_impl(model, flag, device, batch_size, image_size, amp, training=True):
+    """Set model.branch_impl from --branch_impl and return the line that says which engine runs and why.
+    auto: on CUDA the faster engine in a timed trial on this model and a batch of the run's shape
+    (time_branch_impls leaves the model's state and the random streams untouched); on the CPU the loop, which
+    measured about twice as fast as grouped convolutions there (benchmark.py branches)."""
+    if flag != 'auto':
+        model.branch_impl = flag
+        return f'branch engine: {flag} (--branch_impl {flag})'
+    if device.type != 'cuda':
+        model.branch_impl = 'loop'
+        return 'branch engine: loop (--branch_impl auto on the CPU, where grouped convolutions measured slower)'
+    shape = (batch_size, 3, image_size, image_size)
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    images = images.to(device).contiguous(memory_format=memory_format(device, amp))
+    seconds = time_branch_impls(model, images, training, lambda: autocast(device, amp))
+    model.branch_impl = min(seconds, key=seconds.get)
+    timings = ', '.join(f'{impl} {1000 * value:.1f} ms' for impl, value in seconds.items())
+    step = 'training step' if training else 'forward pass'
+    return (f'branch engine: {model.branch_impl} (--branch_impl auto, timed on {torch.cuda.get_device_name(device)}: '
+            f'{timings} per {step} of {batch_size} images)')
+
+
 def build_model(args, pretrained):
     try:
         return Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type, args.with_random,
@@ -586,6 +610,10 @@ def main(args):
     utils.set_seed(args.seed)  # the heads' initial weights, the same in every process
     model = build_model(args, pretrained=not args.no_pretrained)
     model = model.to(device, memory_format=memory_format(device, args.amp))
+    replica_batch = -(-batch_size // max(1, len(gpu_ids)))  # DataParallel splits the batch over its GPUs
+    engine = choose_branch_impl(model, args.branch_impl, device, replica_batch, args.image_size, args.amp)
+    model.branch_impl = broadcast_from_main(model.branch_impl)  # every process runs rank 0's choice
+    log(engine)
     if world > 1:
         model = nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
     elif len(gpu_ids) > 1:

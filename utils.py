@@ -128,28 +128,35 @@ def create_id(meta_class_size, num_class, ensemble_size, label_type='fixed', gen
     Rows are redrawn up to max_retries times; classes still sharing a code are then separated by swapping
     meta-classes between two classes of one row (which keeps the rows balanced), and as a last resort
     given unused codes.
-    'random': every entry uniform in 0..meta_class_size-1.
+    'random' (the original's create_random_id): the same balanced shuffled rows, without the distinctness
+    check, so two classes may share a code.
     """
     M, C, E = meta_class_size, num_class, ensemble_size
     if min(M, C, E) < 1:
         raise ValueError(f'meta_class_size, num_class and ensemble_size must be >= 1, got {M}, {C}, {E}')
-    if label_type == 'random':
-        return torch.randint(M, (E, C), generator=generator)
-    if label_type != 'fixed':
+    if label_type not in LABEL_TYPES:
         raise ValueError(f"label_type must be 'fixed' or 'random', got {label_type!r}")
     if M > C:
         raise ValueError(f'meta_class_size {M} is larger than the number of training classes {C}: '
                          f'every meta-class needs at least one class')
+    if label_type == 'random':
+        return _balanced_rows(M, C, E, generator)
     if M ** E < C:
         raise ValueError(f'{M} meta-classes and {E} ensemble members give only {M ** E} distinct codes for '
                          f'{C} classes: increase --ensemble_size or --meta_class_size')
-    balanced = torch.arange(C) % M
     for _ in range(max_retries):
-        ids = torch.stack([balanced[torch.randperm(C, generator=generator)] for _ in range(E)])
+        ids = _balanced_rows(M, C, E, generator)
         if torch.unique(ids, dim=1).shape[1] == C:
             return ids
     ids = _separate_by_swaps(ids, generator)
     return _complete_with_unused_codes(ids, M, generator)
+
+
+def _balanced_rows(M, C, E, generator):
+    """(E, C): every row a shuffled assignment of the C classes to M meta-classes of floor(C/M) or
+    ceil(C/M) classes each."""
+    balanced = torch.arange(C) % M
+    return torch.stack([balanced[torch.randperm(C, generator=generator)] for _ in range(E)])
 
 
 def _separate_by_swaps(ids, generator, tries_per_class=2000):

@@ -1,15 +1,33 @@
-"""Tiny datasets in the real on-disk formats, written fresh for each test that asks for one."""
+"""Shared test helpers: tiny datasets in the real on-disk formats (written fresh for each test that asks for
+one), tiny training runs, and DataParallel-style replicas."""
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy.io import savemat
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+
+import data_utils  # noqa: E402  (the repository's modules, found through REPO)
+import utils  # noqa: E402
+
+# The CUDA tier (python -m pytest -m cuda): skipped, with the reason, where CUDA is absent
+CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
+DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """float32 on CUDA as on the CPU: no TF32, which keeps 10 bits of mantissa in convolutions and matmuls."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def write_image(path, size=(48, 40), seed=0):
@@ -124,3 +142,46 @@ def make_folder_dataset(root, splits, images_per_class=4, size=(40, 36), class_o
 @pytest.fixture
 def folder_root(tmp_path):
     return make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3})
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
+        '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A prepared 4-class train / 3-class test folder dataset and a results folder."""
+    make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3})
+    data_utils.prepare(str(tmp_path / 'data'), 'tiny', num_workers=1)
+    return tmp_path
+
+
+def run_train(tmp_path, *extra, name='tiny'):
+    return run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', name,
+                      '--results_dir', tmp_path / 'results', *TINY, *extra)
+
+
+def prefix(name='tiny', E=2, M=2, share='layer1'):
+    return utils.run_prefix(name, 'uncropped', 'fixed', False, share, 'resnet18', E, M)
+
+
+# ----------------------------------------------------------------------------- replicas
+
+def data_parallel_replica(model, scale):
+    """A replica as nn.parallel.replicate makes one for another GPU: every module's plain attributes shared
+    with the original (Module._replicate_for_data_parallel), its own parameters and buffers, here scaled so
+    that the replica's weights differ from the original's as they would after a broadcast to another device
+    in the middle of a step."""
+    modules = list(model.modules())
+    replicas = [module._replicate_for_data_parallel() for module in modules]
+    position = {id(module): i for i, module in enumerate(modules)}
+    for module, replica in zip(modules, replicas):
+        for name, child in module._modules.items():
+            replica._modules[name] = None if child is None else replicas[position[id(child)]]
+        for name, parameter in module._parameters.items():
+            replica._parameters[name] = None if parameter is None else parameter.detach() * scale
+        for name, buffer in module._buffers.items():
+            replica._buffers[name] = None if buffer is None else buffer.clone()
+    return replicas[0]

@@ -2,8 +2,7 @@ import pandas as pd
 import pytest
 
 import data_utils
-from conftest import assert_one_line_error, make_folder_dataset, run_script
-from test_train import prefix, run_train
+from conftest import assert_one_line_error, make_folder_dataset, prefix, run_script, run_train
 
 
 @pytest.fixture(scope='module')

@@ -4,8 +4,8 @@ from PIL import Image
 
 import data_utils
 import inference
-from conftest import assert_one_line_error, make_folder_dataset, run_script, write_image
-from test_train import prefix, run_train
+from conftest import (assert_one_line_error, make_folder_dataset, prefix, run_script, run_train,
+                      write_image)
 
 
 @pytest.fixture(scope='module')

@@ -7,33 +7,13 @@ import torch
 import data_utils
 import train
 import utils
-from conftest import assert_one_line_error, make_folder_dataset, run_script
-
-TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
-        '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
-
-
-@pytest.fixture
-def tiny(tmp_path):
-    """A prepared 4-class train / 3-class test folder dataset and a results folder."""
-    make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3})
-    data_utils.prepare(str(tmp_path / 'data'), 'tiny', num_workers=1)
-    return tmp_path
-
-
-def run_train(tmp_path, *extra, name='tiny'):
-    return run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', name,
-                      '--results_dir', tmp_path / 'results', *TINY, *extra)
-
-
-def prefix(name='tiny', E=2, M=2, share='layer1'):
-    return utils.run_prefix(name, 'uncropped', 'fixed', False, share, 'resnet18', E, M)
-
+from conftest import TINY, assert_one_line_error, make_folder_dataset, prefix, run_script, run_train
 
 def test_end_to_end(tiny):
     result = run_train(tiny)
     assert result.returncode == 0, result.stderr
     assert 'Epoch 2/2' in result.stdout and 'R@1' in result.stdout
+    assert 'branch engine: loop (--branch_impl auto on the CPU' in result.stdout
     results = tiny / 'results'
     frame = pd.read_csv(results / f'{prefix()}_results.csv')
     assert list(frame.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',

@@ -23,9 +23,22 @@ def test_fixed_ids_complete_with_unused_codes_when_codes_are_scarce():
     assert ids.min() >= 0 and ids.max() <= 1
 
 
-def test_random_ids_are_in_range():
-    ids = utils.create_id(5, 40, 6, label_type='random', generator=torch.Generator().manual_seed(0))
-    assert ids.shape == (6, 40) and ids.min() >= 0 and ids.max() <= 4
+@pytest.mark.parametrize('M, C, E', [(12, 98, 48), (5, 40, 6), (3, 7, 5)])
+def test_random_ids_are_balanced_rows(M, C, E):
+    """As the original's create_random_id: every row balanced like fixed's, only the codes left unchecked."""
+    ids = utils.create_id(M, C, E, label_type='random', generator=torch.Generator().manual_seed(0))
+    assert ids.dtype == torch.int64 and ids.shape == (E, C)
+    for row in ids:
+        counts = torch.bincount(row, minlength=M)
+        assert len(counts) == M and counts.min() >= C // M and counts.max() <= -(-C // M)
+    assert len({tuple(row) for row in ids.tolist()}) == E  # each member its own grouping
+
+
+def test_random_ids_do_not_force_distinct_codes():
+    # 2 meta-classes, 3 members: 8 codes for 8 classes; fixed makes them distinct, random leaves collisions
+    generator = torch.Generator().manual_seed(0)
+    codes = [torch.unique(utils.create_id(2, 8, 3, 'random', generator), dim=1).shape[1] for _ in range(20)]
+    assert min(codes) < 8
 
 
 def test_ids_follow_the_generator():
