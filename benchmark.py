@@ -21,7 +21,9 @@ import pandas as pd
 import torch
 from PIL import Image
 
+import engine
 import utils
+from model import Model
 
 SOP_TEST_IMAGES, SOP_TEST_CLASSES = 60_502, 11_316
 EVAL_RANKS = (1, 10, 100, 1000)
@@ -164,22 +166,17 @@ BRANCH_COLUMNS = ['impl', 'engine', 'device', 'phase', 'model_type', 'ensemble_s
 
 
 def time_steps(model, phase, batch, labels, steps, amp):
-    """Seconds per step: forward, loss, backward and an Adam step for 'train'; a forward for 'eval'."""
-    import torch.nn.functional as F
-    import train
+    """Seconds per step: train.py's training step (engine.train_step: forward, loss, backward and an Adam step
+    through the gradient scaler) for 'train'; a forward for 'eval'."""
     device = batch.device
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = engine.grad_scaler(device, amp)
 
     def step():
         if phase == 'train':
-            with train.autocast(device, amp):
-                logits = model(batch)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten())
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            engine.train_step(model, batch, labels, optimizer, scaler, amp)
         else:
-            with torch.inference_mode(), train.autocast(device, amp):
+            with torch.inference_mode(), engine.autocast(device, amp):
                 model(batch)
 
     model.train(phase == 'train')
@@ -195,11 +192,9 @@ def time_steps(model, phase, batch, labels, steps, amp):
 
 
 def branch_setup(config):
-    from model import Model
-    import train
     torch.manual_seed(0)
     device = torch.device(config['device'])
-    layout = train.memory_format(device, config['amp'])
+    layout = engine.memory_format(device, config['amp'])
     model = Model(12, config['ensemble_size'], config['share_type'], config['model_type'], pretrained=False)
     model = model.to(device, memory_format=layout)
     batch = torch.randn(config['batch_size'], 3, config['image_size'], config['image_size'], device=device)
@@ -210,16 +205,15 @@ def branch_setup(config):
 def branches_speed(config, queue):
     """Seconds per step of every engine and phase, in one process, interleaved over rounds (best round
     kept), so that the loop and the engines compared with it see the same machine state."""
-    import train
     model, batch, labels = branch_setup(config)
-    print(train.choose_branch_impl(model, 'auto', batch.device, config['batch_size'], config['image_size'],
+    print(engine.choose_branch_impl(model, 'auto', batch.device, config['batch_size'], config['image_size'],
                                    config['amp']), flush=True)
     engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': model.branch_impl}  # auto: what train.py would run
     best = {}
     for phase in ('train', 'eval'):
         for _ in range(config['rounds']):
-            for impl, engine in engines.items():
-                model.branch_impl = engine
+            for impl, branch_impl in engines.items():
+                model.branch_impl = branch_impl
                 seconds = time_steps(model, phase, batch, labels, config['steps'], config['amp'])
                 best[phase, impl] = min(best.get((phase, impl), float('inf')), seconds)
     queue.put((best, engines['auto']))
@@ -262,12 +256,12 @@ def benchmark_branches(args):
         seconds, auto_engine = run_in_worker(branches_speed, config)
         engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': auto_engine}
         for phase in ('train', 'eval'):
-            for impl, engine in engines.items():
-                row = dict(impl=impl, engine=engine, device=config['device'], phase=phase,
-                           model_type=config['model_type'], ensemble_size=config['ensemble_size'], batch_size=config['batch_size'],
-                           image_size=config['image_size'],
+            for impl, branch_impl in engines.items():
+                row = dict(impl=impl, engine=branch_impl, device=config['device'], phase=phase,
+                           model_type=config['model_type'], ensemble_size=config['ensemble_size'],
+                           batch_size=config['batch_size'], image_size=config['image_size'],
                            images_per_s=round(config['batch_size'] / seconds[phase, impl], 2),
-                           peak_mem_mb=round(run_in_worker(branches_memory, config, engine, phase), 1),
+                           peak_mem_mb=round(run_in_worker(branches_memory, config, branch_impl, phase), 1),
                            amp=config['amp'])
                 rows.append(row)
                 print(f"{row['device']} {row['model_type']} E={row['ensemble_size']} B={row['batch_size']} "
@@ -296,22 +290,23 @@ class BaselineReader(torch.utils.data.Dataset):
             return self.transform(image.convert('RGB')), 0
 
 
+def photo(path, width, height, rng):
+    """A photo-like JPEG of the given size (smooth colour waves, edges, sensor noise), drawn from rng."""
+    x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
+    y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
+    waves = 0.5 + 0.5 * np.sin(rng.uniform(3, 9) * x + rng.uniform(3, 9) * y + np.array([0, 2, 4], np.float32))
+    edges = (np.sin(rng.uniform(20, 60) * x * y) > 0.6) * 0.3
+    pixels = 255 * np.clip(0.8 * waves + edges, 0, 1) + rng.normal(0, 8, (height, width, 3))
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
+    return path
+
+
 def write_photos(folder, count, seed):
-    """Cars/SOP-sized photo-like JPEGs, about 1000 x 700 (smooth colour, edges, sensor noise)."""
+    """Cars/SOP-sized photo-like JPEGs, about 1000 x 700, in ten class folders."""
     rng = np.random.default_rng(seed)
-    paths = []
-    for i in range(count):
-        width, height = int(rng.integers(900, 1100)), int(rng.integers(620, 780))
-        x = np.linspace(0, 1, width, dtype=np.float32)[None, :, None]
-        y = np.linspace(0, 1, height, dtype=np.float32)[:, None, None]
-        waves = 0.5 + 0.5 * np.sin(rng.uniform(3, 9) * x + rng.uniform(3, 9) * y + np.array([0, 2, 4], np.float32))
-        edges = (np.sin(rng.uniform(20, 60) * x * y) > 0.6) * 0.3
-        pixels = 255 * np.clip(0.8 * waves + edges, 0, 1) + rng.normal(0, 8, (height, width, 3))
-        path = os.path.join(folder, 'train', f'class_{i % 10}', f'{i:04d}.jpg')
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
+    return [photo(os.path.join(folder, 'train', f'class_{i % 10}', f'{i:04d}.jpg'), int(rng.integers(900, 1100)),
+                  int(rng.integers(620, 780)), rng) for i in range(count)]
 
 
 def loader_images_per_s(dataset, batch_size, passes):
@@ -329,8 +324,7 @@ def loader_images_per_s(dataset, batch_size, passes):
 
 def benchmark_data(args):
     import tempfile
-    import data_utils
-    import train
+    import data_utils  # to prepare the short-side copies, its own job
     count, size = (60, 256) if args.quick else (300, 256)
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     rows = []
@@ -347,8 +341,8 @@ def benchmark_data(args):
         fast = utils.get_transform('uncropped', True, size, mean, std)
         pipelines = {
             'baseline': BaselineReader(paths, utils.get_transform('uncropped', True, size, mean, std, exact=True)),
-            'reir': SeededItems(train.TrainReader('', items, targets, fast, min_side=size)),
-            'reir_short_side': SeededItems(train.TrainReader(root, [(p, 0) for p in short], targets, fast,
+            'reir': SeededItems(utils.TrainReader('', items, targets, fast, min_side=size)),
+            'reir_short_side': SeededItems(utils.TrainReader(root, [(p, 0) for p in short], targets, fast,
                                                              min_side=size)),
         }
         speeds = {name: loader_images_per_s(dataset, 10, 2 if args.quick else 3) for name, dataset in pipelines.items()}
@@ -360,7 +354,7 @@ def benchmark_data(args):
 
 
 class SeededItems(torch.utils.data.Dataset):
-    """TrainReader takes (index, augmentation seed) items from train.SeededSampler; a plain index here."""
+    """utils.TrainReader takes (index, augmentation seed) items from train.py's sampler; a plain index here."""
 
     def __init__(self, reader):
         self.reader = reader

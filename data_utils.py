@@ -21,7 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import ReirError, atomic_torch_save, atomic_write, data_dicts_path, short_side_size
+from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, atomic_torch_save, atomic_write, data_dicts_path,
+                   positive_int, run_cli, short_side_size)
 
 # Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
 # theirs computed from the train split.
@@ -40,7 +41,7 @@ DOWNLOADS = {
 }
 CAR_TRAIN_CLASSES = range(1, 99)   # classes 1-98 train, 99-196 test
 CUB_TRAIN_CLASSES = range(1, 101)  # classes 1-100 train, 101-200 test
-FOLDER_SPLITS = (('train', 'test'), ('train', 'query', 'gallery'))
+FOLDER_SPLITS = tuple(('train',) + splits for splits in EVAL_SPLITS)
 CROP_QUALITY = 95
 SHORT_SIDE_DIR = 'short'  # data/<name>/short<N>/: copies resized by --short_side N
 MAX_REPORTED = 5
@@ -204,7 +205,7 @@ def check_image(task):
         with Image.open(os.path.join(root, relpath)) as image:
             image.load()
             rgb = image.convert('RGB')
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UNREADABLE_IMAGE_ERRORS as e:
         return f'{type(e).__name__}: {e}', None, None
     versions = {'uncropped': (relpath, rgb)}
     if box is not None:
@@ -241,7 +242,7 @@ def has_valid_image(path, expected_size):
     try:
         with Image.open(path) as image:
             return image.size == expected_size
-    except (OSError, SyntaxError, ValueError):
+    except UNREADABLE_IMAGE_ERRORS:
         return False
 
 
@@ -394,12 +395,12 @@ def make_demo(root, num_workers, seed=DEMO_SEED):
 # ----------------------------------------------------------------------------- command line
 
 def get_args_parser():
-    parser = argparse.ArgumentParser(description='Prepare datasets for REIR training', add_help=True)
+    parser = argparse.ArgumentParser(description='Prepare datasets for REIR training')
     parser.add_argument('--data_path', default='data', help='folder holding one folder per dataset')
     parser.add_argument('--data_name', nargs='*', default=None,
                         help='datasets to prepare (car, cub, sop, isc, demo or a folder dataset); '
                              'default: every dataset folder under --data_path')
-    parser.add_argument('--short_side', type=int, default=None,
+    parser.add_argument('--short_side', type=positive_int, default=None,
                         help='also write copies whose shorter side is reduced to this (when larger) and train from '
                              'them: less to decode every epoch; keep it >= train.py --image_size')
     parser.add_argument('--num_workers', type=int, default=os.cpu_count() or 1,
@@ -418,8 +419,6 @@ def find_datasets(data_path):
 
 
 def main(args):
-    if args.short_side is not None and args.short_side < 1:
-        raise DatasetError(f'--short_side {args.short_side}: give a side length of at least 1 pixel')
     names = args.data_name or find_datasets(args.data_path)
     for name in names:
         for line in prepare(args.data_path, name, max(1, args.num_workers), args.short_side):
@@ -427,9 +426,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    arguments = get_args_parser().parse_args()
-    try:
-        main(arguments)
-    except ReirError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(1)
+    run_cli(main, get_args_parser().parse_args())

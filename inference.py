@@ -14,15 +14,14 @@ import os
 import torch
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-import train
+import engine
 import utils
-from evaluate import load_model, run_settings
 from model import embed
 
 TILE = 160          # side of each image in the grid, pixels
 CAPTION = 22        # height of the caption under each image
 FRAME = 5
-GREEN, RED, GREY = (40, 170, 60), (210, 40, 40), (255, 255, 255)
+GREEN, RED, WHITE = (40, 170, 60), (210, 40, 40), (255, 255, 255)
 
 
 def get_args_parser():
@@ -32,9 +31,9 @@ def get_args_parser():
                         help='<prefix>_data_base.pth: a name under results/ or a path')
     parser.add_argument('--data_type', default=None, choices=('train', 'test', 'query', 'gallery'),
                         help='database split to search (default: test, or gallery for query/gallery datasets)')
-    parser.add_argument('--retrieval_num', default=8, type=train.positive_int, help='images to retrieve')
+    parser.add_argument('--retrieval_num', default=8, type=utils.positive_int, help='images to retrieve')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s)')
-    parser.add_argument('--image_size', default=None, type=train.positive_int, help='default: the run\'s')
+    parser.add_argument('--image_size', default=None, type=utils.positive_int, help='default: the run\'s')
     return parser
 
 
@@ -49,14 +48,12 @@ def resolve_database(name):
 
 
 def query_class(query_path, database):
-    """The class id of the query when it is one of the database's images, else None."""
+    """The class key of the query when it is one of the database's images, else None."""
     query_path = os.path.abspath(query_path)
-    for key, value in database.items():
-        if key.endswith('_images'):
-            split = key[:-len('_images')]
-            for path, label in zip(value, database[f'{split}_labels']):
-                if os.path.abspath(path) == query_path:
-                    return label
+    for images, labels, _ in database.values():
+        for path, label in zip(images, labels):
+            if os.path.abspath(path) == query_path:
+                return label
     return None
 
 
@@ -71,7 +68,7 @@ def retrieve(query_feature, features, images, query_path, count):
 
 def tile(path, caption, frame_colour, font):
     """One image letterboxed into a TILE square, framed, with a caption strip under it."""
-    canvas = Image.new('RGB', (TILE, TILE + CAPTION), GREY)
+    canvas = Image.new('RGB', (TILE, TILE + CAPTION), WHITE)
     image = ImageOps.contain(utils.load_rgb(path), (TILE - 2 * FRAME, TILE - 2 * FRAME))
     if frame_colour is not None:
         ImageDraw.Draw(canvas).rectangle([0, 0, TILE - 1, TILE - 1], outline=frame_colour, width=FRAME)
@@ -86,7 +83,7 @@ def draw_grid(query_path, results, label, font):
     for rank, (path, similarity, other) in enumerate(results, start=1):
         colour = None if label is None else (GREEN if other == label else RED)
         tiles.append(tile(path, f'{rank}: {similarity:.3f}', colour, font))
-    grid = Image.new('RGB', (TILE * len(tiles), TILE + CAPTION), GREY)
+    grid = Image.new('RGB', (TILE * len(tiles), TILE + CAPTION), WHITE)
     for i, image in enumerate(tiles):
         grid.paste(image, (i * TILE, 0))
     return grid
@@ -94,30 +91,28 @@ def draw_grid(query_path, results, label, font):
 
 def main(args):
     database_path = resolve_database(args.data_base)
-    settings, prefix_path, _ = run_settings(database_path, {'data_path': args.data_path, 'image_size': args.image_size,
-                                                            'num_workers': 0}, kinds=('_data_base.pth',))
-    database = utils.safe_load(database_path, 'embedding database')
-    split = args.data_type or ('test' if 'test_features' in database else 'gallery')
-    if f'{split}_features' not in database:
-        raise utils.ReirError(f'{database_path} has no {split} split; it holds '
-                              f'{", ".join(k[:-9] for k in database if k.endswith("_features"))}')
+    run, prefix_path, _ = utils.run_of_file(database_path, kinds=('_data_base.pth',))
+    settings = utils.embedding_settings(prefix_path, {'data_path': args.data_path, 'image_size': args.image_size})
+    database = utils.load_database(database_path)
+    split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
+    if split not in database:
+        raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')
     if not os.path.isfile(args.query_img_name):
         raise utils.ReirError(f'query image {args.query_img_name} not found')
 
-    data_dicts = train.load_data_dicts(settings)
-    transform, min_side = utils.input_pipeline(settings.crop_type, False, settings.image_size, data_dicts['mean'],
+    data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
+    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size, data_dicts['mean'],
                                                data_dicts['std'], settings.exact_pipeline)
-    model = load_model(prefix_path + '_model.pth', settings)
+    model = engine.load_model(prefix_path + '_model.pth', run)
     try:
         query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
-    except (OSError, SyntaxError, ValueError) as e:
+    except utils.UNREADABLE_IMAGE_ERRORS as e:
         raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
     with torch.inference_mode():
         query_feature = embed(model(query))[0]                                   # (E * M,)
 
-    images, labels = database[f'{split}_images'], database[f'{split}_labels']
-    indices, similarities = retrieve(query_feature, database[f'{split}_features'], images, args.query_img_name,
-                                     args.retrieval_num)
+    images, labels, features = database[split]
+    indices, similarities = retrieve(query_feature, features, images, args.query_img_name, args.retrieval_num)
     label = query_class(args.query_img_name, database)
     results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
     grid = draw_grid(args.query_img_name, results, label, ImageFont.load_default())
@@ -132,4 +127,4 @@ def main(args):
 
 
 if __name__ == '__main__':
-    train.run_cli(main, get_args_parser().parse_args())
+    utils.run_cli(main, get_args_parser().parse_args())

@@ -1,54 +1,215 @@
-"""Shared pieces of REIR: file names, safe file I/O, meta-class ids, the image reader, transforms and
-the retrieval metrics. Nothing here reads global state; every function takes what it uses."""
+"""The library's shared pieces: errors and the command-line convention, file names, safe file I/O,
+meta-class ids, datasets and their readers, transforms, and the retrieval metrics. Functions take what
+they use as arguments (is_main_process, and so warn and log, ask torch.distributed which process this is);
+the constants below are the one place each value is written."""
+import argparse
 import os
 import pickle
 import random
+import re
+import sys
 import tempfile
 import zipfile
 from collections import Counter
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import torch
+import torch.distributed as dist
 from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
+
+from model import BACKBONES, SHARE_TYPES
 
 RESULTS_DIR = 'results'
 CROP_TYPES = ('uncropped', 'cropped')
 LABEL_TYPES = ('fixed', 'random')
 MAX_IMAGES_PER_CLASS = 300  # DREML/REIR cap on training images per class, keeps SOP epochs bounded
 EVAL_SPLITS = (('test',), ('query', 'gallery'))  # a dataset evaluates by self-retrieval or query/gallery
+# what PIL raises for a file that is not a readable image (SyntaxError and ValueError for some broken headers)
+UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# the settings that change an embedding, as train.py defaults them; evaluate.py falls back to them only
+# where a run's checkpoint is not beside its files
+EMBEDDING_DEFAULTS = dict(recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
+RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that evaluate.py reads
+# what <prefix>_checkpoint.pth holds: everything --resume needs
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
+                   'train_items')
 
+
+# ----------------------------------------------------------------------------- errors and the command line
 
 class ReirError(Exception):
-    """A problem with the user's input (files, flags, data) that the scripts report in one line."""
+    """A problem with the user's input (files, data) that the scripts report in one line: exit code 1."""
+
+
+class UsageError(ReirError):
+    """A flag, or a combination of flags, that cannot work: exit code 2, as for argparse errors."""
+
+
+def run_cli(main_function, args, interrupted='interrupted'):
+    """Run a script's main with the project's error convention: one line, exit 2 for flag errors,
+    1 for data errors, never a traceback for a problem the user can fix; on Ctrl-C the line interrupted."""
+    try:
+        main_function(args)
+    except UsageError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+    except ReirError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(1)
+    except torch.cuda.OutOfMemoryError:
+        print('error: CUDA out of memory: lower --batch_size, --ensemble_size or --image_size, or pass --amp',
+              file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        sys.exit(130)
+
+
+def positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{value} is below 1')
+    return value
+
+
+def positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number') from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f'{value} is not above 0')
+    return value
+
+
+def recall_list(text):
+    try:
+        values = [int(k) for k in text.split(',')]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a comma-separated list of positive integers')
+    return values
+
+
+def is_main_process():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def warn(message):
+    if is_main_process():
+        print(f'warning: {message}', file=sys.stderr)
+
+
+def log(message):
+    if is_main_process():
+        print(message, flush=True)
 
 
 # ----------------------------------------------------------------------------- file names
+
+@dataclass(frozen=True)
+class RunName:
+    """The settings that name a run's files: every file of a run starts with its prefix,
+    <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>."""
+    data_name: str
+    crop_type: str
+    label_type: str
+    with_random: bool
+    share_type: str
+    model_type: str
+    ensemble_size: int
+    meta_class_size: int
+
+    PATTERN = re.compile(
+        rf'^(?P<data_name>.+)_(?P<crop_type>{"|".join(CROP_TYPES)})_(?P<label_type>{"|".join(LABEL_TYPES)})'
+        rf'_(?P<randomness>random|unrandom)_(?P<share_type>{"|".join(SHARE_TYPES)})'
+        rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)$')
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def parse(cls, prefix):
+        """The RunName whose prefix is this text, or None."""
+        match = cls.PATTERN.match(prefix)
+        if match is None:
+            return None
+        return cls(match['data_name'], match['crop_type'], match['label_type'], match['randomness'] == 'random',
+                   match['share_type'], match['model_type'], int(match['ensemble_size']),
+                   int(match['meta_class_size']))
+
+    @property
+    def prefix(self):
+        randomness = 'random' if self.with_random else 'unrandom'
+        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{randomness}_{self.share_type}_'
+                f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}')
+
+    @property
+    def ids_name(self):
+        """The meta-class ids depend on the classes, label type, E and M only: runs that differ elsewhere
+        (share type, backbone, --with_random) can share them with --load_ids."""
+        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{self.ensemble_size}_'
+                f'{self.meta_class_size}_ids.pth')
+
 
 def data_dicts_path(data_path, data_name, crop_type):
     return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
 
 
-def run_prefix(data_name, crop_type, label_type, with_random, share_type, model_type, ensemble_size,
-               meta_class_size):
-    """The name every file of a run starts with (SPEC §5)."""
-    randomness = 'random' if with_random else 'unrandom'
-    return (f'{data_name}_{crop_type}_{label_type}_{randomness}_{share_type}_{model_type}_'
-            f'{ensemble_size}_{meta_class_size}')
-
-
-def ids_path(results_dir, data_name, crop_type, label_type, ensemble_size, meta_class_size):
-    return os.path.join(results_dir,
-                        f'{data_name}_{crop_type}_{label_type}_{ensemble_size}_{meta_class_size}_ids.pth')
-
-
-def eval_splits(data_dicts):
-    """('test',) for self-retrieval datasets, ('query', 'gallery') for query/gallery ones."""
+def eval_splits(names, source):
+    """('test',) for self-retrieval datasets, ('query', 'gallery') for query/gallery ones, from the split
+    names that source (data dicts, or an embedding database) holds."""
     for splits in EVAL_SPLITS:
-        if all(split in data_dicts for split in splits):
+        if all(split in names for split in splits):
             return splits
-    raise ReirError(f'data dicts hold neither a test split nor query and gallery splits: {sorted(data_dicts)}')
+    raise ReirError(f'{source}: neither a test split nor query and gallery splits, only {", ".join(sorted(names))}')
+
+
+def run_of_file(path, kinds=RUN_FILE_KINDS):
+    """(RunName, path without the kind, kind) of a file a run wrote, named <prefix><kind>."""
+    name = os.path.basename(path)
+    kind = next((k for k in kinds if name.endswith(k)), None)
+    run = RunName.parse(name[:-len(kind)]) if kind else None
+    if run is None:
+        raise UsageError(f'{path}: expected a file named <prefix>{" or <prefix>".join(kinds)}, with the '
+                         f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>)')
+    return run, path[:-len(kind)], kind
+
+
+def embedding_settings(prefix_path, overrides):
+    """The settings of EMBEDDING_DEFAULTS for the run whose files start with prefix_path: the run's own, from
+    its checkpoint when it is there, else the defaults; the overrides that are not None win."""
+    settings = dict(EMBEDDING_DEFAULTS)
+    checkpoint = prefix_path + '_checkpoint.pth'
+    saved = checkpoint_flags(checkpoint)
+    if saved is not None:
+        settings.update({k: saved[k] for k in settings if k in saved})
+    elif os.path.isfile(checkpoint):
+        warn(f'could not read the run\'s settings from {checkpoint}: using defaults and flags')
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    return SimpleNamespace(**settings)
+
+
+def load_data_dicts(data_path, data_name, crop_type):
+    """The pickle data_utils.py wrote for a dataset and crop type."""
+    path = data_dicts_path(data_path, data_name, crop_type)
+    if crop_type == 'cropped' and data_name not in ('car', 'cub') and not os.path.isfile(path):
+        raise UsageError(f'--crop_type cropped needs bounding boxes, which only car and cub have; '
+                         f'use --crop_type uncropped for {data_name}')
+    if not os.path.isfile(path):
+        raise ReirError(f'{path} not found: download {data_name} into {os.path.join(data_path, data_name)}/ and '
+                        f'run python data_utils.py --data_path {data_path} --data_name {data_name}')
+    return safe_load(path, 'data dicts')
 
 
 # ----------------------------------------------------------------------------- safe file I/O
@@ -106,6 +267,78 @@ def safe_load(path, what='file'):
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
         raise ReirError(f'{path}: {what} is corrupt or truncated ({type(e).__name__}); delete it or '
                         f'write it again') from None
+
+
+def write_results_csv(rows, path):
+    """A list of {column: value} rows as a CSV, written atomically."""
+    frame = pd.DataFrame(rows)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+
+
+def save_curves(results, path):
+    """results/<prefix>_curves.png: loss, training accuracy and the test metrics over the epochs."""
+    import matplotlib
+    matplotlib.use('Agg')
+    from matplotlib import pyplot as plt
+    frame = pd.DataFrame(results)
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
+              ('test retrieval (%)', [c for c in frame.columns if c.startswith('test_')]))
+    for axis, (title, columns) in zip(axes, panels):
+        for column in columns:
+            axis.plot(frame['epoch'], frame[column], marker='o', label=column.removeprefix('test_'))
+        axis.set_title(title)
+        axis.set_xlabel('epoch')
+        axis.grid(alpha=0.3)
+        if len(columns) > 1:
+            axis.legend(fontsize='small')
+    figure.tight_layout()
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=80))
+    plt.close(figure)
+
+
+def save_database(path, splits, dataset_root):
+    """The embedding database that evaluate.py and inference.py read: for every split, from
+    splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
+    the repository root, the class keys and the features in float16."""
+    database = {}
+    for split, (items, features) in splits.items():
+        database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
+        database[f'{split}_labels'] = [key for _, key in items]
+        database[f'{split}_features'] = features.half()
+    atomic_torch_save(database, path)
+
+
+def load_database(path):
+    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database."""
+    database = safe_load(path, 'embedding database')
+    names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
+        if isinstance(database, dict) else []
+    if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
+        raise ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
+    return {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
+            for name in names}
+
+
+def load_checkpoint(path):
+    """A run's checkpoint, refused unless it holds every key of CHECKPOINT_KEYS."""
+    checkpoint = safe_load(path, 'checkpoint')
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+    if missing:
+        raise ReirError(f'{path}: not a REIR checkpoint (missing {", ".join(missing)}); delete it and start '
+                        f'again without --resume')
+    return checkpoint
+
+
+def checkpoint_flags(path):
+    """The flags of the run whose checkpoint this is, read memory-mapped (the tensors stay on disk); None
+    when it is absent or unreadable."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['args']
+    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, OSError, EOFError):
+        return None
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -220,7 +453,7 @@ def flatten_split(split_dict):
 
 
 def get_transform(crop_type, train, image_size, mean, std, exact=False):
-    """The original REIR transforms (SPEC §5). exact=False computes Resize(S) + RandomCrop(S) or
+    """The original REIR transforms. exact=False computes Resize(S) + RandomCrop(S) or
     CenterCrop(S) as one resize of the kept region (ResizeCrop), the same pixels up to float rounding."""
     if crop_type == 'cropped':
         steps = [transforms.Resize((image_size, image_size))]
@@ -289,6 +522,7 @@ class ImageReader(Dataset):
     the class index for evaluation. min_side: see load_rgb (None decodes every image whole)."""
 
     def __init__(self, root, items, targets, transform, min_side=None):
+        self.items = items
         self.paths = [os.path.join(root, path) for path, _ in items]
         self.targets = targets
         self.transform = transform
@@ -299,6 +533,41 @@ class ImageReader(Dataset):
 
     def __getitem__(self, index):
         return self.transform(load_rgb(self.paths[index], self.min_side)), self.targets[index]
+
+
+class TrainReader(ImageReader):
+    """Training images with their (E,) meta-class labels, read by (index, augmentation seed) items. An image
+    that cannot be read is replaced by the next readable one (with a warning naming it) and counted, so one
+    bad file never stops an epoch."""
+
+    def __getitem__(self, item):
+        index, seed = item
+        failures = 0
+        for offset in range(len(self)):
+            path = self.paths[(index + offset) % len(self)]
+            try:
+                image = load_rgb(path, self.min_side)
+            except UNREADABLE_IMAGE_ERRORS as e:
+                warn(f'skipping unreadable training image {path} ({type(e).__name__})')
+                failures += 1
+                continue
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                image = self.transform(image)
+            return image, self.targets[(index + offset) % len(self)], failures
+        raise ReirError('no training image is readable')
+
+
+class EvalReader(ImageReader):
+    """Evaluation images with their class index and whether they could be read (the main process
+    names an unreadable one; an exception raised in a worker would arrive as a traceback)."""
+
+    def __getitem__(self, index):
+        try:
+            image = load_rgb(self.paths[index], self.min_side)
+        except UNREADABLE_IMAGE_ERRORS:
+            return self.transform(Image.new('RGB', (1, 1))), self.targets[index], False
+        return self.transform(image), self.targets[index], True
 
 
 # ----------------------------------------------------------------------------- retrieval metrics
@@ -331,7 +600,7 @@ def _check_inputs(feature_vectors, feature_labels, gallery_vectors, gallery_labe
 
 def _similarity(queries, gallery_t):
     """queries (c, d) @ gallery_t (d, N) -> (c, N) float32. On the CPU numpy's OpenBLAS does this product
-    faster than torch (SPEC §8; benchmark.py eval measures it), and the product dominates evaluation."""
+    faster than torch (benchmark.py eval measures it), and the product dominates evaluation."""
     if queries.device.type == 'cpu':
         return torch.from_numpy(np.matmul(queries.numpy(), gallery_t.numpy()))
     return queries @ gallery_t

@@ -1,8 +1,16 @@
-"""Shared test helpers: tiny datasets in the real on-disk formats (written fresh for each test that asks for
-one), tiny training runs, and DataParallel-style replicas."""
+"""Shared test helpers: tiny datasets in the real on-disk formats, tiny training runs (one session-wide run
+that the tests of its outputs share), scripts run in-process as their command line runs them, and
+DataParallel-style replicas."""
+import contextlib
+import importlib
+import inspect
+import io
 import os
+import runpy
+import shutil
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -19,6 +27,14 @@ import utils  # noqa: E402
 # The CUDA tier (python -m pytest -m cuda): skipped, with the reason, where CUDA is absent
 CUDA = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
 DEVICES = ['cpu', pytest.param('cuda', marks=CUDA)]
+
+
+@pytest.fixture(autouse=True)
+def no_fsync(monkeypatch):
+    """Files are still written to a temporary name and renamed (what the tests check), but not flushed to the
+    disk: a flush guards against power loss, which no test can simulate, and costs about a second for each
+    tiny run's 360 MB of checkpoints."""
+    monkeypatch.setattr(os, 'fsync', lambda fd: None)
 
 
 @pytest.fixture(autouse=True)
@@ -40,10 +56,44 @@ def write_image(path, size=(48, 40), seed=0):
 
 
 def run_script(script, *args, cwd=REPO):
-    """Run one of the repository's scripts as a user would; returns the CompletedProcess."""
+    """Run one of the repository's scripts in a new process, as a user would; returns the CompletedProcess."""
     env = dict(os.environ, PYTHONWARNINGS='ignore')
     return subprocess.run([sys.executable, os.path.join(REPO, script), *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, env=env, timeout=600)
+
+
+def run_as_command(script, *args, cwd=REPO):
+    """Run a script file as `python script args` runs it (its `if __name__ == '__main__'` block), in this
+    process; returns its exit code, stdout and stderr like a CompletedProcess."""
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    argv, directory = sys.argv, os.getcwd()
+    sys.argv = [script, *map(str, args)]
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            runpy.run_path(os.path.join(REPO, script), run_name='__main__')
+    except SystemExit as exit_:
+        returncode = exit_.code
+    finally:
+        sys.argv = argv
+        os.chdir(directory)
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
+
+
+def run_main(script, *args):
+    """Run a script in this process as its command line does (argument parsing, then main through
+    utils.run_cli); returns its exit code, stdout and stderr like a CompletedProcess."""
+    module = importlib.import_module(script)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    returncode = 0
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        try:
+            arguments = module.get_args_parser().parse_args([str(a) for a in args])
+            utils.run_cli(module.main, arguments)
+        except SystemExit as exit_:
+            returncode = exit_.code
+    return SimpleNamespace(returncode=returncode, stdout=stdout.getvalue(), stderr=stderr.getvalue())
 
 
 def assert_one_line_error(result, code, *fragments):
@@ -148,23 +198,66 @@ def folder_root(tmp_path):
 
 TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
         '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
+SHOP_RECALLS = ['--recalls', '1,10']
+
+
+def run_train(root, *extra, name='tiny', results=None):
+    """train.py on root/data/<name> with the TINY flags, writing to results (default root/results)."""
+    return run_main('train', '--data_path', root / 'data', '--data_name', name, '--results_dir',
+                    results or root / 'results', *TINY, *extra)
+
+
+def prefix(name='tiny', E=2, M=2, share='layer1', with_random=False):
+    return utils.RunName(name, 'uncropped', 'fixed', with_random, share, 'resnet18', E, M).prefix
+
+
+@pytest.fixture(scope='session')
+def prepared(tmp_path_factory):
+    """Prepared datasets shared by the session (copy them before changing them): tiny, a 4-class train /
+    3-class test folder dataset, and shop, with 3 train classes and query / gallery splits of 2."""
+    root = tmp_path_factory.mktemp('prepared')
+    make_folder_dataset(str(root / 'data' / 'tiny'), {'train': 4, 'test': 3})
+    make_folder_dataset(str(root / 'data' / 'shop'), {'train': 3, 'query': 2, 'gallery': 2})
+    for name in ('tiny', 'shop'):
+        data_utils.prepare(str(root / 'data'), name, num_workers=1)
+    return root
+
+
+@pytest.fixture(scope='session')
+def trained(prepared):
+    """One tiny run (TINY flags) and one query/gallery run (shop, --recalls 1,10, one epoch), trained once for
+    every test that reads a run's outputs. Their results folder is prepared/results; tests that write must use
+    their own."""
+    for name, extra in (('tiny', []), ('shop', [*SHOP_RECALLS, '--num_epochs', '1'])):
+        result = run_train(prepared, *extra, name=name)
+        assert result.returncode == 0, result.stderr
+    return prepared
+
+
+@pytest.fixture(scope='session', autouse=True)
+def gloo_run(request, prepared, tmp_path_factory):
+    """A two-process torchrun run on the CPU (gloo) of the TINY flags for one epoch on the prepared tiny dataset,
+    started when the session begins (when a selected test asks for it), so that its three interpreters start
+    while other tests run. Yields (Popen, results folder)."""
+    if not any('gloo_run' in inspect.signature(item.function).parameters for item in request.session.items):
+        yield None
+        return
+    results = tmp_path_factory.mktemp('gloo')
+    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+               os.path.join(REPO, 'train.py'), '--data_path', prepared / 'data', '--data_name', 'tiny',
+               '--results_dir', results, *TINY, '--num_epochs', '1']
+    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES=''))
+    yield process, results
+    process.kill()
+    process.communicate()
 
 
 @pytest.fixture
-def tiny(tmp_path):
-    """A prepared 4-class train / 3-class test folder dataset and a results folder."""
-    make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3})
-    data_utils.prepare(str(tmp_path / 'data'), 'tiny', num_workers=1)
+def tiny(prepared, tmp_path):
+    """A copy of the prepared tiny dataset under tmp_path/data, and no results yet."""
+    shutil.copytree(prepared / 'data' / 'tiny', tmp_path / 'data' / 'tiny')
     return tmp_path
-
-
-def run_train(tmp_path, *extra, name='tiny'):
-    return run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', name,
-                      '--results_dir', tmp_path / 'results', *TINY, *extra)
-
-
-def prefix(name='tiny', E=2, M=2, share='layer1'):
-    return utils.run_prefix(name, 'uncropped', 'fixed', False, share, 'resnet18', E, M)
 
 
 # ----------------------------------------------------------------------------- replicas

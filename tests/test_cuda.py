@@ -1,29 +1,23 @@
 """The CUDA tier: training and evaluation on a GPU. Run with `python -m pytest -q -m cuda` (the device-
 parametrized tests of the other files join it); without CUDA every test here is skipped with the reason."""
-import contextlib
-import io
-
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
-import train
+import engine
 import utils
-from conftest import CUDA, TINY, prefix, run_script, run_train
+from conftest import CUDA, prefix, run_main, run_train
 from model import Model, embed
 
 pytestmark = CUDA
 
 
 def train_in_process(tiny, *flags):
-    """train.main on the tiny dataset; returns what it printed."""
-    args = train.get_args_parser().parse_args(['--data_path', str(tiny / 'data'), '--data_name', 'tiny',
-                                               '--results_dir', str(tiny / 'results'), *TINY, *flags])
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        train.main(args)
-    return output.getvalue()
+    """train.py on the tiny dataset, in this process; returns what it printed."""
+    result = run_train(tiny, *flags)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
 
 
 def assert_finite_results(tiny):
@@ -58,12 +52,12 @@ def test_channels_last_and_autocast_compute_the_float32_embedding(impl):
     x = torch.randn(4, 3, 64, 64, device=device)
     with torch.no_grad():
         reference = embed(net(x))
-        layout = train.memory_format(device, amp=True)
+        layout = engine.memory_format(device, amp=True)
         assert layout == torch.channels_last
         net = net.to(memory_format=layout)
         assert net.shared.conv1.weight.is_contiguous(memory_format=torch.channels_last)
         channels_last = embed(net(x.contiguous(memory_format=layout)))
-        with train.autocast(device, True):
+        with engine.autocast(device, True):
             mixed = embed(net(x.contiguous(memory_format=layout)).float())
     assert (channels_last - reference).abs().max() < 1e-4
     # every branch's unit vector within a few degrees of the float32 one
@@ -88,13 +82,12 @@ def test_data_parallel_over_the_gpus_present(impl):
     assert all(p.grad is not None and p.grad.isfinite().all() for p in net.parameters())
 
 
-def test_evaluation_on_cuda_reproduces_the_cpu_evaluation(tiny, monkeypatch):
-    monkeypatch.setenv('NVIDIA_TF32_OVERRIDE', '0')  # float32 convolutions in evaluate.py as on the CPU
-    assert run_train(tiny, '--gpu_ids', 'cpu').returncode == 0
+def test_evaluation_on_cuda_reproduces_the_cpu_evaluation(tiny):
+    assert run_train(tiny, '--gpu_ids', 'cpu').returncode == 0  # float32 without TF32 (conftest.exact_float32)
     model_path = tiny / 'results' / f'{prefix()}_model.pth'
-    on_cpu = run_script('evaluate.py', model_path, '--batch_size', '4', '--num_workers', '0', '--gpu_ids', 'cpu')
+    on_cpu = run_main('evaluate', model_path, '--batch_size', '4', '--num_workers', '0', '--gpu_ids', 'cpu')
     cpu_metrics = pd.read_csv(tiny / 'results' / f'{prefix()}_eval.csv')
-    on_gpu = run_script('evaluate.py', model_path, '--batch_size', '4', '--num_workers', '0', '--gpu_ids', '0')
+    on_gpu = run_main('evaluate', model_path, '--batch_size', '4', '--num_workers', '0', '--gpu_ids', '0')
     assert on_cpu.returncode == 0 and on_gpu.returncode == 0, on_cpu.stderr + on_gpu.stderr
     gpu_metrics = pd.read_csv(tiny / 'results' / f'{prefix()}_eval.csv')
     assert 'branch engine:' in on_gpu.stdout

@@ -1,4 +1,5 @@
 import os
+import re
 
 import numpy as np
 import pytest
@@ -6,7 +7,7 @@ import torch
 from PIL import Image
 
 import data_utils
-from conftest import assert_one_line_error, run_script, write_image
+from conftest import assert_one_line_error, make_folder_dataset, run_main, write_image
 
 
 def load_dicts(root, crop_type='uncropped'):
@@ -98,7 +99,6 @@ def test_folder_dataset_mean_std_from_train(folder_root):
 
 
 def test_folder_dataset_with_query_and_gallery(tmp_path):
-    from conftest import make_folder_dataset
     root = make_folder_dataset(str(tmp_path / 'qg'), {'train': 2, 'query': 2, 'gallery': 2})
     prepare(root)
     assert {'train', 'query', 'gallery'} <= set(load_dicts(root))
@@ -108,12 +108,14 @@ def test_truncated_image_is_excluded_and_reported(cub_root):
     victim = next((cub_root / 'images').rglob('*.jpg'))
     data = victim.read_bytes()
     victim.write_bytes(data[:len(data) // 2])
-    result = run_script('data_utils.py', '--data_path', cub_root.parent, '--data_name', 'cub')
+    result = run_main('data_utils', '--data_path', cub_root.parent, '--data_name', 'cub')
     assert result.returncode == 0, result.stderr
     assert 'excluded 1 unreadable' in result.stderr and victim.name in result.stderr
     dicts = load_dicts(cub_root)
     assert sum(map(len, dicts['train'].values())) + sum(map(len, dicts['test'].values())) == 11
-    assert '11 images' not in result.stdout or '1 excluded' in result.stdout
+    for crop_type in ('uncropped', 'cropped'):  # the summary counts what the data dicts hold
+        line = next(line for line in result.stdout.splitlines() if line.startswith(f'cub ({crop_type})'))
+        assert sum(map(int, re.findall(r'(\d+) images', line))) == 11 and '; 1 excluded ->' in line
 
 
 def test_rerun_is_idempotent_and_keeps_valid_crops(car_root):
@@ -151,19 +153,19 @@ def test_demo_is_large_enough_and_deterministic(tmp_path):
 
 def test_missing_dataset_folder(tmp_path):
     (tmp_path / 'data').mkdir()
-    result = run_script('data_utils.py', '--data_path', tmp_path / 'data', '--data_name', 'cub')
+    result = run_main('data_utils', '--data_path', tmp_path / 'data', '--data_name', 'cub')
     assert_one_line_error(result, 1, 'cub', 'not found', 'CUB-200-2011')
 
 
 def test_missing_annotation_file(cub_root):
     os.remove(cub_root / 'bounding_boxes.txt')
-    result = run_script('data_utils.py', '--data_path', cub_root.parent, '--data_name', 'cub')
+    result = run_main('data_utils', '--data_path', cub_root.parent, '--data_name', 'cub')
     assert_one_line_error(result, 1, 'bounding_boxes.txt', 'download')
 
 
 def test_missing_car_annotations(car_root):
     os.remove(car_root / 'cars_annos.mat')
-    result = run_script('data_utils.py', '--data_path', car_root.parent, '--data_name', 'car')
+    result = run_main('data_utils', '--data_path', car_root.parent, '--data_name', 'car')
     assert_one_line_error(result, 1, 'cars_annos.mat', 'Cars196')
 
 
@@ -171,7 +173,7 @@ def test_malformed_line_names_file_and_line(cub_root):
     lines = (cub_root / 'image_class_labels.txt').read_text().splitlines()
     lines[2] = '3 7 extra'
     (cub_root / 'image_class_labels.txt').write_text('\n'.join(lines) + '\n')
-    result = run_script('data_utils.py', '--data_path', cub_root.parent, '--data_name', 'cub')
+    result = run_main('data_utils', '--data_path', cub_root.parent, '--data_name', 'cub')
     assert_one_line_error(result, 1, 'image_class_labels.txt:3')
 
 
@@ -179,7 +181,7 @@ def test_malformed_line_names_file_and_line(cub_root):
 def test_path_escaping_the_dataset_is_refused(sop_root, bad_path):
     text = (sop_root / 'Ebay_train.txt').read_text()
     (sop_root / 'Ebay_train.txt').write_text(text + f'99 3 1 {bad_path}\n')
-    result = run_script('data_utils.py', '--data_path', sop_root.parent, '--data_name', 'sop')
+    result = run_main('data_utils', '--data_path', sop_root.parent, '--data_name', 'sop')
     assert_one_line_error(result, 1, 'escapes the dataset folder', bad_path)
     assert not os.path.exists(sop_root / 'uncropped_data_dicts.pth')
 
@@ -188,20 +190,25 @@ def test_failed_rerun_keeps_the_previous_pickle(sop_root):
     prepare(str(sop_root))
     before = (sop_root / 'uncropped_data_dicts.pth').read_bytes()
     (sop_root / 'Ebay_test.txt').write_text('header\n1 2\n')
-    result = run_script('data_utils.py', '--data_path', sop_root.parent, '--data_name', 'sop')
+    result = run_main('data_utils', '--data_path', sop_root.parent, '--data_name', 'sop')
     assert_one_line_error(result, 1, 'Ebay_test.txt:2')
     assert (sop_root / 'uncropped_data_dicts.pth').read_bytes() == before
 
 
 def test_cli_prepares_every_folder_by_default(tmp_path):
-    from conftest import make_folder_dataset
     make_folder_dataset(str(tmp_path / 'data' / 'one'), {'train': 2, 'test': 2}, images_per_class=2)
     make_folder_dataset(str(tmp_path / 'data' / 'two'), {'train': 2, 'test': 2}, images_per_class=2)
     write_image(str(tmp_path / 'data' / 'two' / 'train' / 'class_00' / 'extra.jpg'))
-    result = run_script('data_utils.py', '--data_path', tmp_path / 'data')
+    result = run_main('data_utils', '--data_path', tmp_path / 'data')
     assert result.returncode == 0, result.stderr
     assert 'one (uncropped): train 2 classes / 4 images' in result.stdout
     assert 'two (uncropped): train 2 classes / 5 images' in result.stdout
+
+
+@pytest.mark.parametrize('value', ['0', 'x'])
+def test_bad_short_side_exits_2(tmp_path, value):
+    result = run_main('data_utils', '--data_path', tmp_path, '--short_side', value)
+    assert result.returncode == 2 and '--short_side' in result.stderr and 'Traceback' not in result.stderr
 
 
 def test_short_side_copies_are_written_and_used(cub_root):

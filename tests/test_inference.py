@@ -1,27 +1,13 @@
-
-import pytest
 from PIL import Image
 
-import data_utils
 import inference
-from conftest import (assert_one_line_error, make_folder_dataset, prefix, run_script, run_train,
-                      write_image)
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-    root = tmp_path_factory.mktemp('inference')
-    make_folder_dataset(str(root / 'data' / 'tiny'), {'train': 4, 'test': 3})
-    data_utils.prepare(str(root / 'data'), 'tiny', num_workers=1)
-    result = run_train(root, '--num_epochs', '1')
-    assert result.returncode == 0, result.stderr
-    return root
+from conftest import assert_one_line_error, prefix, run_main, write_image
 
 
 def test_retrieval_grid_for_a_database_image(trained):
     query = trained / 'data' / 'tiny' / 'test' / 'class_01' / '0.jpg'
     database = trained / 'results' / f'{prefix()}_data_base.pth'
-    result = run_script('inference.py', '--query_img_name', query, '--data_base', database, '--retrieval_num', '5')
+    result = run_main('inference', '--query_img_name', query, '--data_base', database, '--retrieval_num', '5')
     assert result.returncode == 0, result.stderr
     output = trained / 'results' / f'0_{prefix()}_retrieval.png'
     with Image.open(output) as grid:
@@ -37,24 +23,36 @@ def test_retrieval_grid_for_a_database_image(trained):
 def test_query_from_outside_the_dataset_has_no_frames(trained, tmp_path):
     query = tmp_path / 'holiday.jpg'
     write_image(str(query), size=(50, 70), seed=9)
-    result = run_script('inference.py', '--query_img_name', query, '--data_base',
-                        trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
+    result = run_main('inference', '--query_img_name', query, '--data_base',
+                      trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
     assert result.returncode == 0, result.stderr
     with Image.open(trained / 'results' / f'holiday_{prefix()}_retrieval.png') as grid:
         assert grid.width == 9 * inference.TILE
-        assert grid.convert('RGB').getpixel((inference.TILE + 1, 1)) == (255, 255, 255)
+        assert grid.convert('RGB').getpixel((inference.TILE + 1, 1)) == inference.WHITE
 
 
-def test_database_by_name_under_results(trained):
+def test_query_gallery_database_searches_the_gallery(trained):
+    query = trained / 'data' / 'shop' / 'query' / 'class_00' / '0.jpg'
+    result = run_main('inference', '--query_img_name', query, '--data_base',
+                      trained / 'results' / f'{prefix("shop")}_data_base.pth', '--retrieval_num', '3')
+    assert result.returncode == 0, result.stderr
+    retrieved = [line.split()[2] for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert len(retrieved) == 3 and all('/gallery/' in path for path in retrieved)
+
+
+def test_database_by_name_under_results(trained, monkeypatch):
+    monkeypatch.chdir(trained)
     query = trained / 'data' / 'tiny' / 'test' / 'class_00' / '1.jpg'
-    result = run_script('inference.py', '--query_img_name', query, '--data_base', f'{prefix()}_data_base.pth',
-                        cwd=trained)
+    result = run_main('inference', '--query_img_name', query, '--data_base', f'{prefix()}_data_base.pth')
     assert result.returncode == 0, result.stderr
 
 
-def test_missing_database_or_query(trained):
-    assert_one_line_error(run_script('inference.py', '--query_img_name', 'x.jpg', '--data_base', 'nope_data_base.pth',
-                                     cwd=trained), 1, 'not found')
-    result = run_script('inference.py', '--query_img_name', trained / 'missing.jpg', '--data_base',
-                        trained / 'results' / f'{prefix()}_data_base.pth')
+def test_missing_database_or_query(trained, monkeypatch):
+    monkeypatch.chdir(trained)
+    assert_one_line_error(run_main('inference', '--query_img_name', 'x.jpg', '--data_base', 'nope_data_base.pth'),
+                          1, 'not found')
+    result = run_main('inference', '--query_img_name', trained / 'missing.jpg', '--data_base',
+                      trained / 'results' / f'{prefix()}_data_base.pth')
     assert_one_line_error(result, 1, 'query image')
+    result = run_main('inference', '--query_img_name', 'x.jpg', '--data_base', 'x', '--retrieval_num', '0')
+    assert result.returncode == 2 and 'retrieval_num' in result.stderr and 'Traceback' not in result.stderr

@@ -89,9 +89,15 @@ def test_missing_pretrained_weights_offline_fail_clearly(tmp_path, monkeypatch):
     assert 'resnet18-f37072fd.pth' in str(error.value) and str(tmp_path) in str(error.value)
 
 
-def test_model_has_no_device_placement():
-    source = open(model_module.__file__).read()
-    assert '.cuda(' not in source and 'device_ids' not in source
+@pytest.mark.parametrize('impl', ['loop', 'grouped'])
+def test_model_lives_on_the_device_it_is_given(impl):
+    """model.py chooses no device: built under a default device every tensor is there, and the forward pass
+    (with --with_random's weights) runs on its input's device. 'meta' tensors have shapes and no memory."""
+    with torch.device('meta'):
+        net = Model(5, 3, with_random=True, pretrained=False, branch_impl=impl)
+    assert {t.device.type for t in list(net.parameters()) + list(net.buffers())} == {'meta'}
+    for training in (True, False):
+        assert net.train(training)(torch.empty(2, 3, 32, 32, device='meta')).shape == (2, 3, 5)
 
 
 # ----------------------------------------------------------------------------- the grouped branch engine

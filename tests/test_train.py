@@ -1,77 +1,90 @@
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import data_utils
+import engine
 import train
 import utils
-from conftest import TINY, assert_one_line_error, make_folder_dataset, prefix, run_script, run_train
+from conftest import REPO, TINY, assert_one_line_error, prefix, run_main, run_train
+from model import Model
 
-def test_end_to_end(tiny):
-    result = run_train(tiny)
-    assert result.returncode == 0, result.stderr
-    assert 'Epoch 2/2' in result.stdout and 'R@1' in result.stdout
-    assert 'branch engine: loop (--branch_impl auto on the CPU' in result.stdout
-    results = tiny / 'results'
+RUN_FILES = ('results.csv', 'curves.png', 'model.pth', 'data_base.pth', 'checkpoint.pth')
+
+
+def test_end_to_end(trained):
+    results = trained / 'results'
     frame = pd.read_csv(results / f'{prefix()}_results.csv')
     assert list(frame.columns) == ['epoch', 'train_loss', 'train_accuracy', 'test_recall@1', 'test_recall@2',
                                    'test_recall@4', 'test_recall@8', 'test_map@r', 'test_r_precision']
     assert frame['epoch'].tolist() == [1, 2]
     assert frame.drop(columns='epoch').apply(lambda c: c.between(0, 100)).all().all()
 
-    for name in os.listdir(results):
-        if name.endswith('.pth'):
-            torch.load(results / name, weights_only=True)
+    for kind in RUN_FILES[2:]:
+        torch.load(results / f'{prefix()}_{kind}', weights_only=True)
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_features'].dtype == torch.float16
     assert database['test_features'].shape == (12, 2 * 2) and database['train_features'].shape == (16, 4)
     assert len(database['test_images']) == len(database['test_labels']) == 12
     assert all(os.path.isfile(p) for p in database['train_images'] + database['test_images'])
-    assert database['test_images'][0].startswith(str(tiny / 'data' / 'tiny'))
+    assert database['test_images'][0].startswith(str(trained / 'data' / 'tiny'))
 
     checkpoint = torch.load(results / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert sorted(checkpoint) == sorted(utils.CHECKPOINT_KEYS)
     assert checkpoint['epoch'] == 3 and len(checkpoint['results']) == 2
     assert checkpoint['args']['seed'] == 1 and len(checkpoint['train_items']) == 16
     ids = torch.load(results / 'tiny_uncropped_fixed_2_2_ids.pth', weights_only=True)
     assert ids.shape == (2, 4) and torch.equal(ids, checkpoint['ids'])
-    state = torch.load(results / f'{prefix()}_model.pth', weights_only=True)
-    model = train.Model(2, 2, pretrained=False)
-    model.load_state_dict(state)
+    Model(2, 2, pretrained=False).load_state_dict(torch.load(results / f'{prefix()}_model.pth', weights_only=True))
 
 
-def test_load_ids_reuses_the_saved_ids(tiny):
-    assert run_train(tiny).returncode == 0
-    ids_file = tiny / 'results' / 'tiny_uncropped_fixed_2_2_ids.pth'
-    first = torch.load(ids_file, weights_only=True)
-    result = run_train(tiny, '--load_ids', '--seed', '5', '--num_epochs', '1')
-    assert result.returncode == 0, result.stderr
-    checkpoint = torch.load(tiny / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
-    assert torch.equal(checkpoint['ids'], first)
-    assert torch.equal(torch.load(ids_file, weights_only=True), first)
-
-
-def test_query_gallery_dataset_end_to_end(tmp_path):
-    make_folder_dataset(str(tmp_path / 'data' / 'shop'), {'train': 3, 'query': 2, 'gallery': 2})
-    data_utils.prepare(str(tmp_path / 'data'), 'shop', num_workers=1)
-    result = run_train(tmp_path, '--num_epochs', '1', '--recalls', '1,10', name='shop')
-    assert result.returncode == 0, result.stderr
-    frame = pd.read_csv(tmp_path / 'results' / f'{prefix("shop")}_results.csv')
+def test_query_gallery_dataset_end_to_end(trained):
+    frame = pd.read_csv(trained / 'results' / f'{prefix("shop")}_results.csv')
     assert list(frame.columns)[3:] == ['test_recall@1', 'test_recall@10', 'test_map@r', 'test_r_precision']
-    assert frame['test_recall@10'].iloc[0] == 100.0  # every query has a same-class item among 8 gallery images
-    database = torch.load(tmp_path / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
+    assert (frame['test_recall@10'] == 100.0).all()  # every query has a same-class item among 8 gallery images
+    database = torch.load(trained / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
     assert set(database) == {f'{s}_{k}' for s in ('query', 'gallery') for k in ('images', 'labels', 'features')}
 
 
-def test_training_learns_on_an_easy_dataset(tmp_path):
-    """Colour-coded classes: a few epochs must lower the loss and raise training accuracy."""
-    make_folder_dataset(str(tmp_path / 'data' / 'easy'), {'train': 6, 'test': 3}, images_per_class=6)
-    data_utils.prepare(str(tmp_path / 'data'), 'easy', num_workers=1)
-    result = run_train(tmp_path, '--num_epochs', '4', '--meta_class_size', '3', name='easy')
+def test_curves_are_drawn_after_every_epoch(trained, tmp_path):
+    with Image.open(trained / 'results' / f'{prefix()}_curves.png') as image:
+        assert image.format == 'PNG' and image.width > 400
+    rows = [{'epoch': e, 'train_loss': 2.0 / e, 'train_accuracy': 10.0 * e, 'test_recall@1': 5.0 * e,
+             'test_map@r': 1.0 * e, 'test_r_precision': 2.0 * e} for e in (1, 2)]
+    utils.save_curves(rows[:1], str(tmp_path / 'one.png'))
+    utils.save_curves(rows, str(tmp_path / 'two.png'))
+    assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
+
+
+def test_load_ids_reuses_the_saved_ids(trained, tmp_path):
+    ids_file = 'tiny_uncropped_fixed_2_2_ids.pth'
+    (tmp_path / 'results').mkdir()
+    shutil.copy(trained / 'results' / ids_file, tmp_path / 'results' / ids_file)
+    first = torch.load(tmp_path / 'results' / ids_file, weights_only=True)
+    result = run_train(trained, '--load_ids', '--seed', '5', '--num_epochs', '1', results=tmp_path / 'results')
     assert result.returncode == 0, result.stderr
-    frame = pd.read_csv(tmp_path / 'results' / f'{prefix("easy", M=3)}_results.csv')
+    checkpoint = torch.load(tmp_path / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert torch.equal(checkpoint['ids'], first)
+    assert torch.equal(torch.load(tmp_path / 'results' / ids_file, weights_only=True), first)
+
+
+def test_training_learns(trained):
+    """The tiny dataset's classes differ in colour: two epochs must lower the loss, raise the training accuracy
+    and retrieve the unseen test classes far above chance (3 classes of 4 images: R@1 by chance is 3/11)."""
+    frame = pd.read_csv(trained / 'results' / f'{prefix()}_results.csv')
     assert frame['train_loss'].iloc[-1] < frame['train_loss'].iloc[0]
+    assert frame['train_accuracy'].iloc[-1] > frame['train_accuracy'].iloc[0]
+    assert frame['test_recall@1'].min() >= 70
 
 
 def test_unreadable_training_image_is_skipped(tiny):
@@ -91,19 +104,35 @@ def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
     assert len(dicts['train']) == 2 and len(dicts['test']) == 2
 
 
+def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
+    """A run trained with --branch_impl grouped: its checkpoint has the loop's layout, and evaluate.py
+    (the loop on the CPU) reproduces its recall."""
+    result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random')
+    assert result.returncode == 0, result.stderr
+    assert 'branch engine: grouped (--branch_impl grouped)' in result.stdout
+    model_path = tiny / 'results' / f'{prefix(with_random=True)}_model.pth'
+    assert list(torch.load(model_path, weights_only=True)) == list(Model(2, 2, pretrained=False).state_dict())
+    evaluation = run_main('evaluate', model_path, '--batch_size', '4', '--num_workers', '0')
+    assert evaluation.returncode == 0, evaluation.stderr
+    assert 'branch engine: loop' in evaluation.stdout
+    trained = pd.read_csv(tiny / 'results' / f'{prefix(with_random=True)}_results.csv')
+    evaluated = pd.read_csv(tiny / 'results' / f'{prefix(with_random=True)}_eval.csv')
+    assert evaluated['test_recall@1'].iloc[0] == pytest.approx(trained['test_recall@1'].iloc[0], abs=100 / 12)
+
+
 # ----------------------------------------------------------------------------- devices
 
 def test_cpu_fallback_and_missing_gpus(monkeypatch):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    assert train.select_devices(None) == (torch.device('cpu'), [])
-    assert train.select_devices('cpu') == (torch.device('cpu'), [])
+    assert engine.select_devices(None) == (torch.device('cpu'), [])
+    assert engine.select_devices('cpu') == (torch.device('cpu'), [])
     with pytest.raises(utils.ReirError, match='GPU 3 is not there'):
-        train.select_devices('3')
+        engine.select_devices('3')
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
     monkeypatch.setattr(torch.cuda, 'device_count', lambda: 1)
-    assert train.select_devices(None) == (torch.device('cuda:0'), [0])  # default 0,1 with one GPU
+    assert engine.select_devices(None) == (torch.device('cuda:0'), [0])  # default 0,1 with one GPU
     with pytest.raises(utils.ReirError, match='GPU 1 is not there'):
-        train.select_devices('0,1')
+        engine.select_devices('0,1')
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -117,10 +146,12 @@ def test_missing_dataset_says_to_run_data_utils(tmp_path):
     (['--recalls', '1,x'], 'recalls'), (['--recalls', '0,1'], 'recalls'), (['--ensemble_size', '0'], 'ensemble_size'),
     (['--batch_size', '-1'], 'batch_size'), (['--image_size', '0'], 'image_size'),
     (['--num_epochs', '0'], 'num_epochs'), (['--lr', '0'], 'lr'),
-    (['--meta_class_size', '0'], 'meta_class_size'), (['--share_type', 'layer9'], 'share_type')])
+    (['--meta_class_size', '0'], 'meta_class_size'), (['--share_type', 'layer9'], 'share_type'),
+    (['--gpu_ids', 'first'], 'gpu_ids')])
 def test_bad_flags_exit_2(tiny, flags, fragment):
     result = run_train(tiny, *flags)
     assert result.returncode == 2 and fragment in result.stderr and 'Traceback' not in result.stderr
+    assert not (tiny / 'results').exists() or not os.listdir(tiny / 'results')
 
 
 @pytest.mark.parametrize('flags, fragment', [
@@ -152,44 +183,81 @@ def test_tampered_data_dicts_are_refused(tiny):
 
 # ----------------------------------------------------------------------------- resume
 
-def test_killed_run_resumes_to_the_same_results(tiny, tmp_path_factory):
-    """SIGKILL right after the first checkpoint, --resume, and the CSV equals an uninterrupted run's."""
-    import signal
-    import subprocess
-    import sys
-    import time
-    flags = ['--num_epochs', '3', '--num_workers', '1', '--with_random']
-    reference = run_train(tiny, *flags)
-    assert reference.returncode == 0, reference.stderr
-    run_prefix = utils.run_prefix('tiny', 'uncropped', 'fixed', True, 'layer1', 'resnet18', 2, 2)
-    expected = (tiny / 'results' / f'{run_prefix}_results.csv').read_text()
+@contextlib.contextmanager
+def one_thread():
+    """Float sums that do not depend on how threads split them (MKL and OpenMP may change their split between
+    runs), so that two runs of the same computation agree to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
+
+def kill_after_first_checkpoint(command, checkpoint, env):
+    """Start a run and SIGKILL it as soon as its first checkpoint exists (polled from a thread); returns the
+    thread, to join."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+
+    def watch():
+        deadline = time.time() + 300
+        while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    return watcher
+
+
+def test_killed_run_resumes_to_the_same_results(tiny, tmp_path_factory):
+    """SIGKILL right after the first checkpoint, --resume, and the CSV equals an uninterrupted run's (which
+    runs meanwhile, in this process)."""
+    flags = ['--num_epochs', '2', '--num_workers', '1', '--with_random']
     killed = tmp_path_factory.mktemp('killed')
-    command = [sys.executable, os.path.join(os.path.dirname(train.__file__), 'train.py'), '--data_path',
-               str(tiny / 'data'), '--data_name', 'tiny', '--results_dir', str(killed), *TINY, *flags]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    checkpoint = killed / f'{run_prefix}_checkpoint.pth'
-    deadline = time.time() + 300
-    while not checkpoint.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    checkpoint = killed / f'{prefix(with_random=True)}_checkpoint.pth'
+    command = [sys.executable, os.path.join(REPO, 'train.py'), '--data_path', str(tiny / 'data'), '--data_name',
+               'tiny', '--results_dir', str(killed), *TINY, *flags]
+    watcher = kill_after_first_checkpoint(command, checkpoint,
+                                          dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'))
+    with one_thread():
+        reference = run_train(tiny, *flags)
+    assert reference.returncode == 0, reference.stderr
+    expected = (tiny / 'results' / f'{prefix(with_random=True)}_results.csv').read_text()
+    watcher.join()
     assert checkpoint.exists()
     epochs_done = torch.load(checkpoint, weights_only=True)['epoch'] - 1
-    assert epochs_done < 3, 'the run finished before it could be killed'
+    assert epochs_done < 2, 'the run finished before it could be killed'
 
-    resumed = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny', '--results_dir', killed,
-                         *TINY, *flags, '--resume')
+    with one_thread():
+        resumed = run_train(tiny, *flags, '--resume', results=killed)
     assert resumed.returncode == 0, resumed.stderr
     assert 'resumed from' in resumed.stdout
-    assert (killed / f'{run_prefix}_results.csv').read_text() == expected
+    assert (killed / f'{prefix(with_random=True)}_results.csv').read_text() == expected
     assert not [name for name in os.listdir(killed) if name.endswith('.tmp')]
 
 
-def test_resume_with_other_flags_is_refused(tiny):
-    assert run_train(tiny, '--num_epochs', '1').returncode == 0
-    result = run_train(tiny, '--num_epochs', '1', '--batch_size', '3', '--resume')
-    assert_one_line_error(result, 2, '--batch_size 4 -> 3')
+def copy_of_run(trained, tmp_path):
+    """A results folder holding a copy of the session's tiny run."""
+    shutil.copytree(trained / 'results', tmp_path / 'results',
+                    ignore=lambda _, names: [n for n in names if not n.startswith('tiny_')])
+    return tmp_path / 'results'
+
+
+def test_resume_with_other_flags_is_refused(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path)
+    result = run_train(trained, '--batch_size', '3', '--lr', '0.5', '--resume', results=results)
+    assert_one_line_error(result, 2, '--batch_size 4 -> 3', '--lr 0.0001 -> 0.5')
+
+
+def test_resume_after_the_last_epoch_changes_nothing(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path)
+    before = {name: (results / name).read_bytes() for name in os.listdir(results)}
+    result = run_train(trained, '--resume', '--num_workers', '1', results=results)
+    assert result.returncode == 0, result.stderr
+    assert 'resumed from' in result.stdout and 'Epoch' not in result.stdout
+    assert {name: (results / name).read_bytes() for name in os.listdir(results)} == before
 
 
 def test_resume_without_or_with_a_bad_checkpoint(tiny):
@@ -211,38 +279,21 @@ def test_tampered_checkpoint_runs_no_code(tiny):
     assert not (tiny / 'pwned').exists()
 
 
-# ----------------------------------------------------------------------------- curves and torch.distributed
+# ----------------------------------------------------------------------------- torch.distributed
 
-def test_curves_are_drawn_after_every_epoch(tiny, tmp_path):
-    from PIL import Image
-    assert run_train(tiny, '--num_epochs', '1').returncode == 0
-    with Image.open(tiny / 'results' / f'{prefix()}_curves.png') as image:
-        assert image.format == 'PNG' and image.width > 400
-    rows = [{'epoch': e, 'train_loss': 2.0 / e, 'train_accuracy': 10.0 * e, 'test_recall@1': 5.0 * e,
-             'test_map@r': 1.0 * e, 'test_r_precision': 2.0 * e} for e in (1, 2)]
-    train.save_curves(rows[:1], str(tmp_path / 'one.png'))
-    train.save_curves(rows, str(tmp_path / 'two.png'))
-    assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
-
-
-def test_two_process_gloo_run_writes_what_one_process_writes(tiny, tmp_path_factory):
-    import subprocess
-    import sys
-    single = run_train(tiny, '--num_epochs', '1')
-    assert single.returncode == 0, single.stderr
-    results = tmp_path_factory.mktemp('ddp')
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               os.path.join(os.path.dirname(train.__file__), 'train.py'), '--data_path', str(tiny / 'data'),
-               '--data_name', 'tiny', '--results_dir', str(results), *TINY, '--num_epochs', '1']
-    distributed = subprocess.run(command, capture_output=True, text=True, timeout=600,
-                                 env=dict(os.environ, OMP_NUM_THREADS='1'))
+def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
+    process, results = gloo_run
+    stdout, stderr = process.communicate(timeout=600)
+    distributed = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert distributed.returncode == 0, distributed.stderr
     assert distributed.stdout.count('Epoch 1/1 |') == 1  # only rank 0 prints
     assert '2 processes of 2 images a step' in distributed.stdout
-    assert sorted(os.listdir(results)) == sorted(os.listdir(tiny / 'results'))
+    assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in RUN_FILES]
+                                                 + ['tiny_uncropped_fixed_2_2_ids.pth'])
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
-    reference = torch.load(tiny / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
+    reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order
+    assert database['train_images'] == reference['train_images']
     assert database['train_features'].shape == reference['train_features'].shape
     frame = pd.read_csv(results / f'{prefix()}_results.csv')
     assert len(frame) == 1 and frame['test_recall@1'].between(0, 100).all()
@@ -254,19 +305,3 @@ def test_seeded_sampler_shards_cover_every_sample():
     shards = [[i for i, _ in train.SeededSampler(10, 0, r, 3)] for r in range(3)]
     assert sorted(set(sum(shards, []))) == list(range(10))
     assert list(train.SeededSampler(10, 0)) == list(train.SeededSampler(10, 0))
-
-
-def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
-    """A run trained with --branch_impl grouped: its checkpoint has the loop's layout, and evaluate.py
-    (the loop on the CPU) reproduces its recall."""
-    result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random')
-    assert result.returncode == 0, result.stderr
-    run_prefix = utils.run_prefix('tiny', 'uncropped', 'fixed', True, 'layer1', 'resnet18', 2, 2)
-    state = torch.load(tiny / 'results' / f'{run_prefix}_model.pth', weights_only=True)
-    assert list(state) == list(train.Model(2, 2, pretrained=False).state_dict())
-    evaluation = run_script('evaluate.py', tiny / 'results' / f'{run_prefix}_model.pth', '--batch_size', '4',
-                            '--num_workers', '0')
-    assert evaluation.returncode == 0, evaluation.stderr
-    trained = pd.read_csv(tiny / 'results' / f'{run_prefix}_results.csv')
-    evaluated = pd.read_csv(tiny / 'results' / f'{run_prefix}_eval.csv')
-    assert evaluated['test_recall@1'].iloc[0] == pytest.approx(trained['test_recall@1'].iloc[0], abs=100 / 12)

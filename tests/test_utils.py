@@ -1,7 +1,11 @@
+import numpy as np
 import pytest
 import torch
 
+import benchmark
 import utils
+from conftest import assert_one_line_error, run_as_command
+from model import BACKBONES, SHARE_TYPES
 
 
 # ----------------------------------------------------------------------------- create_id
@@ -222,17 +226,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
 # ----------------------------------------------------------------------------- the input pipeline
 
 def photo(path, size=(1000, 700), seed=0):
-    """A photo-like JPEG: smooth colour waves, edges and sensor noise."""
-    import numpy as np
-    from PIL import Image
-    rng = np.random.default_rng(seed)
-    x = np.linspace(0, 1, size[0])[None, :, None]
-    y = np.linspace(0, 1, size[1])[:, None, None]
-    waves = 0.5 + 0.5 * np.sin(rng.uniform(3, 9) * x + rng.uniform(3, 9) * y + np.array([0, 2, 4]))
-    edges = (np.sin(40 * x * y) > 0.6) * 0.3
-    pixels = 255 * np.clip(waves * 0.8 + edges, 0, 1) + rng.normal(0, 8, (size[1], size[0], 3))
-    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(path, quality=90)
-    return path
+    return benchmark.photo(path, *size, np.random.default_rng(seed))
 
 
 def psnr(a, b):
@@ -279,9 +273,33 @@ def test_reduced_scale_decoding_stays_close_to_the_full_decode(tmp_path, crop_ty
 
 
 def test_augmentation_is_reproducible_from_the_sample_seed(tmp_path):
-    import train
     paths = [photo(str(tmp_path / f'{i}.jpg'), size=(320, 240), seed=i) for i in range(3)]
-    reader = train.TrainReader('', [(p, 0) for p in paths], [torch.zeros(2, dtype=torch.long)] * 3,
+    reader = utils.TrainReader('', [(p, 0) for p in paths], [torch.zeros(2, dtype=torch.long)] * 3,
                                utils.get_transform('uncropped', True, 64, [0, 0, 0], [1, 1, 1]), min_side=64)
     first, second, other = reader[(1, 1234)][0], reader[(1, 1234)][0], reader[(1, 999)][0]
     assert torch.equal(first, second) and not torch.equal(first, other)
+
+
+# ----------------------------------------------------------------------------- file names and the command line
+
+@pytest.mark.parametrize('data_name', ['cub', 'my_photos_2024', 'x_uncropped_fixed'])
+@pytest.mark.parametrize('model_type', list(BACKBONES))
+def test_run_names_parse_back(data_name, model_type):
+    for with_random in (False, True):
+        for share_type in SHARE_TYPES:
+            run = utils.RunName(data_name, 'cropped', 'random', with_random, share_type, model_type, 48, 12)
+            assert utils.RunName.parse(run.prefix) == run
+    assert utils.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet19_48_12') is None
+    assert utils.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet18_48') is None
+
+
+@pytest.mark.parametrize('script, args, code, fragment', [
+    ('train.py', ['--data_path', 'missing', '--data_name', 'cub', '--num_workers', '0'], 1, 'data_utils.py'),
+    ('data_utils.py', ['--data_path', 'missing'], 1, 'not found'),
+    ('evaluate.py', ['missing/something.pth'], 2, 'prefix'),
+    ('inference.py', ['--query_img_name', 'x.jpg', '--data_base', 'missing/x_data_base.pth'], 1, 'not found'),
+    ('architecture.py', ['--output', 'a_file/figure.png'], 1, 'cannot write the figure')])
+def test_every_script_reports_a_user_error_in_one_line(tmp_path, script, args, code, fragment):
+    """Each script, run as `python script ...` runs it, ends a user's error with one line and its exit code."""
+    (tmp_path / 'a_file').write_text('not a folder')
+    assert_one_line_error(run_as_command(script, *args, cwd=tmp_path), code, fragment)

@@ -1,0 +1,260 @@
+"""Running a REIR model over data: devices and torch.distributed, mixed precision, data loaders, the training
+step, embedding and retrieval evaluation, and the choice of branch engine. train.py, evaluate.py and
+benchmark.py all run models through these functions, so that each is written once."""
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+import utils
+from model import Model, PretrainedWeightsUnavailable, embed, time_branch_impls
+
+DEFAULT_GPU_IDS = '0,1'
+
+
+# ----------------------------------------------------------------------------- devices
+
+def select_devices(gpu_ids):
+    """(device, GPU ids for DataParallel). gpu_ids None is the default: the GPUs among 0,1 that exist."""
+    if gpu_ids is not None and gpu_ids.strip().lower() == 'cpu':
+        return torch.device('cpu'), []
+    try:
+        requested = [int(i) for i in (gpu_ids or DEFAULT_GPU_IDS).split(',')]
+    except ValueError:
+        raise utils.UsageError(f'--gpu_ids {gpu_ids!r} is not a comma-separated list of GPU ids or "cpu"') from None
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [i for i in requested if not 0 <= i < available]
+    if gpu_ids is not None and missing:
+        raise utils.ReirError(f'--gpu_ids {gpu_ids}: GPU {",".join(map(str, missing))} is not there '
+                              f'({available} CUDA devices visible); name existing GPUs or pass --gpu_ids cpu')
+    present = [i for i in requested if i not in missing]
+    if not present:
+        utils.warn('CUDA is not available: running on the CPU, which is slow for full datasets')
+        return torch.device('cpu'), []
+    if missing:
+        utils.warn(f'GPU {",".join(map(str, missing))} of the default --gpu_ids {DEFAULT_GPU_IDS} is not there: '
+                   f'using {",".join(map(str, present))}')
+    return torch.device(f'cuda:{present[0]}'), present
+
+
+def memory_format(device, amp):
+    """channels_last lets mixed-precision convolutions use tensor cores without layout conversions."""
+    return torch.channels_last if amp and device.type == 'cuda' else torch.preserve_format
+
+
+def autocast(device, enabled):
+    if not enabled or device.type != 'cuda':
+        return torch.autocast(device.type, enabled=False)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.autocast('cuda', dtype=dtype)
+
+
+def grad_scaler(device, amp):
+    """Loss scaling, which float16 needs and bfloat16 does not."""
+    fp16 = amp and device.type == 'cuda' and not torch.cuda.is_bf16_supported()
+    return torch.amp.GradScaler(device.type, enabled=fp16)
+
+
+def unwrap(model):
+    return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
+
+
+# ----------------------------------------------------------------------------- torch.distributed
+
+def init_distributed():
+    """(rank, world size, local rank): joins the process group when started by torchrun with several
+    processes (NCCL on CUDA, gloo on the CPU), else (0, 1, 0)."""
+    if int(os.environ.get('WORLD_SIZE', 1)) <= 1:
+        return 0, 1, 0
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
+    return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+
+
+def gather_shards(local, total, device):
+    """Reassemble a tensor whose rows rank, rank + G, ... were computed by process rank (ShardSampler)."""
+    if not dist.is_initialized():
+        return local
+    world = dist.get_world_size()
+    size = -(-total // world)
+    padded = torch.zeros((size,) + tuple(local.shape[1:]), dtype=local.dtype, device=device)
+    padded[:len(local)] = local.to(device)
+    shards = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(shards, padded)
+    return torch.stack(shards, dim=1).flatten(0, 1)[:total].cpu()   # (size, G, ...) -> rows in dataset order
+
+
+def all_reduce_sum(values, device):
+    if not dist.is_initialized():
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def broadcast_from_main(obj):
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
+# ----------------------------------------------------------------------------- data loaders
+
+def loader_options(num_workers, seed, device):
+    """DataLoader settings. The loader gets its own generator for the workers' base seed, which otherwise
+    comes from the global RNG: a resumed run (whose workers start anew) would then draw different
+    --with_random weights than the uninterrupted one."""
+    workers = max(0, num_workers)
+    options = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
+                   generator=torch.Generator().manual_seed(seed))
+    if workers:
+        options['prefetch_factor'] = 4  # batches each worker keeps ready
+    return options
+
+
+class ShardSampler(Sampler):
+    """Evaluation indices rank, rank + num_replicas, ... of a dataset (gather_shards puts them back in order)."""
+
+    def __init__(self, num_samples, rank=0, num_replicas=1):
+        self.indices = range(rank, num_samples, num_replicas)
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __iter__(self):
+        return iter(self.indices)
+
+
+def eval_loader(dataset, batch_size, options):
+    """In order; under torch.distributed each process reads its shard (ShardSampler)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world), **options)
+
+
+def build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, options):
+    """Items, integer labels (one numbering for query and gallery) and loaders of the evaluation splits."""
+    splits = utils.eval_splits(data_dicts, dataset_root)
+    eval_items = {split: utils.flatten_split(data_dicts[split]) for split in splits}
+    class_index = {key: i for i, key in enumerate(sorted({k for items in eval_items.values() for _, k in items}))}
+    eval_labels = {split: [class_index[k] for _, k in items] for split, items in eval_items.items()}
+    eval_loaders = {split: eval_loader(utils.EvalReader(dataset_root, items, eval_labels[split], transform, min_side),
+                                       batch_size, options)
+                    for split, items in eval_items.items()}
+    return eval_items, eval_labels, eval_loaders
+
+
+# ----------------------------------------------------------------------------- the model
+
+def build_model(run, pretrained, branch_impl='auto'):
+    """The Model a RunName describes."""
+    try:
+        return Model(run.meta_class_size, run.ensemble_size, run.share_type, run.model_type, run.with_random,
+                     pretrained=pretrained, branch_impl=branch_impl)
+    except PretrainedWeightsUnavailable as e:
+        raise utils.ReirError(str(e)) from None
+
+
+def load_model(path, run):
+    """The run's model with the weights of path, on the CPU, in evaluation mode."""
+    model = build_model(run, pretrained=False)
+    try:
+        model.load_state_dict(utils.safe_load(path, 'model'))
+    except (RuntimeError, TypeError) as e:
+        raise utils.ReirError(f'{path}: does not fit the model its name describes ({str(e).splitlines()[0]})') from None
+    return model.eval()
+
+
+def choose_branch_impl(model, flag, device, batch_size, image_size, amp, training=True):
+    """Set model.branch_impl from --branch_impl and return the line that says which engine runs and why.
+    auto: on CUDA the faster engine in a timed trial on this model and a batch of the run's shape
+    (time_branch_impls leaves the model's state and the random streams untouched); on the CPU the loop, which
+    measured about twice as fast as grouped convolutions there (benchmark.py branches)."""
+    if flag != 'auto':
+        model.branch_impl = flag
+        return f'branch engine: {flag} (--branch_impl {flag})'
+    if device.type != 'cuda':
+        model.branch_impl = 'loop'
+        return 'branch engine: loop (--branch_impl auto on the CPU, where grouped convolutions measured slower)'
+    shape = (batch_size, 3, image_size, image_size)
+    images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    images = images.to(device).contiguous(memory_format=memory_format(device, amp))
+    seconds = time_branch_impls(model, images, training, lambda: autocast(device, amp))
+    model.branch_impl = min(seconds, key=seconds.get)
+    timings = ', '.join(f'{impl} {1000 * value:.1f} ms' for impl, value in seconds.items())
+    step = 'training step' if training else 'forward pass'
+    return (f'branch engine: {model.branch_impl} (--branch_impl auto, timed on {torch.cuda.get_device_name(device)}: '
+            f'{timings} per {step} of {batch_size} images)')
+
+
+# ----------------------------------------------------------------------------- training and evaluation
+
+def train_step(model, images, labels, optimizer, scaler, amp):
+    """One optimizer step on a batch already on the model's device: images (B, 3, S, S), labels (B, E).
+    Returns the loss and the float32 logits (B, E, M)."""
+    with autocast(images.device, amp):
+        logits = model(images)
+    logits = logits.float()
+    # cross-entropy of every branch against its own meta-class labels, averaged over branches
+    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss, logits
+
+
+@torch.inference_mode()
+def extract_features(model, loader, device, amp):
+    """(N, E * M) float32 CPU embeddings of a loader's images in the dataset's order, and an (N,) bool
+    tensor of which images could be read (unreadable ones get a blank image's embedding). Under
+    torch.distributed every process embeds its shard and all receive the whole."""
+    model.eval()
+    base = unwrap(model)
+    features = torch.empty(len(loader.sampler), base.ensemble_size * base.meta_class_size)
+    readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
+    start = 0
+    for images, _, batch_readable in loader:
+        with autocast(device, amp):
+            logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
+        batch = embed(logits.float()).cpu()
+        features[start:start + batch.shape[0]] = batch
+        readable[start:start + batch.shape[0]] = batch_readable
+        start += batch.shape[0]
+    total = len(loader.dataset)
+    return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
+
+
+def retrieval_scores(features, labels, recalls):
+    """Recall@K, MAP@R and R-precision in percent, from features and integer labels by split:
+    'test' (every image queries the others) or 'query' and 'gallery'."""
+    if 'test' in features:
+        queries, query_labels, gallery, gallery_labels = features['test'], labels['test'], None, None
+    else:
+        queries, query_labels = features['query'], labels['query']
+        gallery, gallery_labels = features['gallery'], labels['gallery']
+    recall_values, map_r, r_precision = utils.retrieval_metrics(queries, query_labels, recalls, gallery,
+                                                                gallery_labels)
+    metrics = {f'recall@{k}': 100 * v for k, v in zip(recalls, recall_values)}
+    metrics.update({'map@r': 100 * map_r, 'r_precision': 100 * r_precision})
+    return metrics
+
+
+def evaluate(model, loaders, labels, recalls, device, amp):
+    """Embeds the evaluation splits and scores retrieval; returns (metrics in percent, features by split)."""
+    features = {}
+    for split, loader in loaders.items():
+        features[split], readable = extract_features(model, loader, device, amp)
+        if not readable.all():
+            path = loader.dataset.paths[int((~readable).nonzero()[0])]
+            raise utils.ReirError(f'evaluation image {path} is unreadable; run data_utils.py again to exclude it')
+    metrics = retrieval_scores(features, labels, recalls) if utils.is_main_process() else None
+    return broadcast_from_main(metrics), features
+
+
+def format_metrics(metrics, recalls):
+    parts = [f'R@{k}: {metrics[f"recall@{k}"]:.2f}%' for k in recalls]
+    return ' '.join(parts) + f' | MAP@R: {metrics["map@r"]:.2f}% | R-precision: {metrics["r_precision"]:.2f}%'

@@ -1,0 +1,52 @@
+"""The benchmark's own cases, at toy sizes: each measures what it says and reports the same metrics as the code
+it compares with."""
+import numpy as np
+import pytest
+import torch
+
+import benchmark
+import utils
+
+
+class Queue(list):
+    put = list.append
+
+
+def test_branch_cases_time_every_engine_and_phase():
+    config = dict(device='cpu', share_type='layer4', batch_size=2, amp=False, model_type='resnet18', ensemble_size=2,
+                  image_size=32, steps=1, rounds=1)
+    queue = Queue()
+    benchmark.branches_speed(config, queue)
+    seconds, auto_engine = queue[0]
+    assert auto_engine == 'loop' and set(seconds) == {(p, i) for p in ('train', 'eval')
+                                                      for i in ('loop', 'grouped', 'auto')}
+    assert all(0 < value < 60 for value in seconds.values())
+    benchmark.branches_memory(config, 'grouped', 'train', queue)
+    assert queue[1] >= 0
+
+
+def test_training_step_is_the_one_train_py_runs():
+    config = dict(device='cpu', share_type='layer3', batch_size=2, amp=False, model_type='resnet18', ensemble_size=2,
+                  image_size=32)
+    model, batch, labels = benchmark.branch_setup(config)
+    before = [p.clone() for p in model.parameters()]
+    benchmark.time_steps(model, 'train', batch, labels, 0, amp=False)  # the warm-up step only
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_eval_case_reports_the_project_metrics():
+    queue = Queue()
+    benchmark.eval_case('reir', 600, 16, 'float32', 0, queue)
+    row = queue[0]
+    vectors, labels = benchmark.clustered_embeddings(600, 16, max(2, 600 * benchmark.SOP_TEST_CLASSES //
+                                                                   benchmark.SOP_TEST_IMAGES), 0, torch.float32)
+    recalls, map_r, _ = utils.retrieval_metrics(vectors, labels, benchmark.EVAL_RANKS)
+    assert row['recall@1'] == pytest.approx(100 * recalls[0], abs=1e-3)
+    assert row['map@r'] == pytest.approx(100 * map_r, abs=1e-3)
+
+
+def test_photos_are_deterministic_and_sized(tmp_path):
+    first = benchmark.photo(str(tmp_path / 'a.jpg'), 320, 240, np.random.default_rng(3))
+    second = benchmark.photo(str(tmp_path / 'b.jpg'), 320, 240, np.random.default_rng(3))
+    assert open(first, 'rb').read() == open(second, 'rb').read()
+    assert utils.load_rgb(first).size == (320, 240)
