@@ -149,12 +149,13 @@ def draw_or_load_ids(args, run, num_class, generator):
 
 def run_lists(args, run, train_dict, checkpoint):
     """The run's meta-class ids (E, C) and its sampled training list [(path, class index)]: the checkpoint's
-    on --resume, else drawn from --seed (the ids loaded instead with --load_ids)."""
+    on --resume, else drawn from --seed, each from a generator of its own, so that a --load_ids run trains on
+    the list of the run that drew the ids (the list is drawn as "epoch 0")."""
     if checkpoint is not None:
         return checkpoint['ids'], [tuple(item) for item in checkpoint['train_items']]
-    generator = torch.Generator().manual_seed(args.seed)
-    ids = draw_or_load_ids(args, run, len(train_dict), generator)
-    return ids, utils.sample_train_images(train_dict, generator)
+    ids = draw_or_load_ids(args, run, len(train_dict), torch.Generator().manual_seed(args.seed))
+    sampling = torch.Generator().manual_seed(epoch_seed(args.seed, 0))
+    return ids, utils.sample_train_images(train_dict, sampling)
 
 
 def train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world):

@@ -78,6 +78,23 @@ def test_load_ids_reuses_the_saved_ids(trained, tmp_path):
     assert torch.equal(torch.load(tmp_path / 'results' / ids_file, weights_only=True), first)
 
 
+@pytest.mark.parametrize('label_type', ['fixed', 'random'])
+def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_type):
+    """Classes above the 300-image cap are sampled: a run that loads the ids samples what the drawing run did."""
+    train_dict = {f'class_{c}': [f'class_{c}/{i}.jpg' for i in range(utils.MAX_IMAGES_PER_CLASS + 40)]
+                  for c in range(3)}
+    args = train.get_args_parser().parse_args(['--results_dir', str(tmp_path), '--data_name', 'big', '--label_type',
+                                               label_type, '--ensemble_size', '4', '--meta_class_size', '2'])
+    run = utils.RunName.from_args(args)
+    ids, drawn = train.run_lists(args, run, train_dict, checkpoint=None)
+    args.load_ids = True
+    loaded_ids, loaded = train.run_lists(args, run, train_dict, checkpoint=None)
+    assert torch.equal(loaded_ids, ids) and loaded == drawn
+    assert len(drawn) == 3 * utils.MAX_IMAGES_PER_CLASS
+    args.load_ids, args.seed = False, 2
+    assert train.run_lists(args, run, train_dict, checkpoint=None)[1] != drawn
+
+
 def test_training_learns(trained):
     """The tiny dataset's classes differ in colour: two epochs must lower the loss, raise the training accuracy
     and retrieve the unseen test classes far above chance (3 classes of 4 images: R@1 by chance is 3/11)."""
