@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, atomic_torch_save, atomic_write, data_dicts_path,
-                   positive_int, run_cli, short_side_size)
+                   positive_int, run_cli, short_side_size, to_rgb)
 
 # Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
 # theirs computed from the train split.
@@ -159,18 +159,36 @@ def read_folder(root):
     else:
         raise DatasetError(f'{root}: a folder dataset needs train/ and test/ (or train/, query/ and gallery/) '
                            f'folders of class folders')
-    splits = {}
+    splits, dangling = {}, []
     for split in names:
         splits[split] = []
         split_dir = os.path.join(root, split)
-        for label in sorted(os.listdir(split_dir)):
+        for label in visible_entries(split_dir):
             class_dir = os.path.join(split_dir, label)
-            if os.path.isdir(class_dir):
-                splits[split].extend((f'{split}/{label}/{name}', label) for name in sorted(os.listdir(class_dir))
-                                     if os.path.isfile(os.path.join(class_dir, name)))
+            if not os.path.isdir(class_dir):
+                continue
+            for name in visible_entries(class_dir):
+                path = os.path.join(class_dir, name)
+                if os.path.isfile(path):
+                    splits[split].append((f'{split}/{label}/{name}', label))
+                elif os.path.islink(path) and not os.path.exists(path):
+                    dangling.append(f'{split}/{label}/{name}')
         if not splits[split]:
             raise DatasetError(f'{split_dir}: no images in class folders')
+    if dangling:
+        print(f'warning: {root}: left out {len(dangling)} symbolic links to nothing: {shown(dangling)}',
+              file=sys.stderr)
     return splits, None
+
+
+def visible_entries(folder):
+    """The names in a folder, sorted, without hidden files (.DS_Store, the temporaries of an interrupted
+    write) and temporaries (*.tmp)."""
+    return sorted(name for name in os.listdir(folder) if not name.startswith('.') and not name.endswith('.tmp'))
+
+
+def shown(names):
+    return ', '.join(sorted(names)[:MAX_REPORTED]) + (', ...' if len(names) > MAX_REPORTED else '')
 
 
 READERS = {'car': read_car, 'cub': read_cub, 'sop': read_sop, 'isc': read_isc}
@@ -204,19 +222,20 @@ def check_image(task):
     try:
         with Image.open(os.path.join(root, relpath)) as image:
             image.load()
-            rgb = image.convert('RGB')
+            exif = image.getexif()
+            rgb = to_rgb(image)
     except UNREADABLE_IMAGE_ERRORS as e:
         return f'{type(e).__name__}: {e}', None, None
     versions = {'uncropped': (relpath, rgb)}
     if box is not None:
         crop = rgb.crop(clamp_box(box, rgb.size))
-        write_unless_valid(os.path.join(root, 'cropped', relpath), crop)
+        write_unless_valid(os.path.join(root, 'cropped', relpath), crop, exif)
         versions['cropped'] = ('cropped/' + relpath, crop)
     outputs = {}
     for crop_type, (path, version) in versions.items():
         if short_side is not None and min(version.size) > short_side:
             path = f'{SHORT_SIDE_DIR}{short_side}/{path}'
-            write_unless_valid(os.path.join(root, path), resize_short_side(version, short_side))
+            write_unless_valid(os.path.join(root, path), resize_short_side(version, short_side), exif)
         outputs[crop_type] = path
     if not with_stats:
         return None, None, outputs
@@ -229,11 +248,13 @@ def resize_short_side(image, short_side):
     return image.resize(short_side_size(*image.size, short_side), Image.BILINEAR)
 
 
-def write_unless_valid(path, image):
-    """Write image (atomically) unless a readable file of its size is already there: re-runs redo nothing."""
+def write_unless_valid(path, image, exif=None):
+    """Write image (atomically) unless a readable file of its size is already there: re-runs redo nothing.
+    exif: the source's, kept in a reduced copy so that training turns it upright as it would the source."""
     if not has_valid_image(path, image.size):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        atomic_write(path, lambda tmp: image.save(tmp, format=image_format(path), quality=CROP_QUALITY))
+        extra = {'exif': exif} if exif else {}
+        atomic_write(path, lambda tmp: image.save(tmp, format=image_format(path), quality=CROP_QUALITY, **extra))
 
 
 def has_valid_image(path, expected_size):
@@ -281,13 +302,16 @@ def prepare(data_path, name, num_workers, short_side=None):
         if stat is not None:
             stats.append(stat)
     if bad:
-        shown = ', '.join(sorted(bad)[:MAX_REPORTED]) + (', ...' if len(bad) > MAX_REPORTED else '')
-        print(f'warning: {name}: excluded {len(bad)} unreadable or truncated images: {shown}', file=sys.stderr)
+        print(f'warning: {name}: excluded {len(bad)} unreadable or truncated images: {shown(bad)}', file=sys.stderr)
     mean, std = KNOWN_STATS[name] if name in KNOWN_STATS else channel_stats(stats, root)
 
     summary = []
     for crop_type in ('uncropped', 'cropped') if boxes else ('uncropped',):
         data_dicts = {split: group_by_class(images, outputs, crop_type) for split, images in splits.items()}
+        empty = [split for split in splits if not data_dicts[split]]
+        if empty:
+            raise DatasetError(f'{root}: no readable image is left in the {" and ".join(empty)} split; nothing '
+                               f'was written')
         data_dicts.update(mean=list(mean), std=list(std))
         path = data_dicts_path(data_path, name, crop_type)
         atomic_torch_save(data_dicts, path)

@@ -192,6 +192,18 @@ def choose_branch_impl(model, flag, device, batch_size, image_size, amp, trainin
 
 # ----------------------------------------------------------------------------- training and evaluation
 
+class Diverged(utils.ReirError):
+    """A non-finite loss or embedding: the model's weights are no longer numbers worth keeping."""
+
+
+def last_feature_side(image_size):
+    """Side of a ResNet's last feature map for an image_size input: conv1, the max pool and layer2-4 each
+    halve it, rounding up."""
+    for _ in range(5):
+        image_size = -(-image_size // 2)
+    return image_size
+
+
 def train_step(model, images, labels, optimizer, scaler, amp):
     """One optimizer step on a batch already on the model's device: images (B, 3, S, S), labels (B, E).
     Returns the loss and the float32 logits (B, E, M)."""
@@ -228,6 +240,16 @@ def extract_features(model, loader, device, amp):
     return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
 
 
+def check_recalls(recalls, sizes):
+    """Refuse, before any work, a K of Recall@K above the number of images a query is ranked against; sizes:
+    the number of images of each evaluation split."""
+    gallery = sizes['test'] - 1 if 'test' in sizes else sizes['gallery']
+    too_large = [k for k in recalls if k > gallery]
+    if too_large:
+        raise utils.UsageError(f'--recalls {too_large[0]} is more than the {gallery} images each query is ranked '
+                               f'against')
+
+
 def retrieval_scores(features, labels, recalls):
     """Recall@K, MAP@R and R-precision in percent, from features and integer labels by split:
     'test' (every image queries the others) or 'query' and 'gallery'."""
@@ -251,6 +273,8 @@ def evaluate(model, loaders, labels, recalls, device, amp):
         if not readable.all():
             path = loader.dataset.paths[int((~readable).nonzero()[0])]
             raise utils.ReirError(f'evaluation image {path} is unreadable; run data_utils.py again to exclude it')
+        if not utils.all_finite(features[split]):
+            raise Diverged(f'the {split} embeddings hold NaN or infinite values')
     metrics = retrieval_scores(features, labels, recalls) if utils.is_main_process() else None
     return broadcast_from_main(metrics), features
 

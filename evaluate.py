@@ -5,8 +5,9 @@
 
 A `_model.pth` is re-embedded over the test images (query and gallery where the dataset has them); a
 `_data_base.pth` is scored from its stored embeddings, with no images needed. The run's settings come
-from the file name (the prefix) and, for the image size, data path, recalls and input pipeline, from the
-run's checkpoint when it is there. Prints the metrics line of train.py and writes <prefix>_eval.csv beside
+from the file name (the prefix) and, for the image size, input pipeline, data path and recalls, from the
+run's <prefix>_args.json (or its checkpoint); flags override them, and a model is never run with a guessed
+image size or pipeline. Prints the metrics line of train.py and writes <prefix>_eval.csv beside
 the input.
 """
 import argparse
@@ -25,9 +26,9 @@ def get_args_parser():
                         help='K of Recall@K (default: the run\'s, else 1,2,4,8)')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s, else data)')
     parser.add_argument('--image_size', default=None, type=utils.positive_int,
-                        help='network input side (default: the run\'s, else 256)')
-    parser.add_argument('--exact_pipeline', action='store_true', default=None,
-                        help='decode and resize as the original REIR does (default: as the run did)')
+                        help='network input side (default: the run\'s)')
+    parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
+                        help='decode and resize as the original REIR does, or not (default: as the run did)')
     parser.add_argument('--batch_size', default=32, type=utils.positive_int)
     parser.add_argument('--gpu_ids', default=None, help='as in train.py')
     parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
@@ -41,18 +42,20 @@ def evaluate_database(path, recalls):
     index = {key: i for i, key in enumerate(sorted({k for split in splits for k in database[split][1]}))}
     features = {split: database[split][2].float() for split in splits}
     labels = {split: [index[k] for k in database[split][1]] for split in splits}
+    engine.check_recalls(recalls, {split: len(labels[split]) for split in splits})
     return engine.retrieval_scores(features, labels, recalls)
 
 
 def evaluate_model(path, run, settings, args):
     device, gpu_ids = engine.select_devices(args.gpu_ids)
     data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
-    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size, data_dicts['mean'],
-                                               data_dicts['std'], settings.exact_pipeline)
+    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
+                                               *utils.normalization(settings, data_dicts), settings.exact_pipeline)
     options = engine.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, run.data_name)
     _, labels, loaders = engine.build_eval_data(data_dicts, dataset_root, transform, min_side, args.batch_size,
                                                 options)
+    engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
     model = engine.load_model(path, run)
     model = model.to(device, memory_format=engine.memory_format(device, args.amp))
     replica_batch = -(-args.batch_size // max(1, len(gpu_ids)))
@@ -66,7 +69,8 @@ def evaluate_model(path, run, settings, args):
 
 def main(args):
     run, prefix_path, kind = utils.run_of_file(args.path)
-    settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in utils.EMBEDDING_DEFAULTS})
+    settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in utils.EMBEDDING_DEFAULTS},
+                                        model_needed=kind == '_model.pth')
     if kind == '_data_base.pth':
         metrics = evaluate_database(args.path, settings.recalls)
     else:

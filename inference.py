@@ -22,6 +22,7 @@ TILE = 160          # side of each image in the grid, pixels
 CAPTION = 22        # height of the caption under each image
 FRAME = 5
 GREEN, RED, WHITE = (40, 170, 60), (210, 40, 40), (255, 255, 255)
+EMBEDDING_FLAGS = ('data_path', 'image_size', 'exact_pipeline')
 
 
 def get_args_parser():
@@ -34,6 +35,8 @@ def get_args_parser():
     parser.add_argument('--retrieval_num', default=8, type=utils.positive_int, help='images to retrieve')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s)')
     parser.add_argument('--image_size', default=None, type=utils.positive_int, help='default: the run\'s')
+    parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
+                        help='decode and resize as the original REIR does, or not (default: as the run did)')
     return parser
 
 
@@ -92,7 +95,8 @@ def draw_grid(query_path, results, label, font):
 def main(args):
     database_path = resolve_database(args.data_base)
     run, prefix_path, _ = utils.run_of_file(database_path, kinds=('_data_base.pth',))
-    settings = utils.embedding_settings(prefix_path, {'data_path': args.data_path, 'image_size': args.image_size})
+    settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in EMBEDDING_FLAGS},
+                                        model_needed=True)
     database = utils.load_database(database_path)
     split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
     if split not in database:
@@ -101,8 +105,8 @@ def main(args):
         raise utils.ReirError(f'query image {args.query_img_name} not found')
 
     data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
-    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size, data_dicts['mean'],
-                                               data_dicts['std'], settings.exact_pipeline)
+    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
+                                               *utils.normalization(settings, data_dicts), settings.exact_pipeline)
     model = engine.load_model(prefix_path + '_model.pth', run)
     try:
         query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
@@ -115,7 +119,11 @@ def main(args):
     indices, similarities = retrieve(query_feature, features, images, args.query_img_name, args.retrieval_num)
     label = query_class(args.query_img_name, database)
     results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
-    grid = draw_grid(args.query_img_name, results, label, ImageFont.load_default())
+    try:
+        grid = draw_grid(args.query_img_name, results, label, ImageFont.load_default())
+    except utils.UNREADABLE_IMAGE_ERRORS as e:
+        raise utils.ReirError(f'cannot draw a retrieved image ({e}): run from the folder the database was trained '
+                              f'in, or keep the dataset where it was') from None
 
     name = os.path.splitext(os.path.basename(args.query_img_name))[0]
     output = os.path.join(os.path.dirname(database_path), f'{name}_{os.path.basename(prefix_path)}_retrieval.png')

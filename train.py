@@ -10,6 +10,8 @@ Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <p
 --resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's settings (utils.RunName).
 """
 import argparse
+import contextlib
+import math
 import os
 import sys
 
@@ -27,7 +29,8 @@ LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate dr
 LR_GAMMA = 0.1
 # flags that may differ between a run and its --resume without changing what the run computes (the
 # branch engines compute the same function and share one checkpoint layout)
-RESUME_FREE_FLAGS = ('resume', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir', 'branch_impl')
+RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
+                     'branch_impl')
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -58,13 +61,15 @@ def get_args_parser():
     parser.add_argument('--lr', default=1e-4, type=utils.positive_float,
                         help='Adam learning rate (the original 1e-4 suits ImageNet weights; from scratch try 1e-3)')
     parser.add_argument('--ensemble_size', default=48, type=utils.positive_int, help='branches E')
-    parser.add_argument('--meta_class_size', default=12, type=utils.positive_int, help='meta-classes M per branch')
+    parser.add_argument('--meta_class_size', default=12, type=utils.int_in_range(2),
+                        help='meta-classes M per branch (at least 2: a single one leaves nothing to learn)')
     parser.add_argument('--gpu_ids', default=None,
                         help=f'comma-separated GPU ids (default {engine.DEFAULT_GPU_IDS}: those of them present), '
                              f'DataParallel over several; "cpu" for the CPU')
     parser.add_argument('--image_size', default=utils.EMBEDDING_DEFAULTS['image_size'], type=utils.positive_int,
                         help='side of the network input')
-    parser.add_argument('--seed', default=1, type=int, help='seeds ids, sampling, shuffling, augmentation')
+    parser.add_argument('--seed', default=1, type=utils.int_in_range(0, 2 ** 32 - 1),
+                        help='seeds ids, sampling, shuffling, augmentation')
     parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int,
                         help='DataLoader worker processes')
     parser.add_argument('--no_pretrained', action='store_true', help='start from random weights, not ImageNet')
@@ -79,6 +84,8 @@ def get_args_parser():
                              'parameters and checkpoints either way')
     parser.add_argument('--resume', action='store_true',
                         help='continue the run with these flags from its last completed epoch')
+    parser.add_argument('--overwrite', action='store_true',
+                        help='start over a run whose files exist: they are removed at the start')
     parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where the run writes its files')
     return parser
 
@@ -137,11 +144,20 @@ def draw_or_load_ids(args, run, num_class, generator):
             shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
             raise utils.ReirError(f'{path}: ids of shape {shape} do not fit --ensemble_size {args.ensemble_size} '
                                   f'and {num_class} training classes (expected {expected})')
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool \
+                or int(ids.min()) < 0 or int(ids.max()) >= args.meta_class_size:
+            raise utils.ReirError(f'{path}: ids must be integers from 0 to {args.meta_class_size - 1} '
+                                  f'(--meta_class_size {args.meta_class_size})')
         return ids.long()
     try:
         ids = utils.create_id(args.meta_class_size, num_class, args.ensemble_size, args.label_type, generator)
     except ValueError as e:
         raise utils.UsageError(str(e)) from None
+    if utils.is_main_process() and not args.overwrite and os.path.isfile(path):
+        saved = utils.safe_load(path, 'meta-class ids')
+        if not (isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids)):
+            raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws: reuse them with '
+                                   f'--load_ids, or pass --overwrite to replace them')
     if utils.is_main_process():
         utils.atomic_torch_save(ids, path)
     return ids
@@ -158,28 +174,52 @@ def run_lists(args, run, train_dict, checkpoint):
     return ids, utils.sample_train_images(train_dict, sampling)
 
 
-def train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world):
+def train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world, replicas):
     """The sampled training list with its meta-class labels, shuffled and augmented from (--seed, epoch)."""
     transform, min_side = utils.input_pipeline(args.crop_type, True, args.image_size, data_dicts['mean'],
                                                data_dicts['std'], args.exact_pipeline)
     dataset = utils.TrainReader(os.path.join(args.data_path, args.data_name), train_items,
                                 [ids[:, c] for _, c in train_items], transform, min_side)
     sampler = SeededSampler(len(dataset), args.seed, rank, world)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **options)
+    drop_last = drop_last_batch(args, batch_size, len(sampler), replicas)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **options)
+
+
+def drop_last_batch(args, batch_size, num_samples, replicas):
+    """Whether to leave out the epoch's last, short batch. Batch norm cannot train on one value per channel,
+    which a device gets from a single image when the last feature map is 1 x 1 (--image_size 32 or less);
+    DataParallel splits a batch over replicas devices as torch.chunk does."""
+    if engine.last_feature_side(args.image_size) > 1:
+        return False
+    def gives_a_device_one_image(batch):
+        return min(len(chunk) for chunk in torch.arange(batch).chunk(replicas)) < 2
+    if gives_a_device_one_image(batch_size):
+        raise utils.UsageError(f'--batch_size {args.batch_size} gives a device single images, which batch norm '
+                               f'cannot train on at --image_size {args.image_size} (a 1 x 1 last feature map): '
+                               f'use a larger --batch_size or an --image_size above 32')
+    last = num_samples % batch_size
+    if last and gives_a_device_one_image(last):
+        utils.warn(f'the last batch of every epoch ({last} images) is left out: batch norm cannot train on single '
+                   f'images at --image_size {args.image_size}')
+        return True
+    return False
 
 
 # ----------------------------------------------------------------------------- one epoch
 
 def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
-    """One pass over the training list; returns mean loss, accuracy in percent and skipped images."""
+    """One pass over the training list; returns mean loss, accuracy in percent and skipped images. Stops at
+    the first non-finite loss (engine.Diverged)."""
     model.train()
     total_loss, correct, seen, skipped = 0.0, 0, 0, 0
     progress = tqdm(loader, desc=description, dynamic_ncols=True, file=sys.stderr,
                     disable=not utils.is_main_process())
-    for images, labels, failures in progress:
+    for step, (images, labels, failures) in enumerate(progress, start=1):
         images = images.to(device, non_blocking=True, memory_format=engine.memory_format(device, amp))
         labels = labels.to(device, non_blocking=True)                                      # (B, E)
         loss, logits = engine.train_step(model, images, labels, optimizer, scaler, amp)   # logits (B, E, M)
+        if not math.isfinite(loss.item()):
+            raise engine.Diverged(f'the loss is {loss.item()} at step {step} of {len(loader)}')
         total_loss += loss.item() * images.shape[0]
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += images.shape[0]
@@ -199,9 +239,17 @@ def database_loader(data_dicts, dataset_root, transform, min_side, batch_size, o
     return engine.eval_loader(reader, batch_size, options)
 
 
-def save_best(model, output, eval_items, features, train_images, dataset_root, device, amp):
-    """The model and its embedding database: the evaluation splits' features, and for self-retrieval datasets
-    those of every training image (each process embeds its shard; unreadable images are left out)."""
+def recorded_settings(args, data_dicts):
+    """What <prefix>_args.json and the database record of the run: its flags and the normalization it used
+    (a folder dataset prepared again with more images gets another mean and std)."""
+    return dict(vars(args), mean=list(data_dicts['mean']), std=list(data_dicts['std']))
+
+
+def best_files(model, settings, output, eval_items, features, train_images, dataset_root, device, amp):
+    """The files of a best epoch, as writers for utils.save_together: the model, its embedding database (the
+    evaluation splits' features, and for self-retrieval datasets those of every training image, each process
+    embedding its shard; unreadable images are left out) and the run's recorded_settings, which say how to
+    embed."""
     database = {split: (items, features[split]) for split, items in eval_items.items()}
     if train_images is not None:
         train_features, readable = engine.extract_features(model, train_images, device, amp)
@@ -209,24 +257,54 @@ def save_best(model, output, eval_items, features, train_images, dataset_root, d
             utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
         items = [item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok]
         database['train'] = (items, train_features[readable])
-    if utils.is_main_process():
-        utils.atomic_torch_save(engine.unwrap(model).state_dict(), output['model.pth'])
-        utils.save_database(output['data_base.pth'], database, dataset_root)
+    return {output['model.pth']: utils.torch_file(engine.unwrap(model).state_dict()),
+            output['data_base.pth']: utils.database_file(database, dataset_root, settings),
+            output['args.json']: utils.json_file(settings)}
 
 
-def record_epoch(results, epoch, stats, metrics, args, output):
-    """Print the epoch's line and add its row to the results; the main process rewrites the CSV and curves."""
+def record_epoch(results, epoch, stats, metrics, args):
+    """Print the epoch's line and add its row to the results."""
     skipped = f' | {stats["skipped"]} unreadable images skipped' if stats['skipped'] else ''
     utils.log(f'Epoch {epoch}/{args.num_epochs} | loss: {stats["loss"]:.4f} | accuracy: {stats["accuracy"]:.2f}% | '
               f'{engine.format_metrics(metrics, args.recalls)}{skipped}')
     results.append({'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
                     **{f'test_{name}': value for name, value in metrics.items()}})
-    if utils.is_main_process():
-        utils.write_results_csv(results, output['results.csv'])
-        utils.save_curves(results, output['curves.png'])
+
+
+def save_epoch(output, results, trainable, progress, best):
+    """The epoch's files, written together so that a failed save keeps the previous epoch's complete set:
+    the results CSV, the curves, the checkpoint, and at a best epoch the files of best_files."""
+    utils.save_together({output['results.csv']: utils.csv_file(results),
+                         output['curves.png']: utils.curves_file(results),
+                         output['checkpoint.pth']: checkpoint_file(trainable, progress),
+                         **(best or {})})
+
+
+def kept_files(output, epoch):
+    """What is left of a run that stops in epoch."""
+    if epoch == 1:
+        return 'no epoch completed, so there is nothing to resume'
+    return f'{output["checkpoint.pth"]} and the run\'s other files hold epoch {epoch - 1}'
 
 
 # ----------------------------------------------------------------------------- checkpoints
+
+def claim_run(args, run, output):
+    """Lock the run's prefix (utils.RunLock) and make sure this start replaces nothing unasked: the files of an
+    earlier run with this prefix need --resume (continue it) or --overwrite (they are removed now)."""
+    lock = utils.RunLock(args.results_dir, run.prefix)
+    utils.remove_stale_temporaries(args.results_dir, run.prefix)
+    existing = [path for path in output.values() if os.path.exists(path)]
+    if existing and not args.resume:
+        if not args.overwrite:
+            lock.release()
+            raise utils.UsageError(f'{args.results_dir}/ holds the files of a run with these settings '
+                                   f'({", ".join(os.path.basename(p) for p in existing)}): continue it with '
+                                   f'--resume, or pass --overwrite to start over')
+        for path in existing:
+            os.remove(path)
+    return lock
+
 
 def load_checkpoint(path, args):
     if not os.path.isfile(path):
@@ -239,10 +317,34 @@ def load_checkpoint(path, args):
     return checkpoint
 
 
-def save_checkpoint(path, trainable, progress):
+def checkpoint_file(trainable, progress):
     """trainable: the model, optimizer, scheduler and scaler by name; progress: the rest of
     utils.CHECKPOINT_KEYS."""
-    utils.atomic_torch_save({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress}, path)
+    return utils.torch_file({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
+
+
+def best_files_missing(settings, output, results, start_epoch, selection_key):
+    """Whether --resume must write the best epoch's model, database and flags again: it can when the
+    checkpoint holds the best epoch's model, and refuses when that model is lost."""
+    missing = [output[kind] for kind in ('model.pth', 'data_base.pth') if not os.path.isfile(output[kind])]
+    if not missing:
+        if not os.path.isfile(output['args.json']):  # a run from before args.json was written
+            utils.atomic_write(output['args.json'], utils.json_file(settings))
+        return False
+    best = best_epoch(results, selection_key)
+    if best != start_epoch - 1:
+        raise utils.ReirError(f'{" and ".join(missing)} missing: the model of the best epoch, {best}, is lost (the '
+                              f'checkpoint holds epoch {start_epoch - 1}); put the files back, or start over with '
+                              f'--overwrite')
+    utils.warn(f'{" and ".join(missing)} missing: writing them again from the checkpoint, which holds the best '
+               f'epoch ({best})')
+    return True
+
+
+def best_epoch(results, selection_key):
+    """The epoch whose model is the run's model: the first with the highest selection metric."""
+    best = max(results, key=lambda row: row[f'test_{selection_key}'])
+    return best['epoch']
 
 
 def restore(checkpoint, trainable):
@@ -283,6 +385,8 @@ def build_run_model(args, run, device, gpu_ids, world, batch_size):
 
 
 def main(args):
+    if args.resume and args.overwrite:
+        raise utils.UsageError('--resume continues the run\'s files and --overwrite removes them: pass one')
     rank, world, local_rank = engine.init_distributed()
     if args.batch_size % world:
         raise utils.UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: make it '
@@ -291,20 +395,27 @@ def main(args):
     if args.amp and device.type != 'cuda':
         utils.warn('--amp only acts on CUDA: running in float32')
     run = utils.RunName.from_args(args)
-    output = {kind: os.path.join(args.results_dir, f'{run.prefix}_{kind}')
-              for kind in ('results.csv', 'curves.png', 'model.pth', 'data_base.pth', 'checkpoint.pth')}
-    os.makedirs(args.results_dir, exist_ok=True)
-    if utils.is_main_process():
-        utils.remove_stale_temporaries(args.results_dir, run.prefix)
+    output = {kind: os.path.join(args.results_dir, f'{run.prefix}_{kind}') for kind in utils.RUN_OUTPUTS}
+    with claim_run(args, run, output) if utils.is_main_process() else contextlib.nullcontext():
+        train(args, run, output, device, gpu_ids, rank, world)
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def train(args, run, output, device, gpu_ids, rank, world):
     checkpoint = load_checkpoint(output['checkpoint.pth'], args) if args.resume else None
 
-    # ------------------------------------------------------------------ data
+    # ------------------------------------------------------------------ data, checked before any epoch
     data_dicts = load_data_dicts(args)
+    settings = recorded_settings(args, data_dicts)
     dataset_root = os.path.join(args.data_path, args.data_name)
+    engine.check_recalls(args.recalls, {split: sum(map(len, data_dicts[split].values()))
+                                        for split in utils.eval_splits(data_dicts, args.data_name)})
     ids, train_items = run_lists(args, run, data_dicts['train'], checkpoint)
     options = engine.loader_options(args.num_workers, args.seed, device)
     batch_size = args.batch_size // world  # per process
-    loader = train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world)
+    loader = train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world, max(1, len(gpu_ids)))
     transform, min_side = utils.input_pipeline(args.crop_type, False, args.image_size, data_dicts['mean'],
                                                data_dicts['std'], args.exact_pipeline)
     eval_items, eval_labels, eval_loaders = engine.build_eval_data(data_dicts, dataset_root, transform, min_side,
@@ -323,32 +434,53 @@ def main(args):
     trainable = dict(model=engine.unwrap(model), optimizer=optimizer, scheduler=scheduler,
                      scaler=engine.grad_scaler(device, args.amp))
     start_epoch, best_recall, results = restore(checkpoint, trainable)
+    selection_key = f'recall@{args.recalls[0]}'
     if checkpoint is not None:
         utils.log(f'resumed from {output["checkpoint.pth"]} at epoch {start_epoch}')
+        missing = best_files_missing(settings, output, results, start_epoch, selection_key) \
+            if utils.is_main_process() else None
+        if engine.broadcast_from_main(missing):
+            _, features = engine.evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
+            files = best_files(model, settings, output, eval_items, features, train_images, dataset_root, device,
+                               args.amp)
+            if utils.is_main_process():
+                utils.save_together(files)
 
     # ------------------------------------------------------------------ epochs
-    selection_key = f'recall@{args.recalls[0]}'
     for epoch in range(start_epoch, args.num_epochs + 1):
         utils.set_seed(epoch_seed(args.seed, epoch))
         loader.sampler.set_epoch(epoch)
-        stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
-                                f'Epoch {epoch}/{args.num_epochs}')
-        scheduler.step()
-        metrics, features = engine.evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
-        record_epoch(results, epoch, stats, metrics, args, output)
+        try:
+            stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
+                                    f'Epoch {epoch}/{args.num_epochs}')
+            scheduler.step()
+            metrics, features = engine.evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
+        except engine.Diverged as e:
+            raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
+                                  f'{kept_files(output, epoch)}') from None
+        record_epoch(results, epoch, stats, metrics, args)
+        best = None
         if metrics[selection_key] > best_recall:
             best_recall = metrics[selection_key]
-            save_best(model, output, eval_items, features, train_images, dataset_root, device, args.amp)
+            best = best_files(model, settings, output, eval_items, features, train_images, dataset_root, device,
+                              args.amp)
         if utils.is_main_process():
-            save_checkpoint(output['checkpoint.pth'], trainable, dict(
+            save_epoch(output, results, trainable, dict(
                 epoch=epoch + 1, best_recall=best_recall, results=results, args=vars(args), ids=ids,
-                train_items=train_items))
-    utils.log(f'best {selection_key}: {best_recall:.2f}% -> {output["model.pth"]}')
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+                train_items=train_items), best)
+    utils.log(f'best {selection_key}: {best_recall:.2f}% (epoch {best_epoch(results, selection_key)}) -> '
+              f'{output["model.pth"]}')
+
+
+def interrupted_note(args):
+    """What a Ctrl-C leaves of the run: its last completed epoch in the checkpoint, or nothing to resume."""
+    path = os.path.join(args.results_dir, f'{utils.RunName.from_args(args).prefix}_checkpoint.pth')
+    checkpoint = utils.peek_checkpoint(path)
+    if checkpoint is None:
+        return 'interrupted before the first epoch completed: there is nothing to resume'
+    return f'interrupted: {path} holds epoch {checkpoint["epoch"] - 1}; continue with --resume'
 
 
 if __name__ == '__main__':
-    utils.run_cli(main, get_args_parser().parse_args(),
-                  interrupted='interrupted: the last completed epoch is in the checkpoint; continue with --resume')
+    arguments = get_args_parser().parse_args()
+    utils.run_cli(main, arguments, interrupted=lambda: interrupted_note(arguments))

@@ -3,6 +3,10 @@ meta-class ids, datasets and their readers, transforms, and the retrieval metric
 they use as arguments (is_main_process, and so warn and log, ask torch.distributed which process this is);
 the constants below are the one place each value is written."""
 import argparse
+import errno
+import fcntl
+import json
+import math
 import os
 import pickle
 import random
@@ -10,6 +14,7 @@ import re
 import sys
 import tempfile
 import zipfile
+import zlib
 from collections import Counter
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -18,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 
@@ -29,12 +34,16 @@ CROP_TYPES = ('uncropped', 'cropped')
 LABEL_TYPES = ('fixed', 'random')
 MAX_IMAGES_PER_CLASS = 300  # DREML/REIR cap on training images per class, keeps SOP epochs bounded
 EVAL_SPLITS = (('test',), ('query', 'gallery'))  # a dataset evaluates by self-retrieval or query/gallery
+EXIF_ORIENTATION = 0x0112
 # what PIL raises for a file that is not a readable image (SyntaxError and ValueError for some broken headers)
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# the settings that change an embedding, as train.py defaults them; evaluate.py falls back to them only
-# where a run's checkpoint is not beside its files
+# what evaluate.py and inference.py need of a run besides its name: train.py's defaults, which they use
+# for a setting only when the user passes it (EMBEDDING_SETTINGS change an embedding and are never guessed)
 EMBEDDING_DEFAULTS = dict(recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
+EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
 RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that evaluate.py reads
+# every file train.py writes for a run, <prefix>_<kind> (the meta-class ids are named apart: RunName.ids_name)
+RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
 # what <prefix>_checkpoint.pth holds: everything --resume needs
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
                    'train_items')
@@ -52,7 +61,8 @@ class UsageError(ReirError):
 
 def run_cli(main_function, args, interrupted='interrupted'):
     """Run a script's main with the project's error convention: one line, exit 2 for flag errors,
-    1 for data errors, never a traceback for a problem the user can fix; on Ctrl-C the line interrupted."""
+    1 for data errors, never a traceback for a problem the user can fix; on Ctrl-C the line interrupted
+    (or what interrupted() returns, computed then)."""
     try:
         main_function(args)
     except UsageError as error:
@@ -66,18 +76,26 @@ def run_cli(main_function, args, interrupted='interrupted'):
               file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:
-        print(interrupted, file=sys.stderr)
+        print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f'{value} is below 1')
-    return value
+def int_in_range(low, high=None):
+    """An argparse type: an integer from low to high (inclusive; no upper bound when high is None)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'{text!r} is not an integer') from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f'{value} is below {low}')
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f'{value} is above {high}')
+        return value
+    return parse
+
+
+positive_int = int_in_range(1)
 
 
 def positive_float(text):
@@ -186,18 +204,44 @@ def run_of_file(path, kinds=RUN_FILE_KINDS):
     return run, path[:-len(kind)], kind
 
 
-def embedding_settings(prefix_path, overrides):
-    """The settings of EMBEDDING_DEFAULTS for the run whose files start with prefix_path: the run's own, from
-    its checkpoint when it is there, else the defaults; the overrides that are not None win."""
-    settings = dict(EMBEDDING_DEFAULTS)
-    checkpoint = prefix_path + '_checkpoint.pth'
-    saved = checkpoint_flags(checkpoint)
-    if saved is not None:
-        settings.update({k: saved[k] for k in settings if k in saved})
-    elif os.path.isfile(checkpoint):
-        warn(f'could not read the run\'s settings from {checkpoint}: using defaults and flags')
+def run_settings(prefix_path):
+    """The flags of the run whose files start with prefix_path, from <prefix>_args.json (written with its model)
+    or else its checkpoint; None when neither can be read."""
+    path = prefix_path + '_args.json'
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+            if isinstance(saved, dict):
+                return saved
+        except (OSError, ValueError):
+            pass
+        warn(f'could not read the run\'s settings from {path}')
+    checkpoint = peek_checkpoint(prefix_path + '_checkpoint.pth')
+    return checkpoint['args'] if checkpoint else None
+
+
+def embedding_settings(prefix_path, overrides, model_needed):
+    """The settings of EMBEDDING_DEFAULTS for the run whose files start with prefix_path: the overrides that
+    are not None, else the run's own (run_settings). The settings that change an embedding
+    (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
+    them, the user is asked to pass them. The others (recalls, data_path) default."""
+    saved = run_settings(prefix_path) or {}
+    settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
+    settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
     settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(mean=saved.get('mean'), std=saved.get('std'))  # the normalization the run used, if recorded
+    missing = [k for k in EMBEDDING_SETTINGS if k not in settings]
+    if model_needed and missing:
+        raise ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: {prefix_path}_args.json '
+                        f'and _checkpoint.pth are gone; pass --image_size N and --exact_pipeline or '
+                        f'--no-exact_pipeline as the run was trained')
     return SimpleNamespace(**settings)
+
+
+def normalization(settings, data_dicts):
+    """(mean, std) the run normalized its images with when its files record them, else the dataset's."""
+    return settings.mean or data_dicts['mean'], settings.std or data_dicts['std']
 
 
 def load_data_dicts(data_path, data_name, crop_type):
@@ -209,28 +253,79 @@ def load_data_dicts(data_path, data_name, crop_type):
     if not os.path.isfile(path):
         raise ReirError(f'{path} not found: download {data_name} into {os.path.join(data_path, data_name)}/ and '
                         f'run python data_utils.py --data_path {data_path} --data_name {data_name}')
-    return safe_load(path, 'data dicts')
+    data_dicts = safe_load(path, 'data dicts')
+    problem = data_dicts_problem(data_dicts)
+    if problem:
+        raise ReirError(f'{path}: {problem}; run python data_utils.py --data_path {data_path} --data_name '
+                        f'{data_name} again')
+    return data_dicts
+
+
+def data_dicts_problem(data_dicts):
+    """What makes data dicts unusable (a missing key, a wrong type, an empty split or class, an image path
+    outside the dataset folder), or None."""
+    if not isinstance(data_dicts, dict):
+        return f'not data dicts but a {type(data_dicts).__name__}'
+    for key in ('mean', 'std'):
+        values = data_dicts.get(key)
+        if not isinstance(values, (list, tuple)) or len(values) != 3 \
+                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+            return f'"{key}" is not three numbers'
+    if min(data_dicts['std']) <= 0:
+        return '"std" holds a value that is not above 0'
+    if 'train' not in data_dicts:
+        return 'no "train" split'
+    if not any(all(split in data_dicts for split in names) for names in EVAL_SPLITS):
+        return 'neither a "test" split nor "query" and "gallery" splits'
+    splits = ('train',) + eval_splits(data_dicts, 'data dicts')
+    for split in splits:
+        classes = data_dicts[split]
+        if not isinstance(classes, dict) or not classes:
+            return f'the {split} split holds no classes'
+        for key, paths in classes.items():
+            if not isinstance(key, str) or not isinstance(paths, list) or not paths:
+                return f'class {key!r} of the {split} split is not a class name with a non-empty list of images'
+            for path in paths:
+                if not isinstance(path, str) or os.path.isabs(path) or '..' in re.split(r'[\\/]', path):
+                    return f'image path {path!r} of the {split} split is not inside the dataset folder'
+    return None
 
 
 # ----------------------------------------------------------------------------- safe file I/O
 
+def save_together(writers):
+    """Write a set of files {path: write(tmp_path)}: each to a temporary beside it, fsynced, then all renamed
+    into place. A failure while writing (a full disk, a quota, a Ctrl-C) removes the temporaries and leaves
+    the files as they were, never a mix of old and new; a disk error becomes a ReirError naming the file."""
+    temporaries = {}
+    try:
+        for path, write in writers.items():
+            directory = os.path.dirname(path) or '.'
+            os.makedirs(directory, exist_ok=True)
+            fd, temporaries[path] = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
+                                                     suffix='.tmp')
+            os.close(fd)
+            os.chmod(temporaries[path], 0o666 & ~current_umask())  # mkstemp makes 0600 files
+            try:
+                write(temporaries[path])
+                with open(temporaries[path], 'rb+') as f:
+                    os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+                raise ReirError(f'could not write {path} ({reason}); the files there before are unchanged') from None
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), fsync, then rename over path: a kill at any moment leaves either the
     old file or the complete new one, never a half-written file."""
-    directory = os.path.dirname(path) or '.'
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.', suffix='.tmp')
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~current_umask())  # mkstemp makes 0600 files; give the usual permissions
-    try:
-        write(tmp)
-        with open(tmp, 'rb+') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    save_together({path: write})
 
 
 def current_umask():
@@ -240,24 +335,79 @@ def current_umask():
 
 
 def remove_stale_temporaries(directory, prefix):
-    """Delete the temporary files that a killed atomic_write of a file named prefix* left behind."""
-    if os.path.isdir(directory):
-        for name in os.listdir(directory):
-            if name.startswith(f'.{prefix}') and name.endswith('.tmp'):
-                os.remove(os.path.join(directory, name))
+    """Delete the temporaries that a killed write of the run's files (<prefix>_<kind>, RUN_OUTPUTS) left; the
+    kind is matched exactly, so that another run whose prefix begins with this one keeps its own."""
+    for name in os.listdir(directory):
+        if name.endswith('.tmp') and any(name.startswith(f'.{prefix}_{kind}.') for kind in RUN_OUTPUTS):
+            os.remove(os.path.join(directory, name))
+
+
+class RunLock:
+    """An exclusive lock on results/.<prefix>.lock, held while the process lives: a second start of the same
+    run fails at once instead of writing over the first's files. A POSIX record lock (lockf): the data loader's
+    worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. The lock
+    file stays (removing it would let two processes lock two files of one name)."""
+
+    def __init__(self, directory, prefix):
+        self.path = os.path.join(directory, f'.{prefix}.lock')
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.file = open(self.path, 'a')
+        except OSError as e:
+            raise ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
+                            f'--results_dir') from None
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.close()
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise ReirError(f'cannot lock {self.path} ({e.strerror})') from None
+            raise ReirError(f'{prefix} is being trained by another process (it holds {self.path}); wait for it, or '
+                            f'change a setting of the prefix or --results_dir') from None
+
+    def release(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def torch_file(obj):
+    return lambda tmp: torch.save(obj, tmp)
+
+
+def json_file(obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    return write
+
+
+def csv_file(rows):
+    """A list of {column: value} rows as a CSV."""
+    return lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
 
 
 def atomic_torch_save(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, torch_file(obj))
 
 
 def safe_load(path, what='file'):
-    """torch.load with weights_only=True: tensors and plain containers only, never code."""
+    """torch.load with weights_only=True: tensors and plain containers only, never code. The zip archive's
+    checksums are verified first, so that flipped bits or a truncation are refused, not loaded."""
     if not os.path.isfile(path):
         raise ReirError(f'{what} not found: {path}')
-    if not zipfile.is_zipfile(path):  # torch.save writes zip archives; anything else is damaged or foreign
-        raise ReirError(f'{path}: {what} is corrupt or truncated (not a torch.save archive); delete it or '
-                        f'write it again')
+    damaged = f'{path}: {what} is corrupt or truncated'
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save writes zip archives; anything else is damaged
+            bad_member = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
+    if bad_member is not None:
+        raise ReirError(f'{damaged} (checksum mismatch in {bad_member}); delete it or write it again')
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
@@ -265,59 +415,69 @@ def safe_load(path, what='file'):
         reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
         raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
-        raise ReirError(f'{path}: {what} is corrupt or truncated ({type(e).__name__}); delete it or '
-                        f'write it again') from None
+        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
 
 
 def write_results_csv(rows, path):
-    """A list of {column: value} rows as a CSV, written atomically."""
-    frame = pd.DataFrame(rows)
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    atomic_write(path, csv_file(rows))
 
 
-def save_curves(results, path):
+def curves_file(results):
     """results/<prefix>_curves.png: loss, training accuracy and the test metrics over the epochs."""
-    import matplotlib
-    matplotlib.use('Agg')
-    from matplotlib import pyplot as plt
-    frame = pd.DataFrame(results)
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
-              ('test retrieval (%)', [c for c in frame.columns if c.startswith('test_')]))
-    for axis, (title, columns) in zip(axes, panels):
-        for column in columns:
-            axis.plot(frame['epoch'], frame[column], marker='o', label=column.removeprefix('test_'))
-        axis.set_title(title)
-        axis.set_xlabel('epoch')
-        axis.grid(alpha=0.3)
-        if len(columns) > 1:
-            axis.legend(fontsize='small')
-    figure.tight_layout()
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format='png', dpi=80))
-    plt.close(figure)
+    def write(tmp):
+        import matplotlib
+        matplotlib.use('Agg')
+        from matplotlib import pyplot as plt
+        frame = pd.DataFrame(results)
+        figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+        panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
+                  ('test retrieval (%)', [c for c in frame.columns if c.startswith('test_')]))
+        for axis, (title, columns) in zip(axes, panels):
+            for column in columns:
+                axis.plot(frame['epoch'], frame[column], marker='o', label=column.removeprefix('test_'))
+            axis.set_title(title)
+            axis.set_xlabel('epoch')
+            axis.grid(alpha=0.3)
+            if len(columns) > 1:
+                axis.legend(fontsize='small')
+        figure.tight_layout()
+        try:
+            figure.savefig(tmp, format='png', dpi=80)
+        finally:
+            plt.close(figure)
+    return write
 
 
-def save_database(path, splits, dataset_root):
+def database_file(splits, dataset_root, settings):
     """The embedding database that evaluate.py and inference.py read: for every split, from
     splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
-    the repository root, the class keys and the features in float16."""
-    database = {}
+    the working folder, the class keys and the features in float16; with the folder those paths start from
+    and the run's settings (plain values), so that the file describes itself."""
+    database = {'working_dir': os.getcwd(), 'settings': settings}
     for split, (items, features) in splits.items():
         database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
         database[f'{split}_labels'] = [key for _, key in items]
         database[f'{split}_features'] = features.half()
-    atomic_torch_save(database, path)
+    return torch_file(database)
 
 
 def load_database(path):
-    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database."""
+    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database. Relative image
+    paths are read from the folder the run worked in when they are not found from this one."""
     database = safe_load(path, 'embedding database')
     names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
         if isinstance(database, dict) else []
     if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
         raise ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
-    return {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
-            for name in names}
+    splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
+              for name in names}
+    origin = database.get('working_dir')
+    first = next((images[0] for images, _, _ in splits.values() if images), None)
+    if isinstance(origin, str) and first is not None and not os.path.exists(first) \
+            and os.path.exists(os.path.join(origin, first)):
+        splits = {name: ([os.path.join(origin, p) for p in images], labels, features)
+                  for name, (images, labels, features) in splits.items()}
+    return splits
 
 
 def load_checkpoint(path):
@@ -330,15 +490,16 @@ def load_checkpoint(path):
     return checkpoint
 
 
-def checkpoint_flags(path):
-    """The flags of the run whose checkpoint this is, read memory-mapped (the tensors stay on disk); None
-    when it is absent or unreadable."""
+def peek_checkpoint(path):
+    """A run's checkpoint read memory-mapped (its tensors stay on disk), for its flags and epoch; None when it
+    is absent or unreadable."""
     if not os.path.isfile(path):
         return None
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)['args']
-    except (pickle.UnpicklingError, RuntimeError, KeyError, TypeError, OSError, EOFError):
+        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, TypeError, OSError, EOFError, ValueError):
         return None
+    return checkpoint if isinstance(checkpoint, dict) and 'args' in checkpoint and 'epoch' in checkpoint else None
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -508,13 +669,25 @@ class ResizeCrop:
 
 
 def load_rgb(path, min_side=None):
-    """An image as RGB. With min_side, a JPEG at least twice that size on both sides is decoded at
-    1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL draft), keeping both sides >= min_side: fewer
-    pixels decoded for what a resize to min_side keeps."""
+    """An image as 8-bit RGB. With min_side (the default input pipeline), a JPEG at least twice that size on
+    both sides is decoded at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling, PIL draft), keeping both sides
+    >= min_side: fewer pixels decoded for what a resize to min_side keeps; and a photo is turned upright by
+    its EXIF orientation. min_side None decodes as the original REIR did: whole, orientation ignored."""
     with Image.open(path) as image:
         if min_side is not None:
             image.draft('RGB', (min_side, min_side))
-        return image.convert('RGB')
+            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:
+                image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+def to_rgb(image):
+    """8-bit RGB; 16-bit greyscale (a PNG of mode I;16 or I) is scaled to 8 bits, where PIL's convert would
+    clip every value above 255 to white."""
+    if image.mode.startswith('I;16') or image.mode == 'I':
+        pixels = np.asarray(image).astype(np.float64) / 257                         # 65535 -> 255
+        return Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)).convert('RGB')
+    return image.convert('RGB')
 
 
 class ImageReader(Dataset):
@@ -579,11 +752,20 @@ def _as_label_tensor(labels, n, name):
     return labels.long()
 
 
+def all_finite(vectors, rows=4096):
+    """Whether an (N, d) tensor holds only finite values, checked in row blocks: torch.isfinite of the whole
+    tensor at once holds several N x d temporaries (+830 MiB at 60,502 x 2,048)."""
+    return all(bool(torch.isfinite(block).all()) for block in vectors.split(rows))
+
+
 def _check_inputs(feature_vectors, feature_labels, gallery_vectors, gallery_labels):
     if feature_vectors.dim() != 2 or feature_vectors.shape[0] == 0:
         raise ValueError(f'feature_vectors must be a non-empty (N, d) tensor, got shape '
                          f'{tuple(feature_vectors.shape)}')
     query_labels = _as_label_tensor(feature_labels, feature_vectors.shape[0], 'feature_labels')
+    for vectors in (feature_vectors, gallery_vectors):
+        if vectors is not None and not all_finite(vectors):
+            raise ValueError('the embeddings hold NaN or infinite values: no ranking can be computed from them')
     if gallery_vectors is None:
         if gallery_labels is not None:
             raise ValueError('gallery_labels given without gallery_vectors')
@@ -606,11 +788,11 @@ def _similarity(queries, gallery_t):
     return queries @ gallery_t
 
 
-def _count_above(sims, thresholds):
-    """(c,) number of entries of each row of sims strictly above the row's threshold."""
+def _count_at_least(sims, thresholds):
+    """(c,) number of entries of each row of sims at or above the row's threshold."""
     if sims.device.type == 'cpu':  # numpy counts a boolean mask several times faster than torch's sum
-        return torch.from_numpy(np.count_nonzero(sims.numpy() > thresholds.numpy()[:, None], axis=1))
-    return (sims > thresholds[:, None]).sum(1)
+        return torch.from_numpy(np.count_nonzero(sims.numpy() >= thresholds.numpy()[:, None], axis=1))
+    return (sims >= thresholds[:, None]).sum(1)
 
 
 class _ClassIndex:
@@ -643,13 +825,14 @@ def retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors=Non
 
     Memory is bounded by memory_budget bytes of similarities (chunk_size query rows at a time), never the
     N_query x N_gallery matrix. With feature_vectors as its own gallery (gallery_vectors None) each query's
-    own entry is excluded. Ties: items are ranked by score, and a same-class item goes before any other
-    item of equal score. So a query is a hit at K exactly when fewer than K gallery items score strictly
-    above its best same-class item (all K of rank from that one count), and the j-th best same-class item
-    has rank j + (other-class items scoring strictly above it). MAP@R averages, over the first R ranks,
-    the precision at ranks that hold a same-class item (R = the query's same-class gallery items);
-    R-precision is the same-class fraction of the first R. Queries with R = 0 are misses for Recall@K
-    and left out of MAP@R and R-precision. Returns (recalls, map_at_r, r_precision) as fractions.
+    own entry is excluded. Ties never help: items are ranked by score, and an item of another class goes
+    before a same-class item of equal score, so that a degenerate embedding (all vectors equal) scores 0,
+    not 100%. The j-th best same-class item therefore has rank j + (other-class items scoring at least as
+    high), and a query is a hit at K exactly when fewer than K other-class items score at least as high as
+    its best same-class item. MAP@R averages, over the first R ranks, the precision at ranks that hold a
+    same-class item (R = the query's same-class gallery items); R-precision is the same-class fraction of
+    the first R. Queries with R = 0 are misses for Recall@K and left out of MAP@R and R-precision.
+    Returns (recalls, map_at_r, r_precision) as fractions.
     """
     queries, query_labels, gallery, gallery_labels, self_retrieval = _check_inputs(
         feature_vectors, feature_labels, gallery_vectors, gallery_labels)
@@ -691,25 +874,26 @@ def _chunk_statistics(queries, rows, gallery_t, classes, ks, self_retrieval):
     positive_scores = positive_scores.sort(dim=1, descending=True).values      # (c, R), -inf last
     num_positive = valid.sum(1)                                                  # (c,)
     found = num_positive > 0
+    # from here on sims holds the other-class scores only (a row without same-class items is never read)
+    sims.scatter_(1, torch.where(valid, positive_index, positive_index[:, :1]), float('-inf'))
 
-    # The top r_max scores of a row decide its Recall@K for K <= r_max and all of its MAP@R: whatever
-    # scores above the j-th same-class item while that item is within rank R is among them.
+    # The top r_max other-class scores of a row decide its Recall@K for K <= r_max and all of its MAP@R:
+    # an item that ranks before the j-th same-class item while that item is within rank R is among them.
     r_max = max(int(num_positive.max()), 1)
     top = sims.topk(r_max, dim=1).values                                         # (c, r_max)
     best = positive_scores[:, 0]
-    above_best = (top > best[:, None]).sum(1)                                    # (c,), exact below r_max
+    others_before_best = (top >= best[:, None]).sum(1)                           # (c,), exact below r_max
     # only rows whose best same-class item is not in the top r_max need a full count, and only for K > r_max
-    uncounted = (found & (above_best == r_max)).nonzero().flatten() if int(ks.max()) > r_max else []
+    uncounted = (found & (others_before_best == r_max)).nonzero().flatten() if int(ks.max()) > r_max else []
     for block in torch.split(torch.as_tensor(uncounted, dtype=torch.long), 256):
-        above_best[block] = _count_above(sims[block], best[block]).to(device)
-    hits = (found[:, None] & (above_best[:, None] < ks[None, :])).sum(0)        # (len(ks),)
+        others_before_best[block] = _count_at_least(sims[block], best[block]).to(device)
+    hits = (found[:, None] & (others_before_best[:, None] < ks[None, :])).sum(0)  # (len(ks),)
     if not found.any():
         return hits, 0.0, 0.0, 0
     scores = positive_scores[:, :r_max]                                          # (c, r_max)
-    items_above = (top[:, None, :] > scores[:, :, None]).sum(2)                  # (c, r_max)
-    positives_above = (scores[:, None, :] > scores[:, :, None]).sum(2)           # (c, r_max)
+    others_before = (top[:, None, :] >= scores[:, :, None]).sum(2)               # (c, r_max)
     j = torch.arange(1, r_max + 1, device=device)
-    ranks = j[None, :] + items_above - positives_above                           # (c, r_max)
+    ranks = j[None, :] + others_before                                           # (c, r_max)
     in_top_r = (j[None, :] <= num_positive[:, None]) & (ranks <= num_positive[:, None])
     r = num_positive[found].double()
     ap_sum = float(((in_top_r * j / ranks).sum(1)[found] / r).sum())

@@ -198,13 +198,18 @@ def folder_root(tmp_path):
 
 TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
         '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
-SHOP_RECALLS = ['--recalls', '1,10']
+SHOP_RECALLS = ['--recalls', '1,8']
 
 
 def run_train(root, *extra, name='tiny', results=None):
     """train.py on root/data/<name> with the TINY flags, writing to results (default root/results)."""
     return run_main('train', '--data_path', root / 'data', '--data_name', name, '--results_dir',
                     results or root / 'results', *TINY, *extra)
+
+
+def written_files(results):
+    """{name: bytes} of the files a results folder holds, its hidden lock files left out."""
+    return {name: (results / name).read_bytes() for name in os.listdir(results) if not name.startswith('.')}
 
 
 def prefix(name='tiny', E=2, M=2, share='layer1', with_random=False):
@@ -225,7 +230,7 @@ def prepared(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def trained(prepared):
-    """One tiny run (TINY flags) and one query/gallery run (shop, --recalls 1,10, one epoch), trained once for
+    """One tiny run (TINY flags) and one query/gallery run (shop, --recalls 1,8, one epoch), trained once for
     every test that reads a run's outputs. Their results folder is prepared/results; tests that write must use
     their own."""
     for name, extra in (('tiny', []), ('shop', [*SHOP_RECALLS, '--num_epochs', '1'])):

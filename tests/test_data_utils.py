@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 import data_utils
+import utils
 from conftest import assert_one_line_error, make_folder_dataset, run_main, write_image
 
 
@@ -102,6 +103,49 @@ def test_folder_dataset_with_query_and_gallery(tmp_path):
     root = make_folder_dataset(str(tmp_path / 'qg'), {'train': 2, 'query': 2, 'gallery': 2})
     prepare(root)
     assert {'train', 'query', 'gallery'} <= set(load_dicts(root))
+
+
+def test_hidden_temporary_and_dangling_files_are_left_out(folder_root, capsys):
+    """A SIGKILL during a write leaves .<name>.<random>.tmp files; macOS leaves .DS_Store; a broken symlink
+    points at nothing: none of them is an image of the dataset."""
+    class_dir = os.path.join(folder_root, 'train', 'class_00')
+    for name in ('.0.jpg.abc123.tmp', '.DS_Store', 'half.tmp'):
+        with open(os.path.join(class_dir, name), 'wb') as f:
+            f.write(b'\xff\xd8 partial')
+    os.symlink(os.path.join(folder_root, 'gone.jpg'), os.path.join(class_dir, 'link.jpg'))
+    os.makedirs(os.path.join(folder_root, 'train', '.hidden_class'))
+    write_image(os.path.join(folder_root, 'train', '.hidden_class', '0.jpg'))
+    summary = prepare(folder_root)
+    assert 'train 4 classes / 16 images' in summary[0] and '0 excluded' in summary[0]
+    assert 'left out 1 symbolic links to nothing: train/class_00/link.jpg' in capsys.readouterr().err
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped(folder_root):
+    path = os.path.join(folder_root, 'train', 'class_00', '0.jpg')
+    os.remove(path)
+    Image.fromarray(np.full((36, 40), 30_000, dtype=np.uint16)).save(path[:-4] + '.png')
+    prepare(folder_root)
+    image = utils.load_rgb(path[:-4] + '.png')
+    assert image.getpixel((0, 0)) == (117, 117, 117)  # 30000 / 257; PIL's convert('RGB') gives white
+
+
+def test_exif_orientation_is_applied_except_in_the_exact_pipeline(tmp_path):
+    path = str(tmp_path / 'rotated.jpg')
+    exif = Image.Exif()
+    exif[utils.EXIF_ORIENTATION] = 6  # stored sideways: turn 90 degrees clockwise to view
+    Image.new('RGB', (80, 40), (200, 30, 30)).save(path, exif=exif)
+    assert utils.load_rgb(path, min_side=40).size == (40, 80)
+    assert utils.load_rgb(path).size == (80, 40)  # the original REIR's decoding ignores orientation
+
+
+def test_split_left_empty_is_an_error(folder_root):
+    for name in os.listdir(os.path.join(folder_root, 'test')):
+        for image in os.listdir(os.path.join(folder_root, 'test', name)):
+            with open(os.path.join(folder_root, 'test', name, image), 'wb') as f:
+                f.write(b'not an image')
+    result = run_main('data_utils', '--data_path', os.path.dirname(folder_root), '--data_name', 'tiny')
+    assert_one_line_error(result, 1, 'no readable image is left in the test split')
+    assert not os.path.exists(os.path.join(folder_root, 'uncropped_data_dicts.pth'))
 
 
 def test_truncated_image_is_excluded_and_reported(cub_root):

@@ -1,5 +1,8 @@
+import shutil
+
 import pandas as pd
 import pytest
+import torch
 
 from conftest import assert_one_line_error, prefix, run_main
 
@@ -35,7 +38,8 @@ def test_unrecognised_file_name_exits_2(trained):
 def test_model_that_does_not_fit_its_name(trained, tmp_path):
     wrong = tmp_path / f'{prefix(E=3)}_model.pth'
     wrong.write_bytes((trained / 'results' / f'{prefix()}_model.pth').read_bytes())
-    result = run_main('evaluate', wrong, '--num_workers', '0', '--data_path', trained / 'data', '--image_size', '32')
+    result = run_main('evaluate', wrong, '--num_workers', '0', '--data_path', trained / 'data', '--image_size', '32',
+                      '--no-exact_pipeline')
     assert_one_line_error(result, 1, 'does not fit')
 
 
@@ -43,3 +47,48 @@ def test_file_that_is_not_a_database(trained, tmp_path):
     fake = tmp_path / f'{prefix()}_data_base.pth'
     fake.write_bytes((trained / 'results' / f'{prefix()}_model.pth').read_bytes())
     assert_one_line_error(run_main('evaluate', fake), 1, 'not an embedding database')
+
+
+def test_settings_come_from_the_run_files_and_are_never_guessed(trained, tmp_path):
+    """Without the checkpoint, <prefix>_args.json gives the run's 32 px; without it too, evaluate.py asks."""
+    for kind in ('model.pth', 'args.json', 'results.csv'):
+        shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
+    model = tmp_path / f'{prefix()}_model.pth'
+    flags = ['--batch_size', '4', '--num_workers', '0', '--data_path', trained / 'data']
+    result = run_main('evaluate', model, *flags)
+    assert result.returncode == 0, result.stderr
+    best = pd.read_csv(tmp_path / f'{prefix()}_results.csv')['test_recall@1'].max()
+    assert pd.read_csv(tmp_path / f'{prefix()}_eval.csv')['test_recall@1'].iloc[0] == pytest.approx(best, abs=1e-4)
+
+    (tmp_path / f'{prefix()}_args.json').unlink()
+    assert_one_line_error(run_main('evaluate', model, *flags), 1,
+                          "cannot tell the run's --image_size and --exact_pipeline", '--no-exact_pipeline')
+    result = run_main('evaluate', model, *flags, '--image_size', '32', '--no-exact_pipeline')
+    assert result.returncode == 0, result.stderr
+
+
+def test_corrupted_model_is_refused(trained, tmp_path):
+    model = tmp_path / f'{prefix()}_model.pth'
+    data = bytearray((trained / 'results' / f'{prefix()}_model.pth').read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(b ^ 0xFF for b in data[len(data) // 2:len(data) // 2 + 4096])
+    model.write_bytes(bytes(data))
+    result = run_main('evaluate', model, '--data_path', trained / 'data', '--image_size', '32', '--no-exact_pipeline')
+    assert_one_line_error(result, 1, 'corrupt', 'checksum')
+
+
+def test_the_runs_normalization_is_used_after_the_dataset_changes(trained, tmp_path):
+    """A folder dataset prepared again (more images) gets another mean and std; the model keeps its own."""
+    shutil.copytree(trained / 'data' / 'tiny', tmp_path / 'data' / 'tiny')
+    path = tmp_path / 'data' / 'tiny' / 'uncropped_data_dicts.pth'
+    data_dicts = torch.load(path, weights_only=True)
+    torch.save(dict(data_dicts, mean=[0.9, 0.1, 0.5], std=[0.05, 0.05, 0.05]), path)
+    for kind in ('model.pth', 'args.json', 'results.csv'):
+        shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
+    result = run_main('evaluate', tmp_path / f'{prefix()}_model.pth', '--num_workers', '0', '--data_path',
+                      tmp_path / 'data')
+    assert result.returncode == 0, result.stderr
+    history = pd.read_csv(tmp_path / f'{prefix()}_results.csv')
+    evaluation = pd.read_csv(tmp_path / f'{prefix()}_eval.csv')
+    for column in evaluation.columns:
+        assert evaluation[column].iloc[0] == pytest.approx(history[column].loc[history['test_recall@1'].idxmax()],
+                                                           abs=1e-4)

@@ -1,6 +1,10 @@
+import os
+
+import torch
 from PIL import Image
 
 import inference
+import utils
 from conftest import assert_one_line_error, prefix, run_main, write_image
 
 
@@ -56,3 +60,25 @@ def test_missing_database_or_query(trained, monkeypatch):
     assert_one_line_error(result, 1, 'query image')
     result = run_main('inference', '--query_img_name', 'x.jpg', '--data_base', 'x', '--retrieval_num', '0')
     assert result.returncode == 2 and 'retrieval_num' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_decompression_bomb_query_is_refused(trained, tmp_path):
+    query = tmp_path / 'bomb.png'
+    Image.new('1', (14_000, 14_000)).save(query)  # 196 million pixels: more than twice PIL's limit
+    result = run_main('inference', '--query_img_name', query, '--data_base',
+                      trained / 'results' / f'{prefix()}_data_base.pth')
+    assert_one_line_error(result, 1, 'unreadable', 'DecompressionBombError')
+
+
+def test_database_paths_work_from_another_working_folder(trained, tmp_path, monkeypatch):
+    """A run trained with relative paths (data/tiny/...) read from another folder: the database says where
+    they start."""
+    database = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
+    for key in [k for k in database if k.endswith('_images')]:
+        database[key] = [os.path.relpath(path, trained) for path in database[key]]
+    database['working_dir'] = str(trained)
+    path = tmp_path / f'{prefix()}_data_base.pth'
+    torch.save(database, path)
+    monkeypatch.chdir(tmp_path)
+    images = utils.load_database(str(path))['test'][0]
+    assert images[0] == os.path.join(str(trained), database['test_images'][0]) and os.path.isfile(images[0])

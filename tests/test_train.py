@@ -1,4 +1,5 @@
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -16,10 +17,9 @@ import data_utils
 import engine
 import train
 import utils
-from conftest import REPO, TINY, assert_one_line_error, prefix, run_main, run_train
+from conftest import REPO, TINY, assert_one_line_error, prefix, run_main, run_train, written_files
 from model import Model
 
-RUN_FILES = ('results.csv', 'curves.png', 'model.pth', 'data_base.pth', 'checkpoint.pth')
 
 
 def test_end_to_end(trained):
@@ -30,8 +30,12 @@ def test_end_to_end(trained):
     assert frame['epoch'].tolist() == [1, 2]
     assert frame.drop(columns='epoch').apply(lambda c: c.between(0, 100)).all().all()
 
-    for kind in RUN_FILES[2:]:
+    for kind in ('model.pth', 'data_base.pth', 'checkpoint.pth'):
         torch.load(results / f'{prefix()}_{kind}', weights_only=True)
+    settings = json.loads((results / f'{prefix()}_args.json').read_text())
+    assert settings['image_size'] == 32 and settings['exact_pipeline'] is False
+    data_dicts = torch.load(trained / 'data' / 'tiny' / 'uncropped_data_dicts.pth', weights_only=True)
+    assert (settings['mean'], settings['std']) == (data_dicts['mean'], data_dicts['std'])
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_features'].dtype == torch.float16
     assert database['test_features'].shape == (12, 2 * 2) and database['train_features'].shape == (16, 4)
@@ -50,10 +54,12 @@ def test_end_to_end(trained):
 
 def test_query_gallery_dataset_end_to_end(trained):
     frame = pd.read_csv(trained / 'results' / f'{prefix("shop")}_results.csv')
-    assert list(frame.columns)[3:] == ['test_recall@1', 'test_recall@10', 'test_map@r', 'test_r_precision']
-    assert (frame['test_recall@10'] == 100.0).all()  # every query has a same-class item among 8 gallery images
+    assert list(frame.columns)[3:] == ['test_recall@1', 'test_recall@8', 'test_map@r', 'test_r_precision']
+    assert (frame['test_recall@8'] == 100.0).all()  # every query has a same-class item among the 8 gallery images
     database = torch.load(trained / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
-    assert set(database) == {f'{s}_{k}' for s in ('query', 'gallery') for k in ('images', 'labels', 'features')}
+    assert set(database) == {f'{s}_{k}' for s in ('query', 'gallery') for k in ('images', 'labels', 'features')} \
+        | {'working_dir', 'settings'}
+    assert database['settings']['image_size'] == int(TINY[TINY.index('--image_size') + 1])
 
 
 def test_curves_are_drawn_after_every_epoch(trained, tmp_path):
@@ -61,8 +67,8 @@ def test_curves_are_drawn_after_every_epoch(trained, tmp_path):
         assert image.format == 'PNG' and image.width > 400
     rows = [{'epoch': e, 'train_loss': 2.0 / e, 'train_accuracy': 10.0 * e, 'test_recall@1': 5.0 * e,
              'test_map@r': 1.0 * e, 'test_r_precision': 2.0 * e} for e in (1, 2)]
-    utils.save_curves(rows[:1], str(tmp_path / 'one.png'))
-    utils.save_curves(rows, str(tmp_path / 'two.png'))
+    utils.atomic_write(str(tmp_path / 'one.png'), utils.curves_file(rows[:1]))
+    utils.atomic_write(str(tmp_path / 'two.png'), utils.curves_file(rows))
     assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
 
 
@@ -92,6 +98,9 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
     assert torch.equal(loaded_ids, ids) and loaded == drawn
     assert len(drawn) == 3 * utils.MAX_IMAGES_PER_CLASS
     args.load_ids, args.seed = False, 2
+    with pytest.raises(utils.UsageError, match='other ids'):  # another seed would replace the saved ids
+        train.run_lists(args, run, train_dict, checkpoint=None)
+    args.overwrite = True
     assert train.run_lists(args, run, train_dict, checkpoint=None)[1] != drawn
 
 
@@ -164,11 +173,13 @@ def test_missing_dataset_says_to_run_data_utils(tmp_path):
     (['--batch_size', '-1'], 'batch_size'), (['--image_size', '0'], 'image_size'),
     (['--num_epochs', '0'], 'num_epochs'), (['--lr', '0'], 'lr'),
     (['--meta_class_size', '0'], 'meta_class_size'), (['--share_type', 'layer9'], 'share_type'),
+    (['--meta_class_size', '1'], 'meta_class_size'), (['--seed', '-1'], 'seed'), (['--seed', str(2 ** 32)], 'seed'),
+    (['--resume', '--overwrite'], '--overwrite'), (['--recalls', '1,99999999999999999999'], '99999999999999999999'),
     (['--gpu_ids', 'first'], 'gpu_ids')])
 def test_bad_flags_exit_2(tiny, flags, fragment):
     result = run_train(tiny, *flags)
     assert result.returncode == 2 and fragment in result.stderr and 'Traceback' not in result.stderr
-    assert not (tiny / 'results').exists() or not os.listdir(tiny / 'results')
+    assert not (tiny / 'results').exists() or not written_files(tiny / 'results')
 
 
 @pytest.mark.parametrize('flags, fragment', [
@@ -270,11 +281,11 @@ def test_resume_with_other_flags_is_refused(trained, tmp_path):
 
 def test_resume_after_the_last_epoch_changes_nothing(trained, tmp_path):
     results = copy_of_run(trained, tmp_path)
-    before = {name: (results / name).read_bytes() for name in os.listdir(results)}
+    before = written_files(results)
     result = run_train(trained, '--resume', '--num_workers', '1', results=results)
     assert result.returncode == 0, result.stderr
     assert 'resumed from' in result.stdout and 'Epoch' not in result.stdout
-    assert {name: (results / name).read_bytes() for name in os.listdir(results)} == before
+    assert written_files(results) == before
 
 
 def test_resume_without_or_with_a_bad_checkpoint(tiny):
@@ -305,8 +316,8 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     assert distributed.returncode == 0, distributed.stderr
     assert distributed.stdout.count('Epoch 1/1 |') == 1  # only rank 0 prints
     assert '2 processes of 2 images a step' in distributed.stdout
-    assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in RUN_FILES]
-                                                 + ['tiny_uncropped_fixed_2_2_ids.pth'])
+    assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in utils.RUN_OUTPUTS]
+                                                 + ['tiny_uncropped_fixed_2_2_ids.pth', f'.{prefix()}.lock'])
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order

@@ -83,14 +83,14 @@ def test_transforms_give_square_normalized_tensors(crop_type, train):
 # ----------------------------------------------------------------------------- metrics
 
 def oracle(queries, query_labels, gallery, gallery_labels, ks, self_retrieval):
-    """Brute force: the full similarity matrix and a sorted ranking of every query's gallery, same-class
-    items first among equal scores (the documented tie rule), then the definitions of SPEC §6."""
+    """Brute force: the full similarity matrix and a sorted ranking of every query's gallery, other-class
+    items first among equal scores (ties never help), then the metric definitions."""
     sims = (queries @ gallery.T).tolist()
     hits, aps, rps = [0] * len(ks), [], []
     for q in range(len(queries)):
-        ranked = sorted((-sims[q][g], -int(gallery_labels[g] == query_labels[q]), g) for g in range(len(gallery))
+        ranked = sorted((-sims[q][g], int(gallery_labels[g] == query_labels[q]), g) for g in range(len(gallery))
                         if not (self_retrieval and g == q))
-        relevant = [-same for _, same, _ in ranked]
+        relevant = [same for _, same, _ in ranked]
         for i, k in enumerate(ks):
             hits[i] += int(any(relevant[:k]))
         r = sum(relevant)
@@ -160,12 +160,25 @@ def test_hand_computed_case_with_ties():
     # 1-D embeddings: scores are products, so ties are easy to build
     vectors = torch.tensor([[1.0], [1.0], [1.0], [-1.0]])
     labels = [0, 1, 0, 1]
-    # query 0: gallery 1 (other class) and 2 (same) tie at 1 -> tie counts for the query: hit at K=1
-    # query 3: its only same-class item (1) scores -1, below items 0 and 2 (-1 too): a tie, hit at K=1
-    recalls = utils.recall(vectors, labels, [1, 2])
-    assert recalls[0] == pytest.approx(3 / 4)  # query 1's same-class item 3 scores -1 < 1 twice: miss at 1
-    assert recalls[1] == pytest.approx(3 / 4)
-    assert utils.recall(vectors, labels, [3]) == [1.0]
+    # query 0: gallery 1 (other class) and 2 (same) tie at 1 -> the other class ranks first: hit at K=2 only
+    # query 1: its same-class item 3 scores -1, below items 0 and 2 (1): hit at K=3
+    # query 3: its same-class item 1 scores -1, tied with items 0 and 2 (other class): hit at K=3
+    assert utils.recall(vectors, labels, [1, 2, 3]) == pytest.approx([0, 2 / 4, 1])
+    map_r, rp = utils.map_at_r(vectors, labels)
+    assert (map_r, rp) == (0.0, 0.0)  # every query's one same-class item ranks below R = 1
+
+
+@pytest.mark.parametrize('value', [0.0, 0.5])
+def test_degenerate_embeddings_score_zero(value):
+    """A collapsed model (all embeddings equal, or all zero) ranks every same-class item after every other
+    item: no recall below the number of other-class items, no MAP@R."""
+    labels = torch.arange(40) % 8                                  # 5 images per class: 35 other-class items
+    vectors = torch.full((40, 6), value)
+    recalls, map_r, rp = utils.retrieval_metrics(vectors, labels, [1, 8, 35, 36], chunk_size=16)
+    assert recalls == [0.0, 0.0, 0.0, 1.0]
+    assert (map_r, rp) == (0.0, 0.0)
+    recalls, map_r, rp = utils.retrieval_metrics(vectors[:8], labels[:8], [1, 7], vectors[8:], labels[8:])
+    assert recalls == [0.0, 0.0] and (map_r, rp) == (0.0, 0.0)  # 28 other-class gallery items
 
 
 def test_no_positive_queries_are_left_out_of_map():
@@ -185,6 +198,10 @@ def test_metric_input_errors():
         utils.recall(torch.randn(5, 4), [0] * 5, [1], torch.randn(3, 4), [0, 1])
     with pytest.raises(ValueError, match='rank'):
         utils.recall(torch.randn(5, 4), [0] * 5, [0])
+    with pytest.raises(ValueError, match='NaN'):
+        utils.recall(torch.full((5, 4), float('nan')), [0] * 5, [1])
+    with pytest.raises(ValueError, match='NaN'):
+        utils.recall(torch.randn(5, 4), [0] * 5, [1], torch.tensor([[float('inf')] * 4]), [0])
 
 
 # ----------------------------------------------------------------------------- safe loading
@@ -210,17 +227,44 @@ def test_safe_load_reports_truncated_files(tmp_path):
         utils.safe_load(str(path))
 
 
-def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path):
+def test_safe_load_refuses_flipped_bits(tmp_path):
+    """4 KB flipped inside a tensor's bytes still unpickle; the zip checksums catch them."""
+    path = tmp_path / 'model.pth'
+    torch.save({'w': torch.randn(50_000)}, path)
+    data = bytearray(path.read_bytes())
+    data[100_000:104_096] = bytes(b ^ 0xFF for b in data[100_000:104_096])
+    path.write_bytes(bytes(data))
+    with pytest.raises(utils.ReirError, match='checksum'):
+        utils.safe_load(str(path), 'model')
+
+
+@pytest.mark.parametrize('failure, error', [(KeyboardInterrupt, KeyboardInterrupt),
+                                            (OSError(28, 'No space left on device'), utils.ReirError)])
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, failure, error):
     path = tmp_path / 'results.csv'
     path.write_text('old')
 
     def failing(tmp):
         with open(tmp, 'w') as f:
             f.write('half')
-        raise RuntimeError('killed')
-    with pytest.raises(RuntimeError):
+        raise failure
+    with pytest.raises(error):
         utils.atomic_write(str(path), failing)
     assert path.read_text() == 'old' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_a_failed_save_keeps_the_previous_set_of_files(tmp_path):
+    """The model is written, the database fails (a full disk): neither file changes."""
+    model, database = tmp_path / 'model.pth', tmp_path / 'data_base.pth'
+    model.write_text('epoch 1')
+    database.write_text('epoch 1')
+
+    def full_disk(tmp):
+        raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')
+    with pytest.raises(utils.ReirError, match=r'could not write .*data_base.pth \(PytorchStreamWriter'):
+        utils.save_together({str(model): lambda tmp: open(tmp, 'w').write('epoch 2'), str(database): full_disk})
+    assert model.read_text() == database.read_text() == 'epoch 1'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data_base.pth', 'model.pth']
 
 
 # ----------------------------------------------------------------------------- the input pipeline

@@ -1,0 +1,211 @@
+"""Runs that go wrong stop and say so, and no run loses or mixes up another's files: divergence, batch norm
+on single images, existing files, the per-run lock, failed saves, damaged inputs, missing outputs."""
+import os
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+
+import engine
+import train
+import utils
+from conftest import assert_one_line_error, prefix, run_script, run_train, written_files
+
+
+def copy_of_run(trained, tmp_path, name='tiny'):
+    """A results folder holding a copy of one of the session's runs."""
+    shutil.copytree(trained / 'results', tmp_path / 'results',
+                    ignore=lambda _, names: [n for n in names if not n.startswith(f'{name}_')])
+    return tmp_path / 'results'
+
+
+# ----------------------------------------------------------------------------- a run that goes wrong stops
+
+def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, monkeypatch):
+    step = engine.train_step
+    calls = []
+
+    def diverging(*args):
+        loss, logits = step(*args)
+        calls.append(1)
+        return (torch.tensor(float('nan')) if len(calls) == 2 else loss), logits
+    monkeypatch.setattr(engine, 'train_step', diverging)
+    result = run_train(tiny, '--num_epochs', '1')
+    assert_one_line_error(result, 1, 'epoch 1: the loss is nan at step 2 of 4',
+                          'no epoch completed, so there is nothing to resume')
+    assert not (tiny / 'results' / f'{prefix()}_model.pth').exists()
+
+
+def test_non_finite_embeddings_stop_the_run_keeping_the_last_good_epoch(tiny, monkeypatch):
+    embed, save_epoch = engine.embed, train.save_epoch
+    saved = []
+    monkeypatch.setattr(train, 'save_epoch', lambda *args: (save_epoch(*args), saved.append(1)))
+    monkeypatch.setattr(engine, 'embed', lambda logits: embed(logits) * (float('inf') if saved else 1))
+    result = run_train(tiny, '--num_epochs', '2')
+    assert_one_line_error(result, 1, 'epoch 2: the test embeddings hold NaN or infinite values',
+                          f'{prefix()}_checkpoint.pth and the run\'s other files hold epoch 1')
+    checkpoint = torch.load(tiny / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == 2
+
+
+def test_a_diverged_model_is_not_kept(tiny):
+    """--lr 1e10 makes the loss NaN within the first epoch (before ties were made pessimistic, such a model's
+    zero embeddings scored 100% and were saved as the best)."""
+    result = run_train(tiny, '--lr', '1e10')
+    assert_one_line_error(result, 1, 'epoch 1: the loss is nan', 'training diverged')
+    assert not (tiny / 'results' / f'{prefix()}_model.pth').exists()
+
+
+def test_single_image_batches_are_refused_or_left_out(tiny):
+    """At 32 px the last feature map is 1 x 1: batch norm cannot train on one image."""
+    assert_one_line_error(run_train(tiny, '--batch_size', '1'), 2, '--batch_size 1 gives a device single images')
+    result = run_train(tiny, '--batch_size', '5', '--num_epochs', '1')  # 16 training images: a last batch of 1
+    assert result.returncode == 0, result.stderr
+    assert 'the last batch of every epoch (1 images) is left out' in result.stderr
+
+
+def test_drop_last_only_where_batch_norm_needs_it():
+    args = train.get_args_parser().parse_args(['--image_size', '33', '--batch_size', '5'])
+    assert not train.drop_last_batch(args, 5, 16, replicas=1)  # a 2 x 2 last feature map trains on one image
+    args.image_size = 32
+    assert train.drop_last_batch(args, 5, 16, replicas=1)
+    assert not train.drop_last_batch(args, 5, 17, replicas=1)
+    assert train.drop_last_batch(args, 6, 15, replicas=2)  # the last batch of 3 splits 2 + 1 over two GPUs
+    with pytest.raises(utils.UsageError):
+        train.drop_last_batch(args, 3, 30, replicas=2)
+
+
+# ----------------------------------------------------------------------------- nothing is overwritten unasked
+
+def test_a_finished_run_is_kept_unless_overwrite_is_passed(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path)
+    before = written_files(results)
+    result = run_train(trained, '--seed', '2', results=results)
+    assert_one_line_error(result, 2, 'holds the files of a run with these settings', '--resume', '--overwrite')
+    assert written_files(results) == before
+
+    result = run_train(trained, '--num_epochs', '1', '--overwrite', results=results)
+    assert result.returncode == 0, result.stderr
+    assert len(pd.read_csv(results / f'{prefix()}_results.csv')) == 1
+
+
+def test_a_second_start_of_a_running_run_fails_at_once(tiny):
+    """The lock is a POSIX record lock: another process (as a second start would be) cannot take it."""
+    with utils.RunLock(str(tiny / 'results'), prefix()):
+        result = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny',
+                            '--results_dir', tiny / 'results', '--no_pretrained', '--image_size', '32',
+                            '--ensemble_size', '2', '--meta_class_size', '2', '--num_workers', '0')
+    assert_one_line_error(result, 1, 'is being trained by another process')
+    assert [name for name in os.listdir(tiny / 'results')] == [f'.{prefix()}.lock']
+
+
+def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
+    """A run of prefix ..._2_2 must not delete the in-flight temporaries of a run of prefix ..._2_22."""
+    mine, other = prefix(E=2, M=2), prefix(E=2, M=22)
+    for name in (f'.{mine}_model.pth.x1.tmp', f'.{other}_model.pth.x2.tmp', f'.{mine}_results.csv.x3.tmp'):
+        (tmp_path / name).write_text('')
+    utils.remove_stale_temporaries(str(tmp_path), mine)
+    assert os.listdir(tmp_path) == [f'.{other}_model.pth.x2.tmp']
+
+
+def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
+    """A full disk while writing epoch 2's checkpoint: every file still holds epoch 1, none half-written."""
+    checkpoint_file = train.checkpoint_file
+    saves = []
+
+    def full_disk_on_second_save(trainable, progress):
+        saves.append(1)
+        if len(saves) < 2:
+            return checkpoint_file(trainable, progress)
+
+        def write(tmp):
+            raise OSError(28, 'No space left on device')
+        return write
+    monkeypatch.setattr(train, 'checkpoint_file', full_disk_on_second_save)
+    result = run_train(tiny, '--num_epochs', '2')
+    assert_one_line_error(result, 1, 'could not write', '_checkpoint.pth (No space left on device)')
+    results = tiny / 'results'
+    assert len(pd.read_csv(results / f'{prefix()}_results.csv')) == 1
+    checkpoint = torch.load(results / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert checkpoint['epoch'] == 2
+    model = torch.load(results / f'{prefix()}_model.pth', weights_only=True)
+    assert all(torch.equal(model[k], checkpoint['model'][k]) for k in model)
+    assert not [name for name in os.listdir(results) if name.endswith('.tmp')]
+
+
+def test_unwritable_results_dir(tiny):
+    (tiny / 'file').write_text('')
+    assert_one_line_error(run_train(tiny, results=tiny / 'file'), 1, 'cannot write', '--results_dir')
+
+
+# ----------------------------------------------------------------------------- validated before training
+
+def write_data_dicts(tiny, change):
+    path = tiny / 'data' / 'tiny' / 'uncropped_data_dicts.pth'
+    data_dicts = torch.load(path, weights_only=True)
+    change(data_dicts)
+    torch.save(data_dicts, path)
+
+
+@pytest.mark.parametrize('change, fragment', [
+    (lambda d: d.pop('mean'), '"mean" is not three numbers'),
+    (lambda d: d.pop('train'), 'no "train" split'),
+    (lambda d: d.update(test={}), 'the test split holds no classes'),
+    (lambda d: d['train'].update(class_09=[]), "class 'class_09' of the train split"),
+    (lambda d: d['train']['class_01'].append('../../secret.jpg'), "image path '../../secret.jpg' of the train split"),
+    (lambda d: d.update(std=[0.2, 0.0, 0.2]), '"std" holds a value that is not above 0'),
+])
+def test_damaged_data_dicts_are_refused_before_training(tiny, change, fragment):
+    write_data_dicts(tiny, change)
+    result = run_train(tiny)
+    assert_one_line_error(result, 1, 'uncropped_data_dicts.pth: ' + fragment, 'data_utils.py')
+    assert 'Epoch' not in result.stdout
+
+
+@pytest.mark.parametrize('ids, fragment', [
+    (torch.tensor([[0, 1, 0, 2], [1, 0, 1, 0]]), 'integers from 0 to 1'),
+    (torch.tensor([[0, 1, 0, 1], [1, 0, -1, 0]]), 'integers from 0 to 1'),
+    (torch.zeros(2, 4), 'integers from 0 to 1'),
+    (torch.zeros(3, 4, dtype=torch.long), 'do not fit'),
+])
+def test_bad_saved_ids_are_refused(tiny, ids, fragment):
+    (tiny / 'results').mkdir()
+    torch.save(ids, tiny / 'results' / 'tiny_uncropped_fixed_2_2_ids.pth')
+    assert_one_line_error(run_train(tiny, '--load_ids'), 1, fragment)
+
+
+# ----------------------------------------------------------------------------- resume and Ctrl-C
+
+def test_resume_writes_a_missing_model_again_from_the_best_epoch(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path, 'shop')  # one epoch: the checkpoint holds the best epoch
+    model, database = (results / f'{prefix("shop")}_{kind}' for kind in ('model.pth', 'data_base.pth'))
+    expected_model, expected_database = (torch.load(p, weights_only=True) for p in (model, database))
+    model.unlink()
+    database.unlink()
+    result = run_train(trained, '--recalls', '1,8', '--num_epochs', '1', '--resume', name='shop', results=results)
+    assert result.returncode == 0, result.stderr
+    assert 'writing them again' in result.stderr
+    restored = torch.load(model, weights_only=True)
+    assert all(torch.equal(restored[k], expected_model[k]) for k in expected_model)
+    restored_database = torch.load(database, weights_only=True)
+    assert torch.equal(restored_database['gallery_features'], expected_database['gallery_features'])
+
+
+def test_resume_refuses_when_the_best_model_is_lost(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path)
+    checkpoint_path = results / f'{prefix()}_checkpoint.pth'
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+    checkpoint['results'][0]['test_recall@1'] = 101.0  # epoch 1 the best: its weights are not in the checkpoint
+    torch.save(checkpoint, checkpoint_path)
+    (results / f'{prefix()}_model.pth').unlink()
+    result = run_train(trained, '--resume', results=results)
+    assert_one_line_error(result, 1, 'the model of the best epoch, 1, is lost', '--overwrite')
+
+
+def test_interrupted_note_says_what_there_is_to_resume(trained, tmp_path):
+    args = train.get_args_parser().parse_args(['--data_name', 'tiny', '--results_dir', str(tmp_path), '--image_size',
+                                               '32', '--ensemble_size', '2', '--meta_class_size', '2'])
+    assert 'there is nothing to resume' in train.interrupted_note(args)
+    args.results_dir = str(trained / 'results')
+    assert 'holds epoch 2; continue with --resume' in train.interrupted_note(args)
