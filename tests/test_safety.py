@@ -209,3 +209,10 @@ def test_interrupted_note_says_what_there_is_to_resume(trained, tmp_path):
     assert 'there is nothing to resume' in train.interrupted_note(args)
     args.results_dir = str(trained / 'results')
     assert 'holds epoch 2; continue with --resume' in train.interrupted_note(args)
+
+
+def test_unreadable_test_image_stops_the_run(tiny):
+    """Leaving a test image out would change the metric: the run stops, naming it."""
+    victim = tiny / 'data' / 'tiny' / 'test' / 'class_01' / '1.jpg'
+    victim.write_bytes(b'not a jpeg any more')
+    assert_one_line_error(run_train(tiny, '--num_epochs', '1'), 1, f'evaluation image {victim} is unreadable')
