@@ -10,7 +10,7 @@ import torch
 import engine
 import train
 import utils
-from conftest import assert_one_line_error, prefix, run_script, run_train, written_files
+from conftest import assert_one_line_error, prefix, run_as_command, run_script, run_train, written_files
 
 
 def copy_of_run(trained, tmp_path, name='tiny'):
@@ -209,6 +209,17 @@ def test_interrupted_note_says_what_there_is_to_resume(trained, tmp_path):
     assert 'there is nothing to resume' in train.interrupted_note(args)
     args.results_dir = str(trained / 'results')
     assert 'holds epoch 2; continue with --resume' in train.interrupted_note(args)
+
+
+def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tiny, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(engine, 'train_step', interrupt)
+    result = run_as_command('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny', '--results_dir',
+                            tiny / 'results', '--no_pretrained', '--image_size', '32', '--ensemble_size', '2',
+                            '--meta_class_size', '2', '--num_workers', '0')
+    assert result.returncode == 130
+    assert result.stderr.splitlines()[-1] == 'interrupted before the first epoch completed: there is nothing to resume'
 
 
 def test_unreadable_test_image_stops_the_run(tiny):
