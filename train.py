@@ -273,11 +273,12 @@ def record_epoch(results, epoch, stats, metrics, args):
 
 def save_epoch(output, results, trainable, progress, best):
     """The epoch's files, written together so that a failed save keeps the previous epoch's complete set:
-    the results CSV, the curves, the checkpoint, and at a best epoch the files of best_files."""
+    the results CSV, the curves, at a best epoch the files of best_files, and the checkpoint, renamed last so
+    that a kill between the renames leaves the previous checkpoint, from which --resume redoes this epoch."""
     utils.save_together({output['results.csv']: utils.csv_file(results),
                          output['curves.png']: utils.curves_file(results),
-                         output['checkpoint.pth']: checkpoint_file(trainable, progress),
-                         **(best or {})})
+                         **(best or {}),
+                         output['checkpoint.pth']: checkpoint_file(trainable, progress)})
 
 
 def kept_files(output, epoch):

@@ -134,6 +134,16 @@ def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
     assert not [name for name in os.listdir(results) if name.endswith('.tmp')]
 
 
+def test_the_checkpoint_is_renamed_last(monkeypatch):
+    """A kill between the renames must leave the previous checkpoint, so that --resume redoes the epoch,
+    never a checkpoint that points at a best model not yet in place."""
+    order = []
+    monkeypatch.setattr(utils, 'save_together', lambda writers: order.extend(writers))
+    best = {kind: None for kind in ('model.pth', 'data_base.pth', 'args.json')}
+    train.save_epoch({kind: kind for kind in utils.RUN_OUTPUTS}, [], {}, {}, best)
+    assert sorted(order) == sorted(utils.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
+
+
 def test_unwritable_results_dir(tiny):
     (tiny / 'file').write_text('')
     assert_one_line_error(run_train(tiny, results=tiny / 'file'), 1, 'cannot write', '--results_dir')
