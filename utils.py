@@ -225,7 +225,8 @@ def embedding_settings(prefix_path, overrides, model_needed):
     """The settings of EMBEDDING_DEFAULTS for the run whose files start with prefix_path: the overrides that
     are not None, else the run's own (run_settings). The settings that change an embedding
     (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
-    them, the user is asked to pass them. The others (recalls, data_path) default."""
+    them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
+    recorded normalization, or None (see normalization)."""
     saved = run_settings(prefix_path) or {}
     settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
     settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
