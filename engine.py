@@ -240,14 +240,17 @@ def extract_features(model, loader, device, amp):
     return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
 
 
-def check_recalls(recalls, sizes):
+def check_recalls(recalls, sizes, queries=''):
     """Refuse, before any work, a K of Recall@K above the number of images a query is ranked against; sizes:
-    the number of images of each evaluation split."""
+    the number of images of each evaluation split (none: nothing to check); queries names them in the
+    message ('validation ')."""
+    if not sizes:
+        return
     gallery = sizes['test'] - 1 if 'test' in sizes else sizes['gallery']
     too_large = [k for k in recalls if k > gallery]
     if too_large:
-        raise utils.UsageError(f'--recalls {too_large[0]} is more than the {gallery} images each query is ranked '
-                               f'against')
+        raise utils.UsageError(f'--recalls {too_large[0]} is more than the {gallery} images each {queries}query is '
+                               f'ranked against')
 
 
 def retrieval_scores(features, labels, recalls):

@@ -4,8 +4,9 @@
     python evaluate.py results/cub_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth
 
 A `_model.pth` is re-embedded over the test images (query and gallery where the dataset has them); a
-`_data_base.pth` is scored from its stored embeddings, with no images needed. The run's settings come
-from the file name (the prefix) and, for the image size, input pipeline, data path and recalls, from the
+`_data_base.pth` is scored from its stored embeddings, with no images needed. A run trained with
+--val_classes is scored on its held-out training classes too (the val_ metrics of its results CSV). The run's
+settings come from the file name (the prefix) and, for the image size, input pipeline, data path and recalls, from the
 run's <prefix>_args.json (or its checkpoint); flags override them, and a model is never run with a guessed
 image size or pipeline. Prints the metrics line of train.py and writes <prefix>_eval.csv beside
 the input.
@@ -37,13 +38,21 @@ def get_args_parser():
 
 
 def evaluate_database(path, recalls):
+    """{'test': metrics, and 'val': metrics when the database holds the run's held-out classes}."""
     database = utils.load_database(path)
-    splits = utils.eval_splits(database, path)
-    index = {key: i for i, key in enumerate(sorted({k for split in splits for k in database[split][1]}))}
-    features = {split: database[split][2].float() for split in splits}
-    labels = {split: [index[k] for k in database[split][1]] for split in splits}
-    engine.check_recalls(recalls, {split: len(labels[split]) for split in splits})
-    return engine.retrieval_scores(features, labels, recalls)
+    roles = {'test': utils.eval_splits(database, path)}
+    if 'val' in database:
+        roles['val'] = ('val',)
+    scores = {}
+    for role, splits in roles.items():
+        index = {key: i for i, key in enumerate(sorted({k for split in splits for k in database[split][1]}))}
+        # a lone 'val' split is scored by self-retrieval, as a test split is
+        names = {split: 'test' if split == 'val' else split for split in splits}
+        features = {names[split]: database[split][2].float() for split in splits}
+        labels = {names[split]: [index[k] for k in database[split][1]] for split in splits}
+        engine.check_recalls(recalls, {split: len(split_labels) for split, split_labels in labels.items()})
+        scores[role] = engine.retrieval_scores(features, labels, recalls)
+    return scores
 
 
 def evaluate_model(path, run, settings, args):
@@ -53,9 +62,19 @@ def evaluate_model(path, run, settings, args):
                                                *utils.normalization(settings, data_dicts), settings.exact_pipeline)
     options = engine.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, run.data_name)
-    _, labels, loaders = engine.build_eval_data(data_dicts, dataset_root, transform, min_side, args.batch_size,
-                                                options)
-    engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
+    roles = {'test': data_dicts}
+    if settings.held_out_classes:
+        missing = [key for key in settings.held_out_classes if key not in data_dicts['train']]
+        if missing:
+            raise utils.ReirError(f'held-out class {missing[0]} of the run is not in the training split of '
+                                  f'{utils.data_dicts_path(settings.data_path, run.data_name, run.crop_type)}')
+        roles['val'] = {'test': {key: data_dicts['train'][key] for key in settings.held_out_classes}}
+    data = {}
+    for role, splits in roles.items():
+        _, labels, loaders = engine.build_eval_data(splits, dataset_root, transform, min_side, args.batch_size,
+                                                    options)
+        engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
+        data[role] = labels, loaders
     model = engine.load_model(path, run)
     model = model.to(device, memory_format=engine.memory_format(device, args.amp))
     replica_batch = -(-args.batch_size // max(1, len(gpu_ids)))
@@ -63,8 +82,8 @@ def evaluate_model(path, run, settings, args):
                                         training=False))
     if len(gpu_ids) > 1:
         model = torch.nn.DataParallel(model, device_ids=gpu_ids)
-    metrics, _ = engine.evaluate(model, loaders, labels, settings.recalls, device, args.amp)
-    return metrics
+    return {role: engine.evaluate(model, loaders, labels, settings.recalls, device, args.amp)[0]
+            for role, (labels, loaders) in data.items()}
 
 
 def main(args):
@@ -72,12 +91,15 @@ def main(args):
     settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in utils.EMBEDDING_DEFAULTS},
                                         model_needed=kind == '_model.pth')
     if kind == '_data_base.pth':
-        metrics = evaluate_database(args.path, settings.recalls)
+        scores = evaluate_database(args.path, settings.recalls)
     else:
-        metrics = evaluate_model(args.path, run, settings, args)
-    print(f'{os.path.basename(args.path)} | {engine.format_metrics(metrics, settings.recalls)}')
-    utils.write_results_csv([{f'test_{name}': value for name, value in metrics.items()}], prefix_path + '_eval.csv')
-    return metrics
+        scores = evaluate_model(args.path, run, settings, args)
+    line = ' | '.join(f'{"val " if role == "val" else ""}{engine.format_metrics(metrics, settings.recalls)}'
+                      for role, metrics in scores.items())
+    print(f'{os.path.basename(args.path)} | {line}')
+    utils.write_results_csv([{f'{role}_{name}': value for role, metrics in scores.items()
+                              for name, value in metrics.items()}], prefix_path + '_eval.csv')
+    return scores
 
 
 if __name__ == '__main__':

@@ -12,16 +12,13 @@ import argparse
 import os
 
 import torch
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import ImageFont
 
 import engine
+import figures
 import utils
 from model import embed
 
-TILE = 160          # side of each image in the grid, pixels
-CAPTION = 22        # height of the caption under each image
-FRAME = 5
-GREEN, RED, WHITE = (40, 170, 60), (210, 40, 40), (255, 255, 255)
 EMBEDDING_FLAGS = ('data_path', 'image_size', 'exact_pipeline')
 
 
@@ -38,16 +35,6 @@ def get_args_parser():
     parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
                         help='decode and resize as the original REIR does, or not (default: as the run did)')
     return parser
-
-
-def resolve_database(name):
-    if os.path.isfile(name):
-        return name
-    candidate = os.path.join(utils.RESULTS_DIR, name)
-    if os.path.isfile(candidate):
-        return candidate
-    raise utils.ReirError(f'embedding database {name} not found (as a path or under {utils.RESULTS_DIR}/); '
-                          f'train.py writes <prefix>_data_base.pth there')
 
 
 def query_class(query_path, database):
@@ -69,31 +56,8 @@ def retrieve(query_feature, features, images, query_path, count):
     return top.indices.tolist(), top.values.tolist()
 
 
-def tile(path, caption, frame_colour, font):
-    """One image letterboxed into a TILE square, framed, with a caption strip under it."""
-    canvas = Image.new('RGB', (TILE, TILE + CAPTION), WHITE)
-    image = ImageOps.contain(utils.load_rgb(path), (TILE - 2 * FRAME, TILE - 2 * FRAME))
-    if frame_colour is not None:
-        ImageDraw.Draw(canvas).rectangle([0, 0, TILE - 1, TILE - 1], outline=frame_colour, width=FRAME)
-    canvas.paste(image, ((TILE - image.width) // 2, (TILE - image.height) // 2))
-    ImageDraw.Draw(canvas).text((4, TILE + 4), caption, fill=(0, 0, 0), font=font)
-    return canvas
-
-
-def draw_grid(query_path, results, label, font):
-    """Query first, then the retrieved images: [(path, similarity, class id)]."""
-    tiles = [tile(query_path, 'query', None, font)]
-    for rank, (path, similarity, other) in enumerate(results, start=1):
-        colour = None if label is None else (GREEN if other == label else RED)
-        tiles.append(tile(path, f'{rank}: {similarity:.3f}', colour, font))
-    grid = Image.new('RGB', (TILE * len(tiles), TILE + CAPTION), WHITE)
-    for i, image in enumerate(tiles):
-        grid.paste(image, (i * TILE, 0))
-    return grid
-
-
 def main(args):
-    database_path = resolve_database(args.data_base)
+    database_path = utils.resolve_database(args.data_base)
     run, prefix_path, _ = utils.run_of_file(database_path, kinds=('_data_base.pth',))
     settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in EMBEDDING_FLAGS},
                                         model_needed=True)
@@ -120,7 +84,7 @@ def main(args):
     label = query_class(args.query_img_name, database)
     results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
     try:
-        grid = draw_grid(args.query_img_name, results, label, ImageFont.load_default())
+        grid = figures.draw_grid(args.query_img_name, results, label, ImageFont.load_default())
     except utils.UNREADABLE_IMAGE_ERRORS as e:
         raise utils.ReirError(f'cannot draw a retrieved image ({e}): run from the folder the database was trained '
                               f'in, or keep the dataset where it was') from None

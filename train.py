@@ -6,7 +6,8 @@
     torchrun --nproc_per_node=4 train.py --data_name sop --batch_size 40
 
 Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <prefix>_data_base.pth
-(at the best test Recall@K for the first K of --recalls), <prefix>_checkpoint.pth (every epoch, for
+(at the best Recall@K for the first K of --recalls: on the test split as the original REIR, or with
+--val_classes N on N training classes held out of training), <prefix>_checkpoint.pth (every epoch, for
 --resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's settings (utils.RunName).
 """
 import argparse
@@ -31,6 +32,8 @@ LR_GAMMA = 0.1
 # branch engines compute the same function and share one checkpoint layout)
 RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
                      'branch_impl')
+# flags added after runs were started: what a checkpoint without them was trained with
+LATER_FLAG_DEFAULTS = {'val_classes': 0}
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -48,6 +51,9 @@ def get_args_parser():
                              'without the distinct-code check (the original\'s create_random_id)')
     parser.add_argument('--recalls', default=utils.EMBEDDING_DEFAULTS['recalls'], type=utils.recall_list,
                         help='K of Recall@K, comma-separated; the first K selects the best model')
+    parser.add_argument('--val_classes', default=0, type=utils.int_in_range(0),
+                        help='hold N training classes out of training and select the best epoch by their Recall@K '
+                             '(zero-shot validation); 0: select on the test split, as the original REIR')
     parser.add_argument('--model_type', default='resnet18', choices=list(BACKBONES))
     parser.add_argument('--share_type', default='layer1', choices=SHARE_TYPES,
                         help='last backbone stage shared by all branches (none: separate networks)')
@@ -110,6 +116,23 @@ def epoch_seed(seed, epoch):
     return seed * 1_000_003 + epoch
 
 
+HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training list as "epoch 0"
+
+
+def split_validation(args, train_dict):
+    """(training classes, held-out validation classes) for --val_classes, each {class: [image paths]}."""
+    if not args.val_classes:
+        return train_dict, {}
+    kept = len(train_dict) - args.val_classes
+    if args.val_classes == 1:
+        raise utils.UsageError('--val_classes 1: retrieval within a single class says nothing; hold out at least 2')
+    if kept < args.meta_class_size:
+        raise utils.UsageError(f'--val_classes {args.val_classes} leaves {max(kept, 0)} of the {len(train_dict)} '
+                               f'training classes, fewer than --meta_class_size {args.meta_class_size}')
+    return utils.hold_out_classes(train_dict, args.val_classes,
+                                  torch.Generator().manual_seed(epoch_seed(args.seed, HOLD_OUT_DRAW)))
+
+
 class SeededSampler(Sampler):
     """Shuffles from (seed, epoch) and gives every sample its own augmentation seed, so that an epoch's
     batches and augmentations do not depend on the number of workers, or on a resume. Under
@@ -164,14 +187,21 @@ def draw_or_load_ids(args, run, num_class, generator):
 
 
 def run_lists(args, run, train_dict, checkpoint):
-    """The run's meta-class ids (E, C) and its sampled training list [(path, class index)]: the checkpoint's
-    on --resume, else drawn from --seed, each from a generator of its own, so that a --load_ids run trains on
-    the list of the run that drew the ids (the list is drawn as "epoch 0")."""
+    """The run's meta-class ids (E, C), its sampled training list [(path, class index)] and its held-out classes
+    {class: [paths]}: the checkpoint's on --resume, else drawn from --seed, each from a generator of its own, so
+    that a --load_ids run trains on the list of the run that drew the ids (the list is drawn as "epoch 0"). The
+    ids and the list cover the training classes that are not held out."""
     if checkpoint is not None:
-        return checkpoint['ids'], [tuple(item) for item in checkpoint['train_items']]
+        missing = [key for key in checkpoint['held_out'] if key not in train_dict]
+        if missing:
+            raise utils.ReirError(f'--resume: held-out class {missing[0]} of the run is no longer in the dataset\'s '
+                                  f'training split; prepare the dataset as it was, or start over with --overwrite')
+        held_out = {key: train_dict[key] for key in checkpoint['held_out']}
+        return checkpoint['ids'], [tuple(item) for item in checkpoint['train_items']], held_out
+    train_dict, held_out = split_validation(args, train_dict)
     ids = draw_or_load_ids(args, run, len(train_dict), torch.Generator().manual_seed(args.seed))
     sampling = torch.Generator().manual_seed(epoch_seed(args.seed, 0))
-    return ids, utils.sample_train_images(train_dict, sampling)
+    return ids, utils.sample_train_images(train_dict, sampling), held_out
 
 
 def train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world, replicas):
@@ -232,25 +262,27 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
 
 # ----------------------------------------------------------------------------- outputs
 
-def database_loader(data_dicts, dataset_root, transform, min_side, batch_size, options):
-    """Every training image (not only the sampled list), to embed for the database."""
-    items = utils.flatten_split(data_dicts['train'])
+def database_loader(train_dict, dataset_root, transform, min_side, batch_size, options):
+    """Every image of the training classes (not only the sampled list), to embed for the database."""
+    items = utils.flatten_split(train_dict)
     reader = utils.EvalReader(dataset_root, items, [0] * len(items), transform, min_side)
     return engine.eval_loader(reader, batch_size, options)
 
 
-def recorded_settings(args, data_dicts):
-    """What <prefix>_args.json and the database record of the run: its flags and the normalization it used
-    (a folder dataset prepared again with more images gets another mean and std)."""
-    return dict(vars(args), mean=list(data_dicts['mean']), std=list(data_dicts['std']))
+def recorded_settings(args, data_dicts, held_out):
+    """What <prefix>_args.json and the database record of the run: its flags, the normalization it used (a
+    folder dataset prepared again with more images gets another mean and std) and the training classes it held
+    out for validation."""
+    return dict(vars(args), mean=list(data_dicts['mean']), std=list(data_dicts['std']),
+                held_out_classes=sorted(held_out))
 
 
-def best_files(model, settings, output, eval_items, features, train_images, dataset_root, device, amp):
+def best_files(model, settings, output, database_items, features, train_images, dataset_root, device, amp):
     """The files of a best epoch, as writers for utils.save_together: the model, its embedding database (the
-    evaluation splits' features, and for self-retrieval datasets those of every training image, each process
-    embedding its shard; unreadable images are left out) and the run's recorded_settings, which say how to
-    embed."""
-    database = {split: (items, features[split]) for split, items in eval_items.items()}
+    evaluation splits' features, with the held-out classes as 'val', and for self-retrieval datasets those of
+    every image of the training classes, each process embedding its shard; unreadable images are left out) and
+    the run's recorded_settings, which say how to embed."""
+    database = {split: (items, features[split]) for split, items in database_items.items()}
     if train_images is not None:
         train_features, readable = engine.extract_features(model, train_images, device, amp)
         if not readable.all():
@@ -262,13 +294,40 @@ def best_files(model, settings, output, eval_items, features, train_images, data
             output['args.json']: utils.json_file(settings)}
 
 
-def record_epoch(results, epoch, stats, metrics, args):
-    """Print the epoch's line and add its row to the results."""
+def evaluate_epoch(model, test_data, val_data, args, device):
+    """(test metrics, validation metrics or None, features by database split: 'test' or 'query' and 'gallery',
+    and 'val' for the held-out classes); test_data and val_data as engine.build_eval_data returns them."""
+    _, labels, loaders = test_data
+    metrics, features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp)
+    if val_data is None:
+        return metrics, None, features
+    _, labels, loaders = val_data
+    try:
+        val_metrics, val_features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp)
+    except engine.Diverged:
+        raise engine.Diverged('the validation embeddings hold NaN or infinite values') from None
+    return metrics, val_metrics, {**features, 'val': val_features['test']}
+
+
+def record_epoch(results, epoch, stats, metrics, val_metrics, args):
+    """Print the epoch's line and add its row to the results: the test metrics, then the validation ones
+    (--val_classes), so that the columns of the original keep their places."""
     skipped = f' | {stats["skipped"]} unreadable images skipped' if stats['skipped'] else ''
+    val = f' | val {engine.format_metrics(val_metrics, args.recalls)}' if val_metrics else ''
     utils.log(f'Epoch {epoch}/{args.num_epochs} | loss: {stats["loss"]:.4f} | accuracy: {stats["accuracy"]:.2f}% | '
-              f'{engine.format_metrics(metrics, args.recalls)}{skipped}')
+              f'{engine.format_metrics(metrics, args.recalls)}{val}{skipped}')
     results.append({'epoch': epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
-                    **{f'test_{name}': value for name, value in metrics.items()}})
+                    **{f'test_{name}': value for name, value in metrics.items()},
+                    **{f'val_{name}': value for name, value in (val_metrics or {}).items()}})
+
+
+def selection_note(results, recalls, output):
+    """The run's last line: the selected epoch, what selected it, and its test metrics."""
+    row = utils.selected_row(results)
+    column = utils.selection_column(list(row))
+    test = {name.removeprefix('test_'): value for name, value in row.items() if name.startswith('test_')}
+    return (f'selected epoch {row["epoch"]} by {column.replace("_", " ")} ({row[column]:.2f}%): test '
+            f'{engine.format_metrics(test, recalls)} -> {output["model.pth"]}')
 
 
 def save_epoch(output, results, trainable, progress, best):
@@ -311,11 +370,18 @@ def load_checkpoint(path, args):
     if not os.path.isfile(path):
         raise utils.ReirError(f'--resume: no checkpoint {path}; run once without --resume')
     checkpoint = utils.load_checkpoint(path)
-    differing = [f'--{name} {checkpoint["args"].get(name)!r} -> {value!r}' for name, value in sorted(vars(args).items())
-                 if name not in RESUME_FREE_FLAGS and checkpoint['args'].get(name) != value]
+    differing = differing_flags(checkpoint['args'], args)
     if differing:
         raise utils.UsageError(f'--resume with flags that differ from the checkpoint\'s: {"; ".join(differing)}')
     return checkpoint
+
+
+def differing_flags(saved, args):
+    """The flags of args that change what a run computes and differ from those a checkpoint saved, as
+    '--flag saved -> new'."""
+    saved = {**LATER_FLAG_DEFAULTS, **saved}
+    return [f'--{name} {saved.get(name)!r} -> {value!r}' for name, value in sorted(vars(args).items())
+            if name not in RESUME_FREE_FLAGS and saved.get(name) != value]
 
 
 def checkpoint_file(trainable, progress):
@@ -324,7 +390,7 @@ def checkpoint_file(trainable, progress):
     return utils.torch_file({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
 
 
-def best_files_missing(settings, output, results, start_epoch, selection_key):
+def best_files_missing(settings, output, results, start_epoch):
     """Whether --resume must write the best epoch's model, database and flags again: it can when the
     checkpoint holds the best epoch's model, and refuses when that model is lost."""
     missing = [output[kind] for kind in ('model.pth', 'data_base.pth') if not os.path.isfile(output[kind])]
@@ -332,7 +398,7 @@ def best_files_missing(settings, output, results, start_epoch, selection_key):
         if not os.path.isfile(output['args.json']):  # a run from before args.json was written
             utils.atomic_write(output['args.json'], utils.json_file(settings))
         return False
-    best = best_epoch(results, selection_key)
+    best = utils.selected_row(results)['epoch']
     if best != start_epoch - 1:
         raise utils.ReirError(f'{" and ".join(missing)} missing: the model of the best epoch, {best}, is lost (the '
                               f'checkpoint holds epoch {start_epoch - 1}); put the files back, or start over with '
@@ -340,12 +406,6 @@ def best_files_missing(settings, output, results, start_epoch, selection_key):
     utils.warn(f'{" and ".join(missing)} missing: writing them again from the checkpoint, which holds the best '
                f'epoch ({best})')
     return True
-
-
-def best_epoch(results, selection_key):
-    """The epoch whose model is the run's model: the first with the highest selection metric."""
-    best = max(results, key=lambda row: row[f'test_{selection_key}'])
-    return best['epoch']
 
 
 def restore(checkpoint, trainable):
@@ -409,22 +469,30 @@ def train(args, run, output, device, gpu_ids, rank, world):
 
     # ------------------------------------------------------------------ data, checked before any epoch
     data_dicts = load_data_dicts(args)
-    settings = recorded_settings(args, data_dicts)
     dataset_root = os.path.join(args.data_path, args.data_name)
     engine.check_recalls(args.recalls, {split: sum(map(len, data_dicts[split].values()))
                                         for split in utils.eval_splits(data_dicts, args.data_name)})
-    ids, train_items = run_lists(args, run, data_dicts['train'], checkpoint)
+    ids, train_items, held_out = run_lists(args, run, data_dicts['train'], checkpoint)
+    engine.check_recalls(args.recalls, {'test': sum(map(len, held_out.values()))} if held_out else {},
+                         'validation ')
+    settings = recorded_settings(args, data_dicts, held_out)
     options = engine.loader_options(args.num_workers, args.seed, device)
     batch_size = args.batch_size // world  # per process
     loader = train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world, max(1, len(gpu_ids)))
     transform, min_side = utils.input_pipeline(args.crop_type, False, args.image_size, data_dicts['mean'],
                                                data_dicts['std'], args.exact_pipeline)
-    eval_items, eval_labels, eval_loaders = engine.build_eval_data(data_dicts, dataset_root, transform, min_side,
-                                                                   batch_size, options)
-    train_images = database_loader(data_dicts, dataset_root, transform, min_side, batch_size, options) \
-        if 'test' in eval_items else None
-    utils.log(f'{args.data_name}: {len(data_dicts["train"])} training classes, {len(train_items)} training images, '
-              + ', '.join(f'{len(items)} {split} images' for split, items in eval_items.items())
+    test_data = engine.build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, options)
+    # the held-out classes are scored as a self-retrieval split, as a test split is
+    val_data = engine.build_eval_data({'test': held_out}, dataset_root, transform, min_side, batch_size, options) \
+        if held_out else None
+    database_items = {**test_data[0], **({'val': val_data[0]['test']} if held_out else {})}
+    training_classes = {key: paths for key, paths in data_dicts['train'].items() if key not in held_out}
+    train_images = database_loader(training_classes, dataset_root, transform, min_side, batch_size, options) \
+        if 'test' in test_data[0] else None
+    utils.log(f'{args.data_name}: {len(training_classes)} training classes, {len(train_items)} training images, '
+              + ', '.join(f'{len(items)} {split} images' for split, items in test_data[0].items())
+              + (f', {len(held_out)} held-out validation classes of {len(database_items["val"])} images'
+                 if held_out else '')
               + (f'; {world} processes of {batch_size} images a step' if world > 1 else ''))
 
     # ------------------------------------------------------------------ model, optimizer, resume
@@ -438,12 +506,11 @@ def train(args, run, output, device, gpu_ids, rank, world):
     selection_key = f'recall@{args.recalls[0]}'
     if checkpoint is not None:
         utils.log(f'resumed from {output["checkpoint.pth"]} at epoch {start_epoch}')
-        missing = best_files_missing(settings, output, results, start_epoch, selection_key) \
-            if utils.is_main_process() else None
+        missing = best_files_missing(settings, output, results, start_epoch) if utils.is_main_process() else None
         if engine.broadcast_from_main(missing):
-            _, features = engine.evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
-            files = best_files(model, settings, output, eval_items, features, train_images, dataset_root, device,
-                               args.amp)
+            _, _, features = evaluate_epoch(model, test_data, val_data, args, device)
+            files = best_files(model, settings, output, database_items, features, train_images, dataset_root,
+                               device, args.amp)
             if utils.is_main_process():
                 utils.save_together(files)
 
@@ -455,22 +522,22 @@ def train(args, run, output, device, gpu_ids, rank, world):
             stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
                                     f'Epoch {epoch}/{args.num_epochs}')
             scheduler.step()
-            metrics, features = engine.evaluate(model, eval_loaders, eval_labels, args.recalls, device, args.amp)
+            metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device)
         except engine.Diverged as e:
             raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
                                   f'{kept_files(output, epoch)}') from None
-        record_epoch(results, epoch, stats, metrics, args)
+        record_epoch(results, epoch, stats, metrics, val_metrics, args)
         best = None
-        if metrics[selection_key] > best_recall:
-            best_recall = metrics[selection_key]
-            best = best_files(model, settings, output, eval_items, features, train_images, dataset_root, device,
+        selected = (val_metrics or metrics)[selection_key]  # on the held-out classes when there are some
+        if selected > best_recall:
+            best_recall = selected
+            best = best_files(model, settings, output, database_items, features, train_images, dataset_root, device,
                               args.amp)
         if utils.is_main_process():
             save_epoch(output, results, trainable, dict(
                 epoch=epoch + 1, best_recall=best_recall, results=results, args=vars(args), ids=ids,
-                train_items=train_items), best)
-    utils.log(f'best {selection_key}: {best_recall:.2f}% (epoch {best_epoch(results, selection_key)}) -> '
-              f'{output["model.pth"]}')
+                train_items=train_items, held_out=sorted(held_out)), best)
+    utils.log(selection_note(results, args.recalls, output))
 
 
 def interrupted_note(args):

@@ -46,7 +46,9 @@ RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that eva
 RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
 # what <prefix>_checkpoint.pth holds: everything --resume needs
 CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
-                   'train_items')
+                   'train_items', 'held_out')
+# what a checkpoint written before a key existed stands for: no classes were held out
+CHECKPOINT_KEY_DEFAULTS = {'held_out': []}
 
 
 # ----------------------------------------------------------------------------- errors and the command line
@@ -226,12 +228,14 @@ def embedding_settings(prefix_path, overrides, model_needed):
     are not None, else the run's own (run_settings). The settings that change an embedding
     (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
     them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
-    recorded normalization, or None (see normalization)."""
+    recorded normalization, or None (see normalization); held_out_classes the training classes it held out for
+    validation (--val_classes)."""
     saved = run_settings(prefix_path) or {}
     settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
     settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
     settings.update({k: v for k, v in overrides.items() if v is not None})
     settings.update(mean=saved.get('mean'), std=saved.get('std'))  # the normalization the run used, if recorded
+    settings.update(held_out_classes=saved.get('held_out_classes', []))
     missing = [k for k in EMBEDDING_SETTINGS if k not in settings]
     if model_needed and missing:
         raise ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: {prefix_path}_args.json '
@@ -423,30 +427,60 @@ def write_results_csv(rows, path):
     atomic_write(path, csv_file(rows))
 
 
-def curves_file(results):
-    """results/<prefix>_curves.png: loss, training accuracy and the test metrics over the epochs."""
+def selection_column(columns):
+    """The results column that chooses a run's model: validation Recall@K for the first K of --recalls when
+    the run held classes out (--val_classes), else test Recall@K."""
+    recalls = [c for c in columns if c.startswith('val_recall@')] \
+        or [c for c in columns if c.startswith('test_recall@')]
+    if not recalls:
+        raise ReirError(f'no val_recall@K or test_recall@K column among {", ".join(columns)}')
+    return recalls[0]
+
+
+def selected_row(rows):
+    """The row (epoch) of a run's results whose model is the run's model: the first with the highest
+    selection_column, as train.py keeps the first best epoch."""
+    column = selection_column(list(rows[0]))
+    return max(rows, key=lambda row: row[column])
+
+
+def figure_file(draw, figsize, columns=1, dpi=80):
+    """A writer of a PNG that draw(axes) draws on a new matplotlib figure of columns panels (the Agg backend, so
+    that no display is needed); the figure is closed once written."""
     def write(tmp):
         import matplotlib
         matplotlib.use('Agg')
         from matplotlib import pyplot as plt
+        figure, axes = plt.subplots(1, columns, figsize=figsize)
+        try:
+            draw(axes)
+            figure.tight_layout()
+            figure.savefig(tmp, format='png', dpi=dpi)
+        finally:
+            plt.close(figure)
+    return write
+
+
+def curves_file(results):
+    """results/<prefix>_curves.png: loss, training accuracy and the retrieval metrics over the epochs (test
+    solid, validation dashed)."""
+    def draw(axes):
         frame = pd.DataFrame(results)
-        figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+        retrieval = [c for c in frame.columns if c.startswith(('test_', 'val_'))]
         panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
-                  ('test retrieval (%)', [c for c in frame.columns if c.startswith('test_')]))
+                  ('retrieval (%)' if any(c.startswith('val_') for c in retrieval) else 'test retrieval (%)',
+                   retrieval))
         for axis, (title, columns) in zip(axes, panels):
             for column in columns:
-                axis.plot(frame['epoch'], frame[column], marker='o', label=column.removeprefix('test_'))
+                style = '--' if column.startswith('val_') else '-'
+                label = column.removeprefix('test_').replace('val_', 'val ')
+                axis.plot(frame['epoch'], frame[column], style, marker='o', label=label)
             axis.set_title(title)
             axis.set_xlabel('epoch')
             axis.grid(alpha=0.3)
             if len(columns) > 1:
                 axis.legend(fontsize='small')
-        figure.tight_layout()
-        try:
-            figure.savefig(tmp, format='png', dpi=80)
-        finally:
-            plt.close(figure)
-    return write
+    return figure_file(draw, (15, 4), columns=3)
 
 
 def database_file(splits, dataset_root, settings):
@@ -460,6 +494,17 @@ def database_file(splits, dataset_root, settings):
         database[f'{split}_labels'] = [key for _, key in items]
         database[f'{split}_features'] = features.half()
     return torch_file(database)
+
+
+def resolve_database(name):
+    """An embedding database given as a path or as a file name under results/."""
+    if os.path.isfile(name):
+        return name
+    candidate = os.path.join(RESULTS_DIR, name)
+    if os.path.isfile(candidate):
+        return candidate
+    raise ReirError(f'embedding database {name} not found (as a path or under {RESULTS_DIR}/); '
+                    f'train.py writes <prefix>_data_base.pth there')
 
 
 def load_database(path):
@@ -482,8 +527,11 @@ def load_database(path):
 
 
 def load_checkpoint(path):
-    """A run's checkpoint, refused unless it holds every key of CHECKPOINT_KEYS."""
+    """A run's checkpoint, refused unless it holds every key of CHECKPOINT_KEYS (those of CHECKPOINT_KEY_DEFAULTS
+    may be absent)."""
     checkpoint = safe_load(path, 'checkpoint')
+    if isinstance(checkpoint, dict):
+        checkpoint = {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
     if missing:
         raise ReirError(f'{path}: not a REIR checkpoint (missing {", ".join(missing)}); delete it and start '
@@ -607,6 +655,15 @@ def sample_train_images(train_dict, generator, max_per_class=MAX_IMAGES_PER_CLAS
             paths = [paths[i] for i in chosen]
         images.extend((path, index) for path in paths)
     return images
+
+
+def hold_out_classes(train_dict, count, generator):
+    """(classes kept for training, classes held out): count training classes drawn at random, as two
+    {class: [image paths]} dicts. The held-out classes serve as a zero-shot validation split."""
+    keys = sorted(train_dict)
+    held_out = {keys[i] for i in torch.randperm(len(keys), generator=generator)[:count].tolist()}
+    return ({k: v for k, v in train_dict.items() if k not in held_out},
+            {k: v for k, v in train_dict.items() if k in held_out})
 
 
 def flatten_split(split_dict):
@@ -900,6 +957,33 @@ def _chunk_statistics(queries, rows, gallery_t, classes, ks, self_retrieval):
     ap_sum = float(((in_top_r * j / ranks).sum(1)[found] / r).sum())
     rp_sum = float((in_top_r.sum(1)[found] / r).sum())
     return hits, ap_sum, rp_sum, int(found.sum())
+
+
+def same_class_in_top_k(feature_vectors, feature_labels, k, gallery_vectors=None, gallery_labels=None,
+                        memory_budget=512 * 2 ** 20):
+    """(N_query,) number of same-class gallery items among each query's k most similar, in the order of
+    retrieval_metrics (an other-class item ranks before a same-class item of equal score; with no gallery
+    given, each query's own entry is excluded). k is capped at the number of items a query is ranked against."""
+    queries, query_labels, gallery, gallery_labels, self_retrieval = _check_inputs(
+        feature_vectors, feature_labels, gallery_vectors, gallery_labels)
+    k = min(int(k), gallery.shape[0] - self_retrieval)
+    gallery_t = gallery.t().float()                                              # (d, N)
+    # per similarity: its float32 score and four boolean masks
+    chunk_size = max(1, min(4096, memory_budget // (8 * gallery.shape[0])))
+    counts = []
+    for start in range(0, queries.shape[0], chunk_size):
+        rows = torch.arange(start, min(start + chunk_size, queries.shape[0]))
+        sims = _similarity(queries[rows].float(), gallery_t)                     # (c, N)
+        if self_retrieval:
+            sims[rows - start, rows] = float('-inf')
+        same = query_labels[rows, None] == gallery_labels[None, :]               # (c, N)
+        kth = sims.topk(k, dim=1).values[:, -1:]                                 # (c, 1)
+        above, tied = sims > kth, sims == kth
+        # the places left after the items above the k-th score go to the tied items, other classes first
+        left = k - above.sum(1)
+        tied_others, tied_same = (tied & ~same).sum(1), (tied & same).sum(1)
+        counts.append((above & same).sum(1) + (left - tied_others).clamp(min=0).minimum(tied_same))
+    return torch.cat(counts)
 
 
 def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):

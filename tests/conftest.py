@@ -242,15 +242,15 @@ def trained(prepared):
 @pytest.fixture(scope='session', autouse=True)
 def gloo_run(request, prepared, tmp_path_factory):
     """A two-process torchrun run on the CPU (gloo) of the TINY flags for one epoch on the prepared tiny dataset,
-    started when the session begins (when a selected test asks for it), so that its three interpreters start
-    while other tests run. Yields (Popen, results folder)."""
+    2 of its 4 training classes held out for validation, started when the session begins (when a selected test
+    asks for it), so that its three interpreters start while other tests run. Yields (Popen, results folder)."""
     if not any('gloo_run' in inspect.signature(item.function).parameters for item in request.session.items):
         yield None
         return
     results = tmp_path_factory.mktemp('gloo')
     command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
                os.path.join(REPO, 'train.py'), '--data_path', prepared / 'data', '--data_name', 'tiny',
-               '--results_dir', results, *TINY, '--num_epochs', '1']
+               '--results_dir', results, *TINY, '--num_epochs', '1', '--val_classes', '2', '--recalls', '1,2,4']
     process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES=''))
     yield process, results

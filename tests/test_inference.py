@@ -3,7 +3,7 @@ import os
 import torch
 from PIL import Image
 
-import inference
+import figures
 import utils
 from conftest import assert_one_line_error, prefix, run_main, write_image
 
@@ -15,11 +15,11 @@ def test_retrieval_grid_for_a_database_image(trained):
     assert result.returncode == 0, result.stderr
     output = trained / 'results' / f'0_{prefix()}_retrieval.png'
     with Image.open(output) as grid:
-        assert grid.size == (6 * inference.TILE, inference.TILE + inference.CAPTION)
+        assert grid.size == (6 * figures.TILE, figures.TILE + figures.CAPTION)
         grid = grid.convert('RGB')
         # every retrieved tile is framed green or red: its top-left pixel is one of the two colours
-        frames = {grid.getpixel((i * inference.TILE + 1, 1)) for i in range(1, 6)}
-        assert frames <= {inference.GREEN, inference.RED} and frames
+        frames = {grid.getpixel((i * figures.TILE + 1, 1)) for i in range(1, 6)}
+        assert frames <= {figures.GREEN, figures.RED} and frames
     lines = [line for line in result.stdout.splitlines() if line[:1].isdigit()]
     assert len(lines) == 5 and str(query) not in result.stdout.split('->')[0]
 
@@ -31,8 +31,8 @@ def test_query_from_outside_the_dataset_has_no_frames(trained, tmp_path):
                       trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
     assert result.returncode == 0, result.stderr
     with Image.open(trained / 'results' / f'holiday_{prefix()}_retrieval.png') as grid:
-        assert grid.width == 9 * inference.TILE
-        assert grid.convert('RGB').getpixel((inference.TILE + 1, 1)) == inference.WHITE
+        assert grid.width == 9 * figures.TILE
+        assert grid.convert('RGB').getpixel((figures.TILE + 1, 1)) == figures.WHITE
 
 
 def test_query_gallery_database_searches_the_gallery(trained):

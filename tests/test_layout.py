@@ -1,5 +1,5 @@
-"""The repository's rooms: the library (model.py, utils.py, engine.py) imports no script, and a script imports
-another script only to run that script's own job."""
+"""The repository's rooms: the library (model.py, utils.py, engine.py, figures.py) imports no script, and a script
+imports another script only to run that script's own job."""
 import ast
 import os
 
@@ -7,10 +7,12 @@ import pytest
 
 from conftest import REPO
 
-LIBRARY = {'model', 'utils', 'engine'}
-SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture'}
+LIBRARY = {'model', 'utils', 'engine', 'figures'}
+SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation'}
 OWN_JOBS = {('train', 'data_utils'),       # train.py draws the demo dataset when it is missing
-            ('benchmark', 'data_utils')}   # benchmark.py data prepares short-side copies
+            ('benchmark', 'data_utils'),   # benchmark.py data prepares short-side copies
+            ('study', 'data_utils'),       # study.py draws the demo once, before its runs start side by side
+            ('study', 'train')}            # study.py has train.py parse and compare the flags of the runs it starts
 
 
 def repository_imports(module):

@@ -92,9 +92,9 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
     args = train.get_args_parser().parse_args(['--results_dir', str(tmp_path), '--data_name', 'big', '--label_type',
                                                label_type, '--ensemble_size', '4', '--meta_class_size', '2'])
     run = utils.RunName.from_args(args)
-    ids, drawn = train.run_lists(args, run, train_dict, checkpoint=None)
+    ids, drawn, _ = train.run_lists(args, run, train_dict, checkpoint=None)
     args.load_ids = True
-    loaded_ids, loaded = train.run_lists(args, run, train_dict, checkpoint=None)
+    loaded_ids, loaded, _ = train.run_lists(args, run, train_dict, checkpoint=None)
     assert torch.equal(loaded_ids, ids) and loaded == drawn
     assert len(drawn) == 3 * utils.MAX_IMAGES_PER_CLASS
     args.load_ids, args.seed = False, 2
@@ -321,10 +321,14 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order
-    assert database['train_images'] == reference['train_images']
-    assert database['train_features'].shape == reference['train_features'].shape
+    held_out = json.loads((results / f'{prefix()}_args.json').read_text())['held_out_classes']
+    every_training_image = list(zip(reference['train_images'], reference['train_labels']))
+    assert len(held_out) == 2
+    assert database['val_images'] == [path for path, key in every_training_image if key in held_out]
+    assert database['train_images'] == [path for path, key in every_training_image if key not in held_out]
+    assert database['train_features'].shape == (8, 4) and database['val_features'].shape == (8, 4)
     frame = pd.read_csv(results / f'{prefix()}_results.csv')
-    assert len(frame) == 1 and frame['test_recall@1'].between(0, 100).all()
+    assert len(frame) == 1 and frame[['test_recall@1', 'val_recall@4']].stack().between(0, 100).all()
 
 
 def test_seeded_sampler_shards_cover_every_sample():

@@ -1,0 +1,436 @@
+"""Run a grid of train.py configurations over several seeds and summarize it: mean, standard deviation and
+95% confidence interval of the test metrics at each run's selected epoch.
+
+    python study.py --name ensemble --vary ensemble_size=1,4,12,48 --seeds 1,2,3 -- --data_name cub --val_classes 20
+    python study.py --name m --vary meta_class_size=2,4,12 --vary share_type=layer1,layer3 --seeds 1,2,3 -- ...
+
+The flags after `--` go to every run. Every run is an ordinary `python train.py` process writing into its own
+folder, results/study_<name>/<flag>=<value>_..._seed=<seed>/; the runs go through submitit, as local processes
+(--slots at a time, one GPU each where there are GPUs) or as a Slurm job array (--cluster slurm). A run that
+finished is skipped and one that was interrupted is resumed, so a study can be stopped (Ctrl-C, kill) and started
+again with the same command; more seeds or values can be added the same way. Writes results/study_<name>.csv (a row
+per configuration) and results/study_<name>.png (the first metric against the first varied flag).
+"""
+import argparse
+import itertools
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import pandas as pd
+import psutil
+import submitit
+import torch
+from scipy import stats
+from tqdm import tqdm
+
+import data_utils
+import train
+import utils
+
+REPOSITORY = os.path.dirname(os.path.abspath(__file__))
+STUDY_FLAGS = ('seed', 'results_dir', 'resume', 'overwrite')  # set by the study for every run
+SWITCH_VALUES = {'true': True, '1': True, 'yes': True, 'on': True, 'false': False, '0': False, 'no': False,
+                 'off': False}
+POLL_SECONDS = 1.0
+STOP_SECONDS = 10  # how long a stopped run may take to end before it is killed
+
+
+def get_args_parser():
+    parser = argparse.ArgumentParser(
+        description='Run train.py over a grid of flags and seeds and summarize it',
+        usage='python study.py --name NAME --vary FLAG=V1,V2,... [--vary ...] --seeds 1,2,3 [options] -- '
+              '<train.py flags>')
+    parser.add_argument('--name', required=True, type=study_name, help='the study: results/study_<name>')
+    parser.add_argument('--vary', required=True, action='append', type=varied_flag, metavar='FLAG=V1,V2,...',
+                        help='a train.py flag and its values (repeat for a grid); switches take true/false')
+    parser.add_argument('--seeds', required=True, type=seed_list, help='comma-separated --seed values')
+    parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where results/study_<name> goes')
+    parser.add_argument('--cluster', default='local', choices=('local', 'slurm'),
+                        help='local: processes on this machine; slurm: a job array through sbatch')
+    parser.add_argument('--slots', default=None, type=utils.positive_int,
+                        help='runs at a time (default: local, one per GPU, or 1 without GPUs; slurm, no limit)')
+    parser.add_argument('--gpus_per_run', default=None, type=utils.int_in_range(0),
+                        help='GPUs each run gets (default: 1; locally 0 where CUDA is absent)')
+    parser.add_argument('--cpus_per_run', default=None, type=utils.positive_int, help='Slurm: CPUs for each run')
+    parser.add_argument('--partition', default=None, help='Slurm partition')
+    parser.add_argument('--timeout_min', default=3 * 24 * 60, type=utils.positive_int,
+                        help='minutes a run may take before it is stopped (submitit\'s timeout)')
+    return parser
+
+
+def study_name(text):
+    if not text or not all(c.isalnum() or c in '-_.' for c in text):
+        raise argparse.ArgumentTypeError(f'{text!r}: use letters, digits, "-", "_" and "."')
+    return text
+
+
+def seed_list(text):
+    seed = utils.int_in_range(0, 2 ** 32 - 1)
+    seeds = [seed(part) for part in text.split(',')]
+    if len(set(seeds)) < len(seeds):
+        raise argparse.ArgumentTypeError(f'{text!r} names a seed twice')
+    return seeds
+
+
+def varied_flag(text):
+    """FLAG=V1,V2,... as (flag, [values])."""
+    flag, _, values = text.partition('=')
+    flag = flag.strip().removeprefix('--')
+    values = [v.strip() for v in values.split(',') if v.strip()]
+    if not flag or not values:
+        raise argparse.ArgumentTypeError(f'{text!r} is not FLAG=V1,V2,...')
+    return flag, values
+
+
+# ----------------------------------------------------------------------------- the grid
+
+@dataclass
+class Run:
+    config: tuple      # ((flag, value), ...) of the varied flags
+    seed: int
+    folder: str        # the run's --results_dir
+    flags: list        # its train.py command-line flags
+    args: argparse.Namespace
+
+    @property
+    def prefix_path(self):
+        return os.path.join(self.folder, utils.RunName.from_args(self.args).prefix)
+
+
+def split_command_line(argv):
+    """(study.py's flags, the train.py flags after --)."""
+    if '--' not in argv:
+        return argv, []
+    index = argv.index('--')
+    return argv[:index], argv[index + 1:]
+
+
+def check_varied_flags(varied, train_flags):
+    """Refuse a flag train.py does not have, one the study sets itself, one varied twice or also passed after
+    --, and a switch given a value other than true/false."""
+    defaults = vars(train.get_args_parser().parse_args([]))
+    flags = [flag for flag, _ in varied]
+    for flag, values in varied:
+        if flag not in defaults:
+            raise utils.UsageError(f'--vary {flag}: train.py has no flag --{flag}')
+        if flag in STUDY_FLAGS:
+            raise utils.UsageError(f'--vary {flag}: the study sets --{flag} itself (use --seeds for seeds)')
+        if flags.count(flag) > 1 or f'--{flag}' in train_flags:
+            raise utils.UsageError(f'--{flag} is given more than once (--vary and after --): give it once')
+        if isinstance(defaults[flag], bool) and not all(v.lower() in SWITCH_VALUES for v in values):
+            raise utils.UsageError(f'--vary {flag}: a switch takes true or false, not {", ".join(values)}')
+    for flag in STUDY_FLAGS:
+        if f'--{flag}' in train_flags:
+            raise utils.UsageError(f'--{flag} after --: the study sets it for every run')
+    return defaults
+
+
+def run_flags(config, seed, folder, train_flags, defaults):
+    flags = list(train_flags)
+    for flag, value in config:
+        if isinstance(defaults[flag], bool):
+            flags += [f'--{flag}'] if SWITCH_VALUES[value.lower()] else []
+        else:
+            flags += [f'--{flag}', value]
+    return flags + ['--seed', str(seed), '--results_dir', folder]
+
+
+def parse_train_flags(flags):
+    """train.py's namespace for these flags, checked as train.py checks them."""
+    parser = train.get_args_parser()
+    parser.exit_on_error = False
+    try:
+        args, unknown = parser.parse_known_args(flags)
+    except argparse.ArgumentError as e:
+        raise utils.UsageError(f'train.py flags: {e}') from None
+    if unknown:
+        raise utils.UsageError(f'train.py flags: unrecognized {" ".join(unknown)}')
+    return args
+
+
+def grid(args, train_flags):
+    """Every (configuration, seed) of the study as a Run, configurations in the order of the --vary values."""
+    defaults = check_varied_flags(args.vary, train_flags)
+    study_dir = os.path.join(args.results_dir, f'study_{args.name}')
+    runs = []
+    for values in itertools.product(*(values for _, values in args.vary)):
+        config = tuple(zip((flag for flag, _ in args.vary), values))
+        for seed in args.seeds:
+            folder = os.path.join(study_dir, '_'.join(f'{flag}={value}' for flag, value in config) + f'_seed={seed}')
+            flags = run_flags(config, seed, folder, train_flags, defaults)
+            runs.append(Run(config, seed, folder, flags, parse_train_flags(flags)))
+    return study_dir, runs
+
+
+def run_state(run):
+    """'finished', 'interrupted' (its checkpoint holds some epochs, or a finished run lost files) or 'new'. A run
+    trained with other flags is refused: its folder belongs to another study of this name."""
+    checkpoint = utils.peek_checkpoint(run.prefix_path + '_checkpoint.pth')
+    if checkpoint is None:
+        return 'new'
+    differing = train.differing_flags(checkpoint['args'], run.args)
+    if differing:
+        raise utils.UsageError(f'{run.folder} holds a run trained with other flags ({"; ".join(differing)}): '
+                               f'give this study another --name, or remove that folder')
+    outputs = [run.prefix_path + f'_{kind}' for kind in ('results.csv', 'model.pth', 'args.json')]
+    if checkpoint['epoch'] > run.args.num_epochs and all(os.path.isfile(path) for path in outputs):
+        return 'finished'
+    return 'interrupted'
+
+
+# ----------------------------------------------------------------------------- running through submitit
+
+def executor_for(args, study_dir, gpus_per_run):
+    """A submitit executor whose jobs log under <study>/.submitit/."""
+    folder = os.path.join(study_dir, '.submitit')
+    if args.cluster == 'slurm':
+        executor = submitit.AutoExecutor(folder=folder, cluster='slurm')
+        executor.update_parameters(name=f'reir_{args.name}', timeout_min=args.timeout_min, gpus_per_node=gpus_per_run,
+                                   cpus_per_task=args.cpus_per_run, slurm_partition=args.partition,
+                                   slurm_array_parallelism=args.slots)
+        return executor
+    return submitit.LocalExecutor(folder=folder)
+
+
+def job_command(run, state, gpus_per_run):
+    """python train.py <the run's flags>: with --resume for an interrupted run, and with --overwrite for a new one,
+    whose folder can only hold what a start killed in its first epoch left. A run given GPUs sees them as
+    0..gpus_per_run-1 (CUDA_VISIBLE_DEVICES), so --gpu_ids names those unless the flags name others."""
+    command = [sys.executable, os.path.join(REPOSITORY, 'train.py'), *run.flags]
+    if run.args.gpu_ids is None:
+        command += ['--gpu_ids', ','.join(map(str, range(gpus_per_run))) if gpus_per_run else 'cpu']
+    return command + (['--resume'] if state == 'interrupted' else ['--overwrite'])
+
+
+def submit(executor, run, state, gpus_per_run):
+    """One run as a submitit job: a train.py process in this working folder, whose output goes to the job's log
+    files."""
+    return executor.submit(subprocess.run, job_command(run, state, gpus_per_run), check=True)
+
+
+def job_error(job):
+    """None for a job that completed, else the error line train.py printed, or where its log is."""
+    try:
+        job.result()
+        return None
+    except Exception:  # submitit's FailedJobError or UncompletedJobError: the run's log says why
+        errors = [line for line in (job.stderr() or '').splitlines() if line.startswith('error:')]
+        return errors[-1].removeprefix('error: ') if errors else f'failed; its log is {job.paths.stderr}'
+
+
+def run_local(runs, states, executor, slots, gpus_per_run, timeout_min, progress):
+    """Keep up to slots runs going at a time (submitit starts every local job at once); each slot has its own
+    GPUs. Returns {run index: error} of the runs that failed. On Ctrl-C or SIGTERM the running jobs are stopped
+    (stop_local_jobs): each run keeps its last completed epoch, which the next start of the study resumes."""
+    free = [list(range(slot * gpus_per_run, (slot + 1) * gpus_per_run)) for slot in range(slots)]
+    if not gpus_per_run and slots > 1 and 'OMP_NUM_THREADS' not in os.environ:
+        # runs side by side on the CPU share its cores (the jobs inherit this environment): two runs each
+        # spinning threads on both cores of a 2-core machine took 6 times as long
+        os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // slots))
+    waiting, running, failed = list(runs), {}, {}
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        while waiting or running:
+            while waiting and free:
+                index, gpus = waiting.pop(0), free.pop(0)
+                executor.update_parameters(timeout_min=timeout_min, gpus_per_node=len(gpus), visible_gpus=tuple(gpus))
+                running[index] = submit(executor, runs[index], states[index], len(gpus)), gpus
+            time.sleep(POLL_SECONDS)
+            for index, (job, gpus) in list(running.items()):
+                if job.done():
+                    del running[index]
+                    free.append(gpus)
+                    error = job_error(job)
+                    if error:
+                        failed[index] = error
+                    progress.update()
+    except KeyboardInterrupt:
+        stop_local_jobs([job for job, _ in running.values()])
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failed
+
+
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def stop_local_jobs(jobs):
+    """End the train.py processes of running local jobs, whose last completed epoch the next start resumes.
+    A Ctrl-C at the terminal has reached them already and they are ending; a SIGTERM to the study has not, and
+    neither can submitit's cancel (a SIGINT, which processes started in the background ignore): what is left
+    gets SIGTERM, then SIGKILL. submitit's own processes end with them."""
+    processes = []
+    for job in jobs:
+        try:
+            processes += psutil.Process(int(job.job_id)).children(recursive=True)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=2)
+    for signal_name in ('terminate', 'kill'):
+        for process in alive:
+            try:
+                getattr(process, signal_name)()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(alive, timeout=STOP_SECONDS)
+
+
+def run_slurm(runs, states, executor, gpus_per_run, progress):
+    """Submit the runs as one job array, which Slurm schedules (--slots: how many run at a time), and wait for
+    them. The jobs do not depend on this process: stopped, it leaves them to run (scancel stops them), and a
+    new start of the study skips those that finished."""
+    with executor.batch():
+        jobs = {index: submit(executor, runs[index], states[index], gpus_per_run) for index in runs}
+    progress.write(f'submitted a Slurm job array of {len(jobs)} runs ({jobs[next(iter(jobs))].job_id.split("_")[0]})')
+    failed = {}
+    while jobs:
+        time.sleep(30 * POLL_SECONDS)
+        for index, job in list(jobs.items()):
+            if job.done():
+                del jobs[index]
+                error = job_error(job)
+                if error:
+                    failed[index] = error
+                progress.update()
+    return failed
+
+
+# ----------------------------------------------------------------------------- the summary
+
+def selected_metrics(run):
+    """The test metrics of a finished run at its selected epoch (utils.selected_row)."""
+    rows = pd.read_csv(run.prefix_path + '_results.csv').to_dict('records')
+    return {name: value for name, value in utils.selected_row(rows).items() if name.startswith('test_')}
+
+
+def summary_statistics(values):
+    """(mean, sample standard deviation, half-width of the 95% confidence interval of the mean from Student's t);
+    the last two are NaN for a single value."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, math.nan, math.nan
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+
+
+def summarize(runs, metrics):
+    """A row per configuration: its flags, the seeds of its finished runs and <metric>_mean, _std, _ci95 for every
+    test metric. metrics: {run index: test metrics} of the finished runs."""
+    rows = []
+    for config, members in itertools.groupby(range(len(runs)), key=lambda i: runs[i].config):
+        done = [i for i in members if i in metrics]
+        if not done:
+            continue
+        row = dict(config)
+        row['seeds'] = ','.join(str(runs[i].seed) for i in done)
+        for name in metrics[done[0]]:
+            mean, std, ci95 = summary_statistics([metrics[i][name] for i in done])
+            row.update({f'{name}_mean': mean, f'{name}_std': std, f'{name}_ci95': ci95})
+        rows.append(row)
+    return rows
+
+
+def plot_file(rows, varied, name):
+    """The first metric against the first varied flag, with 95% confidence intervals; a line per value of the
+    other varied flags."""
+    metric = next(column for column in rows[0] if column.endswith('_mean')).removesuffix('_mean')
+    x_flag, x_values = varied[0]
+    others = [flag for flag, _ in varied[1:]]
+
+    def draw(axis):
+        lines = {}
+        for row in rows:
+            lines.setdefault(tuple(row[flag] for flag in others), []).append(row)
+        for key, members in lines.items():
+            intervals = [row[f'{metric}_ci95'] for row in members]
+            axis.errorbar([x_values.index(row[x_flag]) for row in members], [row[f'{metric}_mean'] for row in members],
+                          yerr=[0 if math.isnan(ci) else ci for ci in intervals], marker='o', capsize=4,
+                          label=', '.join(f'{flag}={value}' for flag, value in zip(others, key)) or None)
+        axis.set_xticks(range(len(x_values)), x_values)
+        axis.set_xlabel(x_flag)
+        axis.set_ylabel(f'{metric.replace("_", " ")} (%)')
+        axis.set_title(f'study {name}: mean and 95% CI over seeds')
+        axis.grid(alpha=0.3)
+        if others:
+            axis.legend(fontsize='small')
+    return utils.figure_file(draw, (7, 4.5), dpi=100)
+
+
+# ----------------------------------------------------------------------------- the study
+
+def default_resources(args):
+    """(GPUs per run, runs at a time): locally one GPU per run and one run per GPU where CUDA is available, else
+    one run at a time on the CPU; on Slurm one GPU per run, as many at a time as the cluster allows."""
+    if args.cluster == 'slurm':  # the machine that submits need not have the GPUs the jobs get
+        return (1 if args.gpus_per_run is None else args.gpus_per_run), args.slots
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else min(1, visible)
+    if gpus_per_run > visible:
+        raise utils.UsageError(f'--gpus_per_run {gpus_per_run}: this machine has {visible} CUDA devices')
+    slots = args.slots or (visible // gpus_per_run if gpus_per_run else 1)
+    if gpus_per_run and slots * gpus_per_run > visible:
+        raise utils.UsageError(f'--slots {slots} of {gpus_per_run} GPUs need {slots * gpus_per_run}; this machine has '
+                               f'{visible}')
+    return gpus_per_run, slots
+
+
+def prepare_data(runs):
+    """Check every dataset of the study before any run starts, so that a missing one is one error, not a failed
+    run each; the demo is drawn here, once, when it is missing (runs side by side would each draw it)."""
+    for data_path, data_name, crop_type in sorted({(run.args.data_path, run.args.data_name, run.args.crop_type)
+                                                   for run in runs}):
+        if data_name == 'demo' and not os.path.isfile(utils.data_dicts_path(data_path, 'demo', crop_type)):
+            for line in data_utils.prepare(data_path, 'demo', max(1, runs[0].args.num_workers)):
+                print(line)
+        utils.load_data_dicts(data_path, data_name, crop_type)
+
+
+def main(args, train_flags):
+    study_dir, runs = grid(args, train_flags)
+    states = [run_state(run) for run in runs]
+    todo = [i for i, state in enumerate(states) if state != 'finished']
+    gpus_per_run, slots = default_resources(args)
+    utils.log(f'study {args.name}: {len(runs)} runs ({len(runs) // len(args.seeds)} configurations x '
+              f'{len(args.seeds)} seeds) in {study_dir}/: {len(runs) - len(todo)} finished, '
+              f'{states.count("interrupted")} to resume, {states.count("new")} to start'
+              + (f'; {slots} at a time on {args.cluster}' if todo and slots else ''))
+    failed = {}
+    if todo:
+        prepare_data([runs[i] for i in todo])
+        executor = executor_for(args, study_dir, gpus_per_run)
+        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'study {args.name}', unit='run',
+                  dynamic_ncols=True, file=sys.stderr) as progress:
+            if args.cluster == 'slurm':
+                failed = run_slurm({i: runs[i] for i in todo}, states, executor, gpus_per_run, progress)
+            else:
+                failed = run_local({i: runs[i] for i in todo}, states, executor, slots, gpus_per_run, args.timeout_min,
+                                   progress)
+    for index, error in failed.items():
+        utils.warn(f'run {os.path.basename(runs[index].folder)}: {error}')
+    metrics = {i: selected_metrics(run) for i, run in enumerate(runs)
+               if i not in failed and run_state(run) == 'finished'}
+    if not metrics:
+        raise utils.ReirError(f'no run of study {args.name} finished; their logs are in {study_dir}/.submitit/')
+    rows = summarize(runs, metrics)
+    csv_path = os.path.join(args.results_dir, f'study_{args.name}.csv')
+    png_path = os.path.join(args.results_dir, f'study_{args.name}.png')
+    utils.save_together({csv_path: utils.csv_file(rows), png_path: plot_file(rows, args.vary, args.name)})
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}'))
+    utils.log(f'-> {csv_path}, {png_path}')
+    if failed:
+        raise utils.ReirError(f'{len(failed)} of {len(runs)} runs failed (above); the summary holds the others. '
+                              f'Run the same command again to retry them')
+
+
+if __name__ == '__main__':
+    own, passed = split_command_line(sys.argv[1:])
+    utils.run_cli(lambda arguments: main(arguments, passed), get_args_parser().parse_args(own),
+                  interrupted='interrupted: run the same command again to continue the study')

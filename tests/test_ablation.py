@@ -1,0 +1,87 @@
+"""ablation.py: two runs compared query by query from their databases, and the per-query count it rests on."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import figures
+import utils
+from conftest import assert_one_line_error, run_main
+
+
+def oracle_same_class_in_top_k(features, labels, k):
+    """Sort every query's row in full: by score, an other-class item first among equal scores."""
+    counts = []
+    for query in range(len(labels)):
+        scores = (features @ features[query]).numpy()
+        same = (labels == labels[query]).numpy()
+        others = [i for i in np.lexsort((same, -scores)) if i != query]
+        counts.append(int(same[others[:k]].sum()))
+    return counts
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_same_class_in_top_k_matches_a_full_sort_with_ties(seed):
+    generator = torch.Generator().manual_seed(seed)
+    features = torch.randint(-2, 3, (40, 3), generator=generator).float()  # few distinct values: many ties
+    labels = torch.randint(0, 4, (40,), generator=generator)
+    for k in (1, 5, 39):
+        counts = utils.same_class_in_top_k(features, labels, k, memory_budget=40 * 8 * 7)  # chunks of 7 queries
+        assert counts.tolist() == oracle_same_class_in_top_k(features, labels, k)
+        assert (counts > 0).double().mean().item() == pytest.approx(utils.recall(features, labels, [k])[0])
+
+
+def test_same_class_in_top_k_of_a_query_gallery_split():
+    queries, gallery = torch.eye(2), torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert utils.same_class_in_top_k(queries, [0, 1], 2, gallery, [0, 1, 1]).tolist() == [1, 1]
+    assert utils.same_class_in_top_k(queries, [0, 1], 9, gallery, [0, 1, 1]).tolist() == [1, 2]  # k capped at 3
+
+
+def databases(prepared, tmp_path):
+    """Two databases of the tiny test split (3 classes of 4 images): 'perfect' embeds each image as its class's
+    unit vector; 'confused' gives the images of classes 0 and 1 the same vector."""
+    data_dicts = torch.load(prepared / 'data' / 'tiny' / 'uncropped_data_dicts.pth', weights_only=True)
+    items = utils.flatten_split(data_dicts['test'])
+    classes = sorted(data_dicts['test'])
+    perfect = torch.eye(3)[[classes.index(key) for _, key in items]]
+    confused = torch.eye(3)[[2 if classes.index(key) == 2 else 1 for _, key in items]]
+    paths = []
+    for name, features in (('perfect', perfect), ('confused', confused)):
+        path = tmp_path / name / 'tiny_uncropped_fixed_unrandom_layer1_resnet18_1_3_data_base.pth'
+        path.parent.mkdir()
+        utils.atomic_write(str(path), utils.database_file({'test': (items, features)},
+                                                          str(prepared / 'data' / 'tiny'), {}))
+        paths.append(path)
+    return paths
+
+
+def test_ablation_counts_and_draws_where_the_runs_differ(prepared, tmp_path):
+    """Top 4 of 11: 'perfect' finds the 3 same-class images of every query. In 'confused' a query of class 0 or
+    1 ties 3 same-class with 4 other-class images, which rank first: 0 found; class 2 queries find 3."""
+    better, worse = databases(prepared, tmp_path)
+    result = run_main('ablation', '--better_data_base', better, '--worse_data_base', worse, '--retrieval_num', '4',
+                      '--examples', '3', '--results_dir', tmp_path / 'out')
+    assert result.returncode == 0, result.stderr
+    assert 'test: 12 queries, top 4' in result.stdout
+    assert 'precision@4 75.00%, R@4 100.00%' in result.stdout            # 3 of 4 for every query
+    assert 'precision@4 25.00%, R@4 33.33%' in result.stdout             # 3 of 4 for the 4 class-2 queries only
+    assert 'better run for 8 queries, worse run for 0, equal for 4 (two-sided sign test p = 0.00781)' in result.stdout
+    name = tmp_path / 'out' / 'ablation_perfect_vs_confused'  # equal prefixes: named by their folders
+    rows = pd.read_csv(f'{name}.csv')
+    assert rows['better_same_class'].tolist() == [3] * 12
+    assert rows['worse_same_class'].tolist() == [0] * 8 + [3] * 4
+    assert rows['winner'].tolist() == ['better'] * 8 + ['equal'] * 4
+    with Image.open(f'{name}.png') as picture:  # 3 queries, a row for each run: query and its top 4
+        assert picture.size == (5 * figures.TILE, 6 * (figures.TILE + figures.CAPTION))
+
+
+def test_ablation_refuses_databases_of_different_images(prepared, tmp_path):
+    better, worse = databases(prepared, tmp_path)
+    database = torch.load(worse, weights_only=True)
+    database['test_images'] = database['test_images'][::-1]
+    torch.save(database, worse)
+    assert_one_line_error(run_main('ablation', '--better_data_base', better, '--worse_data_base', worse,
+                                   '--results_dir', tmp_path), 1, 'hold different query images')
+    assert_one_line_error(run_main('ablation', '--better_data_base', better, '--worse_data_base', better,
+                                   '--data_type', 'val', '--results_dir', tmp_path), 1, 'has no val split')

@@ -1,0 +1,196 @@
+"""study.py: a grid of real train.py processes through submitit's local executor, skipped when finished and
+resumed when interrupted, summarized over seeds."""
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+import study
+import train
+import utils
+from conftest import REPO, TINY, assert_one_line_error, run_as_command, run_main, written_files
+
+ENSEMBLE = TINY.index('--ensemble_size')
+# the TINY flags, the ensemble size left to the study; then 2 of the tiny dataset's 4 training classes held out
+TINY_FLAGS = [*TINY[:ENSEMBLE], *TINY[ENSEMBLE + 2:], '--recalls', '1,2']
+TRAIN_FLAGS = [*TINY_FLAGS, '--val_classes', '2']
+
+
+def study_command(root, results, *extra, vary=('ensemble_size=2,3',), seeds='1,2', train_flags=TRAIN_FLAGS):
+    own = ['--name', 'grid', *sum((['--vary', v] for v in vary), []), '--seeds', seeds, '--results_dir', results,
+           *extra]
+    ensemble = [] if any(v.startswith('ensemble_size=') for v in vary) else ['--ensemble_size', '2']
+    return [*map(str, own), '--', '--data_path', str(root / 'data'), '--data_name', 'tiny', *train_flags, *ensemble]
+
+
+def study_runs(command):
+    own, passed = study.split_command_line(command)
+    return study.grid(study.get_args_parser().parse_args(own), passed)[1]
+
+
+def job_logs(results):
+    folder = results / 'study_grid' / '.submitit'
+    return {name: (folder / name).read_text() for name in os.listdir(folder) if name.endswith('_log.out')}
+
+
+def selected_test_metrics(run):
+    frame = pd.read_csv(run.prefix_path + '_results.csv')
+    return frame.loc[frame['val_recall@1'].idxmax()]  # the first epoch of the highest validation R@1
+
+
+def test_summary_statistics_against_a_hand_computation():
+    mean, std, ci95 = study.summary_statistics([60.0, 70.0, 80.0])
+    # std = sqrt((100 + 0 + 100) / 2) = 10; ci95 = t(0.975, 2 degrees of freedom) 4.302653 * 10 / sqrt(3)
+    assert (mean, std) == (70.0, 10.0) and ci95 == pytest.approx(24.8413771, abs=1e-6)
+    mean, std, ci95 = study.summary_statistics([42.0])
+    assert mean == 42.0 and math.isnan(std) and math.isnan(ci95)
+
+
+def test_summary_rows_group_the_seeds_of_each_configuration():
+    runs = [study.Run((('ensemble_size', e),), seed, '', [], None) for e in ('1', '4') for seed in (1, 2, 3)]
+    metrics = {i: {'test_recall@1': value, 'test_map@r': value / 10}
+               for i, value in enumerate([10.0, 20.0, 30.0, 40.0, 50.0, 99.0])}
+    del metrics[5]  # a run that failed
+    rows = study.summarize(runs, metrics)
+    assert [(row['ensemble_size'], row['seeds']) for row in rows] == [('1', '1,2,3'), ('4', '1,2')]
+    assert rows[0]['test_recall@1_mean'] == 20.0 and rows[0]['test_recall@1_std'] == 10.0
+    assert rows[1]['test_map@r_mean'] == pytest.approx(4.5) and rows[1]['test_map@r_std'] == pytest.approx(
+        math.sqrt(0.5))
+    assert list(rows[0]) == ['ensemble_size', 'seeds'] + [f'{m}_{s}' for m in ('test_recall@1', 'test_map@r')
+                                                         for s in ('mean', 'std', 'ci95')]
+
+
+def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupted_ones(prepared, tmp_path,
+                                                                                      monkeypatch):
+    results = tmp_path / 'results'
+    command = study_command(prepared, results)
+    runs = {(dict(run.config)['ensemble_size'], run.seed): run for run in study_runs(command)}
+    assert sorted(runs) == [('2', 1), ('2', 2), ('3', 1), ('3', 2)]
+
+    # (E 2, seed 2) finished and (E 2, seed 1) interrupted in epoch 2, before the study starts
+    assert run_main('train', *runs['2', 2].flags).returncode == 0
+    finished = written_files(results / 'study_grid' / os.path.basename(runs['2', 2].folder))
+    train_one_epoch = train.train_one_epoch
+
+    def interrupt_in_epoch_2(*args):
+        if args[-1].startswith('Epoch 2/'):
+            raise KeyboardInterrupt
+        return train_one_epoch(*args)
+    monkeypatch.setattr(train, 'train_one_epoch', interrupt_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train.get_args_parser().parse_args(runs['2', 1].flags))
+    monkeypatch.setattr(train, 'train_one_epoch', train_one_epoch)
+
+    result = run_as_command('study.py', *command)
+    assert result.returncode == 0, result.stderr
+    assert '4 runs (2 configurations x 2 seeds)' in result.stdout
+    assert '1 finished, 1 to resume, 2 to start' in result.stdout
+    assert written_files(results / 'study_grid' / os.path.basename(runs['2', 2].folder)) == finished
+
+    logs = job_logs(results)  # one submitit job, one train.py process, for each run not finished
+    assert len(logs) == 3
+    resumed = [log for log in logs.values() if 'resumed from' in log]
+    assert len(resumed) == 1 and 'ensemble_size=2_seed=1' in resumed[0]
+    assert all('selected epoch' in log and 'Epoch 2/2' in log for log in logs.values())
+
+    summary = pd.read_csv(results / 'study_grid.csv', dtype={'seeds': str}).set_index('ensemble_size')
+    assert summary.index.tolist() == [2, 3] and summary['seeds'].tolist() == ['1,2', '1,2']
+    for ensemble_size in (2, 3):
+        selected = [selected_test_metrics(runs[str(ensemble_size), seed]) for seed in (1, 2)]
+        for metric in ('test_recall@1', 'test_map@r'):
+            first, second = (s[metric] for s in selected)
+            std = abs(first - second) / math.sqrt(2)  # sqrt(((a - m)^2 + (b - m)^2) / 1) with m their mean
+            row = summary.loc[ensemble_size]
+            assert row[f'{metric}_mean'] == pytest.approx((first + second) / 2)
+            assert row[f'{metric}_std'] == pytest.approx(std)
+            assert row[f'{metric}_ci95'] == pytest.approx(12.7062047 * std / math.sqrt(2))  # t(0.975, 1 d.o.f.)
+    assert (results / 'study_grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+    before = (results / 'study_grid.csv').read_bytes()
+    again = run_as_command('study.py', *command)
+    assert again.returncode == 0, again.stderr
+    assert '4 finished, 0 to resume, 0 to start' in again.stdout
+    assert len(job_logs(results)) == 3  # nothing launched
+    assert (results / 'study_grid.csv').read_bytes() == before
+
+
+def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes_them(prepared, tmp_path):
+    """A study started in the background (SIGINT ignored, as a shell without job control leaves it, so that
+    submitit's cancel cannot reach the runs) and stopped with SIGTERM after the first epoch of its run."""
+    results = tmp_path / 'results'
+    command = study_command(prepared, results, vary=('ensemble_size=2',), seeds='1',
+                            train_flags=[*TRAIN_FLAGS, '--num_epochs', '10'])
+    run = study_runs(command)[0]
+    checkpoint = run.prefix_path + '_checkpoint.pth'
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'study.py'), *command], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.time() + 300
+    while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130 and 'interrupted: run the same command again' in stderr
+    with utils.RunLock(run.folder, utils.RunName.from_args(run.args).prefix):
+        pass  # no process holds the run any more
+    assert torch.load(checkpoint, weights_only=True)['epoch'] <= 10, 'the run finished before it was stopped'
+
+    again = run_as_command('study.py', *command)
+    assert again.returncode == 0, again.stderr
+    assert '0 finished, 1 to resume, 0 to start' in again.stdout
+    resumed = [log for log in job_logs(results).values() if 'resumed from' in log]
+    assert len(resumed) == 1 and 'Epoch 10/10' in resumed[0]
+
+
+def test_a_failed_run_is_named_and_the_others_are_summarized(prepared, tmp_path):
+    """--val_classes 1 is refused by train.py when the run starts."""
+    results = tmp_path / 'results'
+    result = run_as_command('study.py', *study_command(prepared, results, vary=('val_classes=2,1',), seeds='1',
+                                                        train_flags=TINY_FLAGS))
+    assert result.returncode == 1
+    assert 'warning: run val_classes=1_seed=1: --val_classes 1: retrieval within a single class' in result.stderr
+    assert result.stderr.splitlines()[-1].startswith('error: 1 of 2 runs failed')
+    summary = pd.read_csv(results / 'study_grid.csv')
+    assert summary['val_classes'].tolist() == [2] and math.isnan(summary['test_recall@1_std'].item())
+
+
+def test_a_missing_dataset_stops_the_study_before_any_run(tmp_path):
+    result = run_as_command('study.py', *study_command(tmp_path, tmp_path / 'results'))
+    assert_one_line_error(result, 1, 'uncropped_data_dicts.pth not found')
+    assert not (tmp_path / 'results' / 'study_grid' / '.submitit').exists()
+
+
+@pytest.mark.parametrize('vary, extra, fragment', [
+    (('nosuchflag=1,2',), [], 'train.py has no flag --nosuchflag'),
+    (('seed=1,2',), [], 'the study sets --seed itself'),
+    (('ensemble_size=2',), ['--seed', '3'], '--seed after --: the study sets it'),
+    (('ensemble_size=2',), ['--ensemble_size', '3'], '--ensemble_size is given more than once'),
+    (('ensemble_size=2', 'share_type=layer2', 'ensemble_size=3'), [], '--ensemble_size is given more than once'),
+    (('with_random=maybe',), [], 'a switch takes true or false'),
+    (('lr=0.1,x',), [], "train.py flags: argument --lr: 'x' is not a number"),
+])
+def test_flags_the_study_cannot_run_exit_2(prepared, tmp_path, vary, extra, fragment):
+    result = run_as_command('study.py', *study_command(prepared, tmp_path, vary=vary), *extra)
+    assert_one_line_error(result, 2, fragment)
+    assert not (tmp_path / 'study_grid').exists()
+
+
+def test_a_study_folder_of_other_flags_is_refused(prepared, tmp_path):
+    command = study_command(prepared, tmp_path, vary=('ensemble_size=2',), seeds='1')
+    run = study_runs(command)[0]
+    assert run_main('train', *run.flags[:-4], '--num_epochs', '1', *run.flags[-4:]).returncode == 0
+    assert_one_line_error(run_as_command('study.py', *command), 2, 'holds a run trained with other flags',
+                          '--num_epochs 1 -> 2')
+
+
+def test_switches_are_given_or_left_out():
+    defaults = vars(train.get_args_parser().parse_args([]))
+    assert study.run_flags((('with_random', 'true'), ('ensemble_size', '4')), 7, 'f', ['--x'], defaults) == \
+        ['--x', '--with_random', '--ensemble_size', '4', '--seed', '7', '--results_dir', 'f']
+    assert study.run_flags((('with_random', 'off'),), 7, 'f', [], defaults) == ['--seed', '7', '--results_dir', 'f']
