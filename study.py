@@ -1,7 +1,8 @@
 """Run a grid of train.py configurations over several seeds and summarize it: mean, standard deviation and
 95% confidence interval of the test metrics at each run's selected epoch.
 
-    python study.py --name ensemble --vary ensemble_size=1,4,12,48 --seeds 1,2,3 -- --data_name cub --val_classes 20
+    python study.py --name ensemble --vary ensemble_size=1,4,12,48 --seeds 1,2,3 -- --data_name cub --val_classes 20 \
+        --label_type random
     python study.py --name m --vary meta_class_size=2,4,12 --vary share_type=layer1,layer3 --seeds 1,2,3 -- ...
 
 The flags after `--` go to every run. Every run is an ordinary `python train.py` process writing into its own
