@@ -3,6 +3,7 @@
     python benchmark.py eval [--quick]       # exact retrieval metrics at SOP scale vs faiss-cpu IndexFlatIP
     python benchmark.py branches [--quick]   # grouped branch engine vs the per-branch loop
     python benchmark.py data [--quick]       # the training input pipeline vs PIL + the original transforms
+    python benchmark.py checkpoint [--quick] # train.py's checkpoint write (atomic, fsynced) vs a plain torch.save
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
@@ -366,6 +367,56 @@ class SeededItems(torch.utils.data.Dataset):
         return self.reader[(index, index)][:2]
 
 
+# ----------------------------------------------------------------------------- checkpoint
+
+def checkpoint_case(config, folder, queue):
+    """The checkpoint of a run after two training steps (Adam's moments exist), with CUB-sized ids and training list:
+    its size on disk, the best of config['rounds'] writes as train.py writes it (utils.save_together: a temporary
+    file, fsync, rename) and of a plain torch.save of the same dict (the baseline), and the seconds of the second
+    step."""
+    model, batch, labels = branch_setup(config)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    scaler = engine.grad_scaler(batch.device, False)
+    model.train()
+    engine.train_step(model, batch, labels, optimizer, scaler, False)  # warm-up: allocations
+    start = time.perf_counter()
+    engine.train_step(model, batch, labels, optimizer, scaler, False)
+    step_seconds = time.perf_counter() - start
+    trainable = dict(model=model, optimizer=optimizer, scaler=scaler,
+                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
+    classes, images = 100, 5_864
+    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': engine.rng_states([])}],
+                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[],
+                    ids=torch.randint(12, (config['ensemble_size'], classes)),
+                    train_items=[(f'images/{i % classes:03d}/{i:06d}.jpg', i % classes) for i in range(images)])
+    path = os.path.join(folder, 'checkpoint.pth')
+    atomic, plain = float('inf'), float('inf')
+    for _ in range(config['rounds']):
+        start = time.perf_counter()
+        utils.save_together({path: utils.checkpoint_file(trainable, progress)})
+        atomic = min(atomic, time.perf_counter() - start)
+        size = os.path.getsize(path)
+        os.remove(path)
+        start = time.perf_counter()
+        torch.save({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress}, path)
+        plain = min(plain, time.perf_counter() - start)
+        os.remove(path)
+    queue.put(dict(size_mib=size / 2 ** 20, atomic_s=atomic, plain_s=plain, step_s=step_seconds))
+
+
+def benchmark_checkpoint(args):
+    config = dict(device='cpu', share_type='layer1', batch_size=10, amp=False, model_type='resnet18',
+                  ensemble_size=8 if args.quick else 48, image_size=64, rounds=2 if args.quick else 3)
+    os.makedirs(args.folder, exist_ok=True)
+    row = run_in_worker(checkpoint_case, config, args.folder)
+    print(f"ResNet-18, E={config['ensemble_size']}, M=12, layer1 shared: checkpoint {row['size_mib']:,.0f} MiB on disk; "
+          f"written as train.py writes it in {row['atomic_s']:.2f} s ({row['atomic_s'] / row['plain_s']:.2f}x a plain "
+          f"torch.save, {row['plain_s']:.2f} s), {row['atomic_s'] / row['step_s']:.2f} training steps of batch 10 at "
+          f"64 px on the CPU ({row['step_s']:.2f} s)", flush=True)
+    write_csv(pd.DataFrame([dict(config, **{key: round(value, 3) for key, value in row.items()},
+                                 folder=args.folder, machine=machine_name())]), 'checkpoint')
+
+
 # ----------------------------------------------------------------------------- common
 
 def machine_name():
@@ -401,6 +452,11 @@ def get_args_parser():
     data.add_argument('--quick', action='store_true', help='60 photos instead of 300')
     data.add_argument('--seed', type=int, default=0)
     data.set_defaults(run=benchmark_data)
+    checkpoint = commands.add_parser('checkpoint', help='train.py\'s checkpoint write vs a plain torch.save')
+    checkpoint.add_argument('--quick', action='store_true', help='E=8 instead of the default run\'s 48 branches')
+    checkpoint.add_argument('--folder', default=utils.RESULTS_DIR,
+                            help='where to write (the disk a run writes to: its --results_dir)')
+    checkpoint.set_defaults(run=benchmark_checkpoint)
     return parser
 
 

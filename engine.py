@@ -1,7 +1,10 @@
 """Running a REIR model over data: devices and torch.distributed, mixed precision, data loaders, the training
-step, embedding and retrieval evaluation, and the choice of branch engine. train.py, evaluate.py and
-benchmark.py all run models through these functions, so that each is written once."""
+step, embedding and retrieval evaluation, the choice of branch engine, and what a preempted run needs (stop
+signals, random states, torchrun restarts). train.py, evaluate.py and benchmark.py all run models through these
+functions, so that each is written once."""
 import os
+import signal
+import socket
 
 import torch
 import torch.distributed as dist
@@ -69,8 +72,13 @@ def init_distributed():
     processes (NCCL on CUDA, gloo on the CPU), else (0, 1, 0)."""
     if int(os.environ.get('WORLD_SIZE', 1)) <= 1:
         return 0, 1, 0
-    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo')
-    return dist.get_rank(), dist.get_world_size(), int(os.environ.get('LOCAL_RANK', 0))
+    store, rank, world = next(dist.rendezvous('env://'))
+    if os.environ.get('TORCHELASTIC_USE_AGENT_STORE') == str(True):
+        # torchrun keeps one store for every restart of a worker group: the addresses that a killed group left there
+        # would send the restarted one to dead processes (pytorch/pytorch#135712), so each restart keeps its own keys
+        store = dist.PrefixStore(f'restart_{elastic_restart_count()}', store)
+    dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', store=store, rank=rank, world_size=world)
+    return rank, world, int(os.environ.get('LOCAL_RANK', 0))
 
 
 def gather_shards(local, total, device):
@@ -102,6 +110,84 @@ def broadcast_from_main(obj):
     return holder[0]
 
 
+def gather_objects(obj):
+    """[the obj of rank 0, of rank 1, ...] in every process; [obj] without torch.distributed."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def any_process(flags, device):
+    """A list of bools, each true when it is true in any process, so that every process acts alike."""
+    if not dist.is_initialized():
+        return flags
+    tensor = torch.tensor(flags, dtype=torch.int32, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return [bool(flag) for flag in tensor.tolist()]
+
+
+# ----------------------------------------------------------------------------- preemption
+
+# what schedulers send before they end a job: Slurm SIGTERM (and SIGUSR1 where a job asks for it with --signal),
+# torchrun SIGTERM to every process of a worker group it stops
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopSignals:
+    """While entered, a stop signal only records that the run should stop (once it has saved its state) instead of
+    ending the process at once; received names the first one, None until one arrives."""
+
+    def __enter__(self):
+        self.received = None
+        self.previous = {signum: signal.signal(signum, self.record) for signum in STOP_SIGNALS}
+        return self
+
+    def record(self, signum, frame):
+        self.received = self.received or signal.Signals(signum).name
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def ignore_stop_signals(worker_id):
+    """A DataLoader worker_init_fn. A stop signal sent to the whole process group (torchrun, Slurm) would end the
+    loader's workers, and the run with them, before it saved its state: the main process ends them instead."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def rng_states(gpu_ids):
+    """The random states a training step draws from (the --with_random weights): torch's CPU generator and those of
+    the GPUs the process uses. The augmentations need none: each image has its seed (train.SeededSampler)."""
+    return {'cpu': torch.get_rng_state(), 'cuda': [torch.cuda.get_rng_state(i) for i in gpu_ids]}
+
+
+def set_rng_states(states, gpu_ids):
+    """Restore rng_states; the GPUs' only onto as many GPUs as saved them (their order pairs them)."""
+    torch.set_rng_state(states['cpu'])
+    if len(states['cuda']) == len(gpu_ids):
+        for gpu, state in zip(gpu_ids, states['cuda']):
+            torch.cuda.set_rng_state(state, gpu)
+
+
+def elastic_restart_count():
+    """How many times torchrun has restarted this process's worker group: 0 at its first start, and outside
+    torchrun."""
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+
+
+def elastic_job():
+    """The torchrun job this process belongs to ('' outside torchrun): its rendezvous id, or, for torchrun's default
+    id 'none', that and the host and agent process that started this process, which restarts it in place."""
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    if run_id is None:
+        return ''
+    return run_id if run_id != 'none' else f'none@{socket.gethostname()}:{os.getppid()}'
+
+
 # ----------------------------------------------------------------------------- data loaders
 
 def loader_options(num_workers, seed, device):
@@ -110,7 +196,7 @@ def loader_options(num_workers, seed, device):
     --with_random weights than the uninterrupted one."""
     workers = max(0, num_workers)
     options = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-                   generator=torch.Generator().manual_seed(seed))
+                   generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
     if workers:
         options['prefetch_factor'] = 4  # batches each worker keeps ready
     return options

@@ -38,7 +38,7 @@ STUDY_FLAGS = ('seed', 'results_dir', 'resume', 'overwrite')  # set by the study
 SWITCH_VALUES = {'true': True, '1': True, 'yes': True, 'on': True, 'false': False, '0': False, 'no': False,
                  'off': False}
 POLL_SECONDS = 1.0
-STOP_SECONDS = 10  # how long a stopped run may take to end before it is killed
+STOP_SECONDS = 60  # how long a stopped run may take to end (a step and a checkpoint write) before it is killed
 
 
 def get_args_parser():
@@ -169,7 +169,7 @@ def grid(args, train_flags):
 
 
 def run_state(run):
-    """'finished', 'interrupted' (its checkpoint holds some epochs, or a finished run lost files) or 'new'. A run
+    """'finished', 'interrupted' (it has a checkpoint short of the end, or a finished run lost files) or 'new'. A run
     trained with other flags is refused: its folder belongs to another study of this name."""
     checkpoint = utils.peek_checkpoint(run.prefix_path + '_checkpoint.pth')
     if checkpoint is None:
@@ -200,7 +200,7 @@ def executor_for(args, study_dir, gpus_per_run):
 
 def job_command(run, state, gpus_per_run):
     """python train.py <the run's flags>: with --resume for an interrupted run, and with --overwrite for a new one,
-    whose folder can only hold what a start killed in its first epoch left. A run given GPUs sees them as
+    whose folder can only hold what a start killed before its first checkpoint left. A run given GPUs sees them as
     0..gpus_per_run-1 (CUDA_VISIBLE_DEVICES), so --gpu_ids names those unless the flags name others."""
     command = [sys.executable, os.path.join(REPOSITORY, 'train.py'), *run.flags]
     if run.args.gpu_ids is None:
@@ -227,7 +227,7 @@ def job_error(job):
 def run_local(runs, states, executor, slots, gpus_per_run, timeout_min, progress):
     """Keep up to slots runs going at a time (submitit starts every local job at once); each slot has its own
     GPUs. Returns {run index: error} of the runs that failed. On Ctrl-C or SIGTERM the running jobs are stopped
-    (stop_local_jobs): each run keeps its last completed epoch, which the next start of the study resumes."""
+    (stop_local_jobs): each run keeps its last checkpoint, which the next start of the study resumes."""
     free = [list(range(slot * gpus_per_run, (slot + 1) * gpus_per_run)) for slot in range(slots)]
     if not gpus_per_run and slots > 1 and 'OMP_NUM_THREADS' not in os.environ:
         # runs side by side on the CPU share its cores (the jobs inherit this environment): two runs each
@@ -263,10 +263,11 @@ def interrupt(signum, frame):
 
 
 def stop_local_jobs(jobs):
-    """End the train.py processes of running local jobs, whose last completed epoch the next start resumes.
-    A Ctrl-C at the terminal has reached them already and they are ending; a SIGTERM to the study has not, and
-    neither can submitit's cancel (a SIGINT, which processes started in the background ignore): what is left
-    gets SIGTERM, then SIGKILL. submitit's own processes end with them."""
+    """End the train.py processes of running local jobs; the next start of the study resumes each from its last
+    checkpoint. A Ctrl-C at the terminal has reached them already and they are ending; a SIGTERM to the study has
+    not, and neither can submitit's cancel (a SIGINT, which processes started in the background ignore): what is
+    left gets SIGTERM, on which a run saves its current step and stops, then SIGKILL after STOP_SECONDS. submitit's
+    own processes end with them."""
     processes = []
     for job in jobs:
         try:

@@ -7,14 +7,20 @@
 
 Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <prefix>_data_base.pth
 (at the best Recall@K for the first K of --recalls: on the test split as the original REIR, or with
---val_classes N on N training classes held out of training), <prefix>_checkpoint.pth (every epoch, for
---resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's settings (utils.RunName).
+--val_classes N on N training classes held out of training), <prefix>_checkpoint.pth (every epoch and every
+--checkpoint_every steps, for --resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's
+settings (utils.RunName). SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint (exit code
+utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a restarted run continues from its checkpoint.
 """
 import argparse
 import contextlib
+import functools
 import math
 import os
+import re
 import sys
+import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -28,10 +34,11 @@ from model import BACKBONES, BRANCH_IMPLS, SHARE_TYPES
 
 LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate drops
 LR_GAMMA = 0.1
+CHECKPOINT_MINUTES = 10  # without --checkpoint_every, a checkpoint inside an epoch every this many minutes
 # flags that may differ between a run and its --resume without changing what the run computes (the
 # branch engines compute the same function and share one checkpoint layout)
 RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
-                     'branch_impl')
+                     'branch_impl', 'checkpoint_every')
 # flags added after runs were started: what a checkpoint without them was trained with
 LATER_FLAG_DEFAULTS = {'val_classes': 0}
 
@@ -89,7 +96,12 @@ def get_args_parser():
                              'on CUDA the faster in a timed trial before training, on the CPU the loop. Same '
                              'parameters and checkpoints either way')
     parser.add_argument('--resume', action='store_true',
-                        help='continue the run with these flags from its last completed epoch')
+                        help='continue the run with these flags from its checkpoint')
+    parser.add_argument('--checkpoint_every', default=None, type=utils.int_in_range(0),
+                        help=f'also write the checkpoint every N training steps, so that a run killed inside an epoch '
+                             f'loses at most N steps (default: every {CHECKPOINT_MINUTES} minutes of training; 0: after '
+                             f'every epoch only). The checkpoint holds the model and the optimizer: keep N large '
+                             f'enough that writing it costs little against N steps')
     parser.add_argument('--overwrite', action='store_true',
                         help='start over a run whose files exist: they are removed at the start')
     parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where the run writes its files')
@@ -137,25 +149,29 @@ class SeededSampler(Sampler):
     """Shuffles from (seed, epoch) and gives every sample its own augmentation seed, so that an epoch's
     batches and augmentations do not depend on the number of workers, or on a resume. Under
     torch.distributed each of num_replicas processes takes every num_replicas-th sample of the shuffled
-    order (padded by its first samples to a multiple of num_replicas), as DistributedSampler does."""
+    order (padded by its first samples to a multiple of num_replicas), as DistributedSampler does: a step of
+    B images over all processes takes the next B of that order, whatever the number of processes, so that
+    an epoch continued after k steps skips its first k * B samples."""
 
     def __init__(self, num_samples, seed, rank=0, num_replicas=1):
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+        self.num_samples, self.seed, self.epoch, self.skip = num_samples, seed, 0, 0
         self.rank, self.num_replicas = rank, num_replicas
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, skip=0):
+        """Sample epoch, leaving out the first skip samples of its order (a multiple of num_replicas)."""
+        self.epoch, self.skip = epoch, skip
 
     def __len__(self):
-        return -(-self.num_samples // self.num_replicas)
+        return max(0, -(-self.num_samples // self.num_replicas) - self.skip // self.num_replicas)
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         order = torch.randperm(self.num_samples, generator=generator)
         seeds = torch.randint(2 ** 62, (self.num_samples,), generator=generator)
-        padding = len(self) * self.num_replicas - self.num_samples
+        padding = -self.num_samples % self.num_replicas
         order, seeds = torch.cat([order, order[:padding]]), torch.cat([seeds, seeds[:padding]])
-        return iter(zip(order[self.rank::self.num_replicas].tolist(), seeds[self.rank::self.num_replicas].tolist()))
+        mine = slice(self.skip + self.rank, None, self.num_replicas)
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 def draw_or_load_ids(args, run, num_class, generator):
@@ -237,24 +253,28 @@ def drop_last_batch(args, batch_size, num_samples, replicas):
 
 # ----------------------------------------------------------------------------- one epoch
 
-def train_one_epoch(model, loader, optimizer, scaler, device, amp, description):
-    """One pass over the training list; returns mean loss, accuracy in percent and skipped images. Stops at
-    the first non-finite loss (engine.Diverged)."""
+def train_one_epoch(model, loader, optimizer, scaler, device, amp, description, start, after_step):
+    """One pass over the training list, or what is left of it after start = (steps done, this process's running
+    sums of them: loss, correct labels, images, skipped images); returns mean loss, accuracy in percent and skipped
+    images. after_step(step, steps, sums) runs after every step (StepCheckpoints.after_step). Stops at the first
+    non-finite loss (engine.Diverged)."""
     model.train()
-    total_loss, correct, seen, skipped = 0.0, 0, 0, 0
-    progress = tqdm(loader, desc=description, dynamic_ncols=True, file=sys.stderr,
+    done, (total_loss, correct, seen, skipped) = start
+    steps = done + len(loader)
+    progress = tqdm(loader, desc=description, initial=done, total=steps, dynamic_ncols=True, file=sys.stderr,
                     disable=not utils.is_main_process())
-    for step, (images, labels, failures) in enumerate(progress, start=1):
+    for step, (images, labels, failures) in enumerate(progress, start=done + 1):
         images = images.to(device, non_blocking=True, memory_format=engine.memory_format(device, amp))
         labels = labels.to(device, non_blocking=True)                                      # (B, E)
         loss, logits = engine.train_step(model, images, labels, optimizer, scaler, amp)   # logits (B, E, M)
         if not math.isfinite(loss.item()):
-            raise engine.Diverged(f'the loss is {loss.item()} at step {step} of {len(loader)}')
+            raise engine.Diverged(f'the loss is {loss.item()} at step {step} of {steps}')
         total_loss += loss.item() * images.shape[0]
         correct += (logits.argmax(-1) == labels).sum().item()
         seen += images.shape[0]
         skipped += int(failures.sum())
         progress.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / (seen * labels.shape[1]):.2f}%')
+        after_step(step, steps, [total_loss, correct, seen, skipped])
     total_loss, correct, seen, skipped = engine.all_reduce_sum([total_loss, correct, seen, skipped], device)
     ensemble_size = engine.unwrap(model).ensemble_size
     return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': int(skipped)}
@@ -337,14 +357,7 @@ def save_epoch(output, results, trainable, progress, best):
     utils.save_together({output['results.csv']: utils.csv_file(results),
                          output['curves.png']: utils.curves_file(results),
                          **(best or {}),
-                         output['checkpoint.pth']: checkpoint_file(trainable, progress)})
-
-
-def kept_files(output, epoch):
-    """What is left of a run that stops in epoch."""
-    if epoch == 1:
-        return 'no epoch completed, so there is nothing to resume'
-    return f'{output["checkpoint.pth"]} and the run\'s other files hold epoch {epoch - 1}'
+                         output['checkpoint.pth']: utils.checkpoint_file(trainable, progress)})
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -384,25 +397,21 @@ def differing_flags(saved, args):
             if name not in RESUME_FREE_FLAGS and saved.get(name) != value]
 
 
-def checkpoint_file(trainable, progress):
-    """trainable: the model, optimizer, scheduler and scaler by name; progress: the rest of
-    utils.CHECKPOINT_KEYS."""
-    return utils.torch_file({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
-
-
-def best_files_missing(settings, output, results, start_epoch):
+def best_files_missing(settings, output, checkpoint):
     """Whether --resume must write the best epoch's model, database and flags again: it can when the
     checkpoint holds the best epoch's model, and refuses when that model is lost."""
     missing = [output[kind] for kind in ('model.pth', 'data_base.pth') if not os.path.isfile(output[kind])]
+    if not checkpoint['results']:
+        return False  # inside the first epoch: there is no best epoch yet
     if not missing:
         if not os.path.isfile(output['args.json']):  # a run from before args.json was written
             utils.atomic_write(output['args.json'], utils.json_file(settings))
         return False
-    best = utils.selected_row(results)['epoch']
-    if best != start_epoch - 1:
+    best = utils.selected_row(checkpoint['results'])['epoch']
+    if checkpoint['step'] or best != checkpoint['epoch'] - 1:
         raise utils.ReirError(f'{" and ".join(missing)} missing: the model of the best epoch, {best}, is lost (the '
-                              f'checkpoint holds epoch {start_epoch - 1}); put the files back, or start over with '
-                              f'--overwrite')
+                              f'checkpoint holds {position_note(checkpoint)}); put the files back, or start over '
+                              f'with --overwrite')
     utils.warn(f'{" and ".join(missing)} missing: writing them again from the checkpoint, which holds the best '
                f'epoch ({best})')
     return True
@@ -415,6 +424,85 @@ def restore(checkpoint, trainable):
     for name, obj in trainable.items():
         obj.load_state_dict(checkpoint[name])
     return checkpoint['epoch'], checkpoint['best_recall'], checkpoint['results']
+
+
+EPOCH_START = (0, [0.0, 0, 0, 0])  # (steps done, running sums: loss, correct labels, images, skipped images)
+
+
+def epoch_position(checkpoint, rank, world):
+    """Where this process continues the checkpoint's epoch: (steps done, its running sums) as train_one_epoch takes
+    them, and the random states to restore (None at an epoch's start). Each process takes its own. On another number
+    of processes than wrote the checkpoint the epoch still continues from the same sample (SeededSampler), with the
+    sums of all in rank 0 and rank 0's random states in every process, though not as either number of processes
+    would have run it."""
+    if checkpoint is None or not checkpoint['step']:
+        return EPOCH_START, None
+    running = checkpoint['running']
+    if len(running) == world:
+        return (checkpoint['step'], running[rank]['sums']), running[rank]['rng']
+    utils.warn(f'the checkpoint was written by {len(running)} processes, inside epoch {checkpoint["epoch"]}: its '
+               f'rest runs on {world}, so the run will not repeat one on either number exactly')
+    sums = [sum(values) for values in zip(*(process['sums'] for process in running))]
+    return (checkpoint['step'], sums if rank == 0 else EPOCH_START[1]), running[0]['rng']
+
+
+def position_note(checkpoint):
+    """Where the run a checkpoint holds stands: 'step 30 of epoch 3' or 'the end of epoch 2'."""
+    step = checkpoint.get('step', 0)
+    return f'step {step} of epoch {checkpoint["epoch"]}' if step else f'the end of epoch {checkpoint["epoch"] - 1}'
+
+
+def saved_note(path):
+    """What a run that stops leaves to --resume."""
+    checkpoint = utils.peek_checkpoint(path)
+    if checkpoint is None:
+        return 'no checkpoint was written, so there is nothing to resume'
+    return f'{path} holds the run at {position_note(checkpoint)}'
+
+
+class StepCheckpoints:
+    """The checkpoints written inside an epoch: every `every` steps (None: every CHECKPOINT_MINUTES minutes; 0:
+    never), and at once, followed by a stop (utils.Stopped), when a stop signal has arrived (engine.StopSignals).
+    A checkpoint holds the running sums and random states of every process, which the main process writes: every
+    process asks after each step, and they agree (engine.any_process)."""
+
+    def __init__(self, every, path, trainable, signals, device, gpu_ids):
+        self.every, self.path, self.trainable, self.signals = every, path, trainable, signals
+        self.device, self.gpu_ids = device, gpu_ids
+        self.saved()
+
+    def saved(self):
+        self.last_save = time.monotonic()
+
+    def due(self, step, steps):
+        if step == steps or self.every == 0:
+            return False  # the epoch's own checkpoint follows
+        if self.every is None:
+            return time.monotonic() - self.last_save >= 60 * CHECKPOINT_MINUTES
+        return step % self.every == 0
+
+    def stop_requested(self):
+        return engine.any_process([self.signals.received is not None], self.device)[0]
+
+    def after_step(self, progress, step, steps, sums):
+        """progress: the checkpoint's keys other than the trainable states, step and running (utils.CHECKPOINT_KEYS),
+        for the epoch in progress."""
+        save, stop = engine.any_process([self.due(step, steps), self.signals.received is not None], self.device)
+        if not (save or stop):
+            return
+        running = engine.gather_objects({'sums': sums, 'rng': engine.rng_states(self.gpu_ids)})
+        if utils.is_main_process():
+            utils.save_together({self.path: utils.checkpoint_file(
+                self.trainable, {**progress, 'step': step, 'running': running})})
+        self.saved()
+        if stop or self.stop_requested():  # a signal may have come while the checkpoint was written
+            self.stop(f'at step {step} of {steps} of epoch {progress["epoch"]}')
+
+    def stop(self, where):
+        if dist.is_initialized():
+            dist.barrier()  # no process ends before the checkpoint is written
+        raise utils.Stopped(f'stopped by {self.signals.received or "a stop signal to another process"} {where}: '
+                            f'{self.path} holds the run; continue it with the same command and --resume')
 
 
 # ----------------------------------------------------------------------------- the run
@@ -457,14 +545,31 @@ def main(args):
         utils.warn('--amp only acts on CUDA: running in float32')
     run = utils.RunName.from_args(args)
     output = {kind: os.path.join(args.results_dir, f'{run.prefix}_{kind}') for kind in utils.RUN_OUTPUTS}
-    with claim_run(args, run, output) if utils.is_main_process() else contextlib.nullcontext():
-        train(args, run, output, device, gpu_ids, rank, world)
+    args = after_elastic_restart(args, output['checkpoint.pth'])
+    with claim_run(args, run, output) if utils.is_main_process() else contextlib.nullcontext(), \
+            engine.StopSignals() as signals:
+        train(args, run, output, device, gpu_ids, rank, world, signals)
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def train(args, run, output, device, gpu_ids, rank, world):
+def after_elastic_restart(args, checkpoint_path):
+    """The flags of a process that torchrun --max-restarts started again: --resume, without --overwrite, when its
+    torchrun job has written the run's checkpoint, which it continues; else those of the first start (a first start
+    refused for another run's files is refused again)."""
+    restart = engine.elastic_restart_count()
+    if not restart:
+        return args
+    checkpoint = utils.peek_checkpoint(checkpoint_path) if utils.is_main_process() else None
+    own = checkpoint is not None and checkpoint.get('elastic_job') == engine.elastic_job()
+    if not engine.broadcast_from_main(own):
+        return args
+    utils.log(f'torchrun restart {restart}: continuing the run from its checkpoint')
+    return argparse.Namespace(**{**vars(args), 'resume': True, 'overwrite': False})
+
+
+def train(args, run, output, device, gpu_ids, rank, world, signals):
     checkpoint = load_checkpoint(output['checkpoint.pth'], args) if args.resume else None
 
     # ------------------------------------------------------------------ data, checked before any epoch
@@ -503,10 +608,11 @@ def train(args, run, output, device, gpu_ids, rank, world):
     trainable = dict(model=engine.unwrap(model), optimizer=optimizer, scheduler=scheduler,
                      scaler=engine.grad_scaler(device, args.amp))
     start_epoch, best_recall, results = restore(checkpoint, trainable)
+    start, rng = epoch_position(checkpoint, rank, world)
     selection_key = f'recall@{args.recalls[0]}'
     if checkpoint is not None:
-        utils.log(f'resumed from {output["checkpoint.pth"]} at epoch {start_epoch}')
-        missing = best_files_missing(settings, output, results, start_epoch) if utils.is_main_process() else None
+        utils.log(f'resumed from {output["checkpoint.pth"]} at {position_note(checkpoint)}')
+        missing = best_files_missing(settings, output, checkpoint) if utils.is_main_process() else None
         if engine.broadcast_from_main(missing):
             _, _, features = evaluate_epoch(model, test_data, val_data, args, device)
             files = best_files(model, settings, output, database_items, features, train_images, dataset_root,
@@ -515,38 +621,50 @@ def train(args, run, output, device, gpu_ids, rank, world):
                 utils.save_together(files)
 
     # ------------------------------------------------------------------ epochs
+    checkpoints = StepCheckpoints(args.checkpoint_every, output['checkpoint.pth'], trainable, signals, device, gpu_ids)
+    # what a checkpoint holds besides the trainable states and the position in the epoch
+    progress = dict(best_recall=best_recall, results=results, args=vars(args), ids=ids, train_items=train_items,
+                    held_out=sorted(held_out), elastic_job=engine.elastic_job())
     for epoch in range(start_epoch, args.num_epochs + 1):
         utils.set_seed(epoch_seed(args.seed, epoch))
-        loader.sampler.set_epoch(epoch)
+        if rng is not None:  # inside an epoch, the random states where its checkpoint was written
+            engine.set_rng_states(rng, gpu_ids)
+        loader.sampler.set_epoch(epoch, skip=start[0] * args.batch_size)
         try:
             stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
-                                    f'Epoch {epoch}/{args.num_epochs}')
-            scheduler.step()
+                                    f'Epoch {epoch}/{args.num_epochs}', start,
+                                    functools.partial(checkpoints.after_step, {**progress, 'epoch': epoch}))
+            with warnings.catch_warnings():
+                # an epoch continued after its last step has run no optimizer step in this process, which the
+                # scheduler takes for a misuse; its state (restored) still gives the right learning rate
+                warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()` before'))
+                scheduler.step()
             metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device)
         except engine.Diverged as e:
             raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
-                                  f'{kept_files(output, epoch)}') from None
+                                  f'{saved_note(output["checkpoint.pth"])}') from None
+        start, rng = EPOCH_START, None
         record_epoch(results, epoch, stats, metrics, val_metrics, args)
         best = None
         selected = (val_metrics or metrics)[selection_key]  # on the held-out classes when there are some
-        if selected > best_recall:
-            best_recall = selected
+        if selected > progress['best_recall']:
+            progress['best_recall'] = selected
             best = best_files(model, settings, output, database_items, features, train_images, dataset_root, device,
                               args.amp)
         if utils.is_main_process():
-            save_epoch(output, results, trainable, dict(
-                epoch=epoch + 1, best_recall=best_recall, results=results, args=vars(args), ids=ids,
-                train_items=train_items, held_out=sorted(held_out)), best)
+            save_epoch(output, results, trainable, {**progress, 'epoch': epoch + 1, 'step': 0, 'running': []}, best)
+        checkpoints.saved()
+        if epoch < args.num_epochs and checkpoints.stop_requested():
+            checkpoints.stop(f'after epoch {epoch}')
     utils.log(selection_note(results, args.recalls, output))
 
 
 def interrupted_note(args):
-    """What a Ctrl-C leaves of the run: its last completed epoch in the checkpoint, or nothing to resume."""
+    """What a Ctrl-C leaves of the run: its checkpoint, or nothing to resume."""
     path = os.path.join(args.results_dir, f'{utils.RunName.from_args(args).prefix}_checkpoint.pth')
-    checkpoint = utils.peek_checkpoint(path)
-    if checkpoint is None:
-        return 'interrupted before the first epoch completed: there is nothing to resume'
-    return f'interrupted: {path} holds epoch {checkpoint["epoch"] - 1}; continue with --resume'
+    if utils.peek_checkpoint(path) is None:
+        return 'interrupted before the first checkpoint: there is nothing to resume'
+    return f'interrupted: {saved_note(path)}; continue with --resume'
 
 
 if __name__ == '__main__':

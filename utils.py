@@ -45,10 +45,11 @@ RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that eva
 # every file train.py writes for a run, <prefix>_<kind> (the meta-class ids are named apart: RunName.ids_name)
 RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
 # what <prefix>_checkpoint.pth holds: everything --resume needs
-CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'best_recall', 'results', 'args', 'ids',
-                   'train_items', 'held_out')
-# what a checkpoint written before a key existed stands for: no classes were held out
-CHECKPOINT_KEY_DEFAULTS = {'held_out': []}
+CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'running', 'best_recall', 'results',
+                   'args', 'ids', 'train_items', 'held_out', 'elastic_job')
+# what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun job
+CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': ''}
+STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, to be continued
 
 
 # ----------------------------------------------------------------------------- errors and the command line
@@ -61,12 +62,22 @@ class UsageError(ReirError):
     """A flag, or a combination of flags, that cannot work: exit code 2, as for argparse errors."""
 
 
+class Stopped(Exception):
+    """A run that stopped on request (a signal from a scheduler) once it had saved what continuing needs; the
+    message says how to continue. Exit code STOPPED_EXIT_CODE."""
+
+
 def run_cli(main_function, args, interrupted='interrupted'):
     """Run a script's main with the project's error convention: one line, exit 2 for flag errors,
     1 for data errors, never a traceback for a problem the user can fix; on Ctrl-C the line interrupted
-    (or what interrupted() returns, computed then)."""
+    (or what interrupted() returns, computed then); a run stopped on request prints how to continue (rank 0 under
+    torch.distributed) and exits with STOPPED_EXIT_CODE."""
     try:
         main_function(args)
+    except Stopped as stop:
+        if is_main_process():
+            print(stop, file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
     except UsageError as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(2)
@@ -382,6 +393,12 @@ class RunLock:
 
 def torch_file(obj):
     return lambda tmp: torch.save(obj, tmp)
+
+
+def checkpoint_file(trainable, progress):
+    """A run's checkpoint: trainable, the model, optimizer, scheduler and scaler by name, saved by their state_dict;
+    progress, the rest of CHECKPOINT_KEYS."""
+    return torch_file({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
 
 
 def json_file(obj):

@@ -239,23 +239,50 @@ def trained(prepared):
     return prepared
 
 
+# the flags of the torchrun runs: the TINY flags for three epochs, 2 of the tiny dataset's 4 training classes held out
+GLOO = [*TINY, '--num_epochs', '3', '--val_classes', '2', '--recalls', '1,2,4']
+
+
+def torchrun_command(torchrun_flags, prepared, results, *train_flags):
+    """torchrun with torchrun_flags starting train.py with the GLOO flags on the prepared tiny dataset."""
+    command = [sys.executable, '-m', 'torch.distributed.run', *torchrun_flags, os.path.join(REPO, 'train.py'),
+               '--data_path', prepared / 'data', '--data_name', 'tiny', '--results_dir', results, *GLOO, *train_flags]
+    return [str(part) for part in command]
+
+
+# one thread for each process of a torchrun run on the CPU (gloo), so that runs agree to the bit; no GPU
+TORCHRUN_ENV = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+
+
+class BackgroundRun:
+    """A command running in the background, its output collected by result() (once, then kept)."""
+
+    def __init__(self, command, results):
+        self.results = results
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                        env=TORCHRUN_ENV)
+        self.completed = None
+
+    def result(self):
+        if self.completed is None:
+            stdout, stderr = self.process.communicate(timeout=600)
+            self.completed = subprocess.CompletedProcess(self.process.args, self.process.returncode, stdout, stderr)
+        return self.completed
+
+
 @pytest.fixture(scope='session', autouse=True)
 def gloo_run(request, prepared, tmp_path_factory):
-    """A two-process torchrun run on the CPU (gloo) of the TINY flags for one epoch on the prepared tiny dataset,
-    2 of its 4 training classes held out for validation, started when the session begins (when a selected test
-    asks for it), so that its three interpreters start while other tests run. Yields (Popen, results folder)."""
+    """A two-process torchrun run on the CPU (gloo) with the GLOO flags, started when the session begins (when a
+    selected test asks for it), so that its three interpreters start while other tests run: the reference of the
+    other torchrun tests. Yields a BackgroundRun."""
     if not any('gloo_run' in inspect.signature(item.function).parameters for item in request.session.items):
         yield None
         return
     results = tmp_path_factory.mktemp('gloo')
-    command = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
-               os.path.join(REPO, 'train.py'), '--data_path', prepared / 'data', '--data_name', 'tiny',
-               '--results_dir', results, *TINY, '--num_epochs', '1', '--val_classes', '2', '--recalls', '1,2,4']
-    process = subprocess.Popen([str(part) for part in command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env=dict(os.environ, OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES=''))
-    yield process, results
-    process.kill()
-    process.communicate()
+    run = BackgroundRun(torchrun_command(['--standalone', '--nproc_per_node=2'], prepared, results), results)
+    yield run
+    run.process.kill()
+    run.process.communicate()
 
 
 @pytest.fixture
@@ -263,6 +290,18 @@ def tiny(prepared, tmp_path):
     """A copy of the prepared tiny dataset under tmp_path/data, and no results yet."""
     shutil.copytree(prepared / 'data' / 'tiny', tmp_path / 'data' / 'tiny')
     return tmp_path
+
+
+@contextlib.contextmanager
+def one_thread():
+    """Float sums that do not depend on how threads split them (MKL and OpenMP may change their split between
+    runs), so that two runs of the same computation agree to the bit."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------- replicas

@@ -33,7 +33,7 @@ def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, monkeypatch):
     monkeypatch.setattr(engine, 'train_step', diverging)
     result = run_train(tiny, '--num_epochs', '1')
     assert_one_line_error(result, 1, 'epoch 1: the loss is nan at step 2 of 4',
-                          'no epoch completed, so there is nothing to resume')
+                          'no checkpoint was written, so there is nothing to resume')
     assert not (tiny / 'results' / f'{prefix()}_model.pth').exists()
 
 
@@ -44,7 +44,7 @@ def test_non_finite_embeddings_stop_the_run_keeping_the_last_good_epoch(tiny, mo
     monkeypatch.setattr(engine, 'embed', lambda logits: embed(logits) * (float('inf') if saved else 1))
     result = run_train(tiny, '--num_epochs', '2')
     assert_one_line_error(result, 1, 'epoch 2: the test embeddings hold NaN or infinite values',
-                          f'{prefix()}_checkpoint.pth and the run\'s other files hold epoch 1')
+                          f'{prefix()}_checkpoint.pth holds the run at the end of epoch 1')
     checkpoint = torch.load(tiny / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
     assert checkpoint['epoch'] == 2
 
@@ -111,7 +111,7 @@ def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
 
 def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
     """A full disk while writing epoch 2's checkpoint: every file still holds epoch 1, none half-written."""
-    checkpoint_file = train.checkpoint_file
+    checkpoint_file = utils.checkpoint_file
     saves = []
 
     def full_disk_on_second_save(trainable, progress):
@@ -122,7 +122,7 @@ def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
         def write(tmp):
             raise OSError(28, 'No space left on device')
         return write
-    monkeypatch.setattr(train, 'checkpoint_file', full_disk_on_second_save)
+    monkeypatch.setattr(utils, 'checkpoint_file', full_disk_on_second_save)
     result = run_train(tiny, '--num_epochs', '2')
     assert_one_line_error(result, 1, 'could not write', '_checkpoint.pth (No space left on device)')
     results = tiny / 'results'
@@ -218,7 +218,7 @@ def test_interrupted_note_says_what_there_is_to_resume(trained, tmp_path):
                                                '32', '--ensemble_size', '2', '--meta_class_size', '2'])
     assert 'there is nothing to resume' in train.interrupted_note(args)
     args.results_dir = str(trained / 'results')
-    assert 'holds epoch 2; continue with --resume' in train.interrupted_note(args)
+    assert 'holds the run at the end of epoch 2; continue with --resume' in train.interrupted_note(args)
 
 
 def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tiny, monkeypatch):
@@ -229,7 +229,7 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tiny, monkeyp
                             tiny / 'results', '--no_pretrained', '--image_size', '32', '--ensemble_size', '2',
                             '--meta_class_size', '2', '--num_workers', '0')
     assert result.returncode == 130
-    assert result.stderr.splitlines()[-1] == 'interrupted before the first epoch completed: there is nothing to resume'
+    assert result.stderr.splitlines()[-1] == 'interrupted before the first checkpoint: there is nothing to resume'
 
 
 def test_unreadable_test_image_stops_the_run(tiny):

@@ -79,7 +79,7 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
     train_one_epoch = train.train_one_epoch
 
     def interrupt_in_epoch_2(*args):
-        if args[-1].startswith('Epoch 2/'):
+        if args[6].startswith('Epoch 2/'):  # the description
             raise KeyboardInterrupt
         return train_one_epoch(*args)
     monkeypatch.setattr(train, 'train_one_epoch', interrupt_in_epoch_2)

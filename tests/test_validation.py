@@ -10,8 +10,7 @@ import torch
 import data_utils
 import train
 import utils
-from conftest import TINY, assert_one_line_error, make_folder_dataset, prefix, run_main, run_train
-from test_train import one_thread
+from conftest import TINY, assert_one_line_error, make_folder_dataset, one_thread, prefix, run_main, run_train
 
 VAL = ['--val_classes', '2', '--recalls', '1,2']
 
@@ -112,7 +111,7 @@ def test_an_interrupted_run_resumes_to_the_same_results(six, val_run, tmp_path, 
     train_one_epoch = train.train_one_epoch
 
     def interrupt_in_epoch_2(*args):
-        if args[-1].startswith('Epoch 2/'):
+        if args[6].startswith('Epoch 2/'):  # the description
             raise KeyboardInterrupt
         return train_one_epoch(*args)
     flags = ['--data_path', six / 'data', '--data_name', 'six', '--results_dir', tmp_path, *TINY, *VAL]
