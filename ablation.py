@@ -6,8 +6,8 @@
 For every query of a split (test: every test image against the others, or the query split against the gallery;
 train or val: within that split) counts the same-class images among each run's top --retrieval_num, and says
 for how many queries each run retrieves more of them (with a sign test on the queries where they differ).
-Writes results/ablation_<run>_vs_<run>.csv (a row per query) and .png: for the queries where the runs disagree
-most, the query and each run's top images, framed green (same class) or red.
+Writes results/ablation_<run>_vs_<run>_<data_type>_top<K>.csv (a row per query) and .png: for the queries where the
+runs disagree most, the query and each run's top images, framed green (same class) or red.
 """
 import argparse
 import os
@@ -76,12 +76,13 @@ def top_images(task, query, k):
     return order.tolist(), scores[order].tolist()
 
 
-def comparison_name(paths):
-    """ablation_<prefix>_vs_<prefix>, or the runs' folders where the prefixes are equal (runs of a study)."""
+def comparison_name(paths, data_type, k):
+    """ablation_<prefix>_vs_<prefix>_<data_type>_top<k>, with the runs' folders where the prefixes are equal (runs of
+    a study): each comparison of the same two runs on another split or K keeps its own files."""
     names = [os.path.basename(path).removesuffix('_data_base.pth') for path in paths]
     if names[0] == names[1]:
         names = [os.path.basename(os.path.dirname(os.path.abspath(path))) for path in paths]
-    return f'ablation_{names[0]}_vs_{names[1]}'
+    return f'ablation_{names[0]}_vs_{names[1]}_{data_type}_top{k}'
 
 
 def draw_disagreements(tasks, counts, k, count):
@@ -116,7 +117,7 @@ def main(args):
     equal = len(counts[0]) - better - worse
     p_value = stats.binomtest(better, better + worse).pvalue if better + worse else 1.0
 
-    name = os.path.join(args.results_dir, comparison_name(paths))
+    name = os.path.join(args.results_dir, comparison_name(paths, args.data_type, k))
     rows = [{'query': image, 'label': label, 'better_same_class': int(a), 'worse_same_class': int(b),
              'winner': 'better' if a > b else 'worse' if b > a else 'equal'}
             for image, label, a, b in zip(tasks[0][0], tasks[0][1], counts[0].tolist(), counts[1].tolist())]
@@ -125,6 +126,8 @@ def main(args):
     if picture is not None:
         writers[name + '.png'] = lambda tmp: picture.save(tmp, format='PNG')
     utils.save_together(writers)
+    if picture is None and os.path.exists(name + '.png'):
+        os.remove(name + '.png')  # an earlier comparison's picture, which these numbers no longer show
 
     print(f'{args.data_type}: {len(rows)} queries, top {k}')
     for run, path, run_counts in zip(RUNS, paths, counts):

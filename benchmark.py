@@ -386,7 +386,7 @@ def checkpoint_case(config, folder, queue):
                      scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
     classes, images = 100, 5_864
     progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': engine.rng_states([])}],
-                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[],
+                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[], data_fingerprint='0' * 16,
                     ids=torch.randint(12, (config['ensemble_size'], classes)),
                     train_items=[(f'images/{i % classes:03d}/{i:06d}.jpg', i % classes) for i in range(images)])
     path = os.path.join(folder, 'checkpoint.pth')

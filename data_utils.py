@@ -12,9 +12,10 @@ data/<name>/. Every image is decoded once; unreadable ones are reported and left
 """
 import argparse
 import math
+import multiprocessing
 import os
+import signal
 import sys
-from multiprocessing import Pool
 from pathlib import PurePosixPath
 
 import numpy as np
@@ -22,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, atomic_torch_save, atomic_write, data_dicts_path,
-                   positive_int, run_cli, short_side_size, to_rgb)
+                   dataset_name, positive_int, run_cli, short_side_size, to_rgb)
 
 # Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
 # theirs computed from the train split.
@@ -45,6 +46,7 @@ FOLDER_SPLITS = tuple(('train',) + splits for splits in EVAL_SPLITS)
 CROP_QUALITY = 95
 SHORT_SIDE_DIR = 'short'  # data/<name>/short<N>/: copies resized by --short_side N
 MAX_REPORTED = 5
+POOL_MIN_TASKS = 64  # fewer tasks than this are done in the process itself (map_in_workers)
 
 DEMO_CLASSES = 200
 DEMO_IMAGES_PER_CLASS = 24
@@ -269,6 +271,25 @@ def has_valid_image(path, expected_size):
 
 # ----------------------------------------------------------------------------- preparation
 
+def map_in_workers(function, tasks, num_workers, description, unit):
+    """[function(task) for task in tasks] with a progress bar: in num_workers processes started afresh (spawn), never
+    forked: a fork of a process whose torch has started threads (train.py drawing the demo) can inherit a lock held
+    by one of them and wait on it for ever. With one worker, or fewer than POOL_MIN_TASKS tasks (a new process
+    costs seconds of imports), in this process."""
+    progress = dict(total=len(tasks), desc=description, unit=unit, file=sys.stderr)
+    if num_workers <= 1 or len(tasks) < POOL_MIN_TASKS:
+        return list(tqdm(map(function, tasks), **progress))
+    # Ctrl-C reaches every process of the terminal's process group: the workers start with it ignored (a new
+    # interpreter keeps an ignored SIGINT), and the main process ends them, instead of a traceback from each
+    interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        pool = multiprocessing.get_context('spawn').Pool(num_workers)
+    finally:
+        signal.signal(signal.SIGINT, interrupt)
+    with pool:
+        return list(tqdm(pool.imap(function, tasks, chunksize=8), **progress))
+
+
 def prepare(data_path, name, num_workers, short_side=None):
     """Read, verify (and crop) one dataset and write its data dicts; returns the summary lines.
     short_side: also write copies of the images whose shorter side is larger, resized to it, under
@@ -289,9 +310,7 @@ def prepare(data_path, name, num_workers, short_side=None):
     tasks = [(root, relpath, boxes[relpath] if boxes else None, stats_needed and split == 'train', short_side)
              for split, images in splits.items() for relpath, _ in images]
     action = 'verifying' + (' and cropping' if boxes else '') + (' and resizing' if short_side else '')
-    with Pool(num_workers) as pool:
-        outcomes = list(tqdm(pool.imap(check_image, tasks, chunksize=8), total=len(tasks),
-                             desc=f'{name}: {action}', unit='img', file=sys.stderr))
+    outcomes = map_in_workers(check_image, tasks, num_workers, f'{name}: {action}', 'img')
 
     bad, stats, outputs = set(), [], {}
     for (_, relpath, *_), (error, stat, paths) in zip(tasks, outcomes):
@@ -397,12 +416,12 @@ def demo_image(pattern, rng, size):
 
 
 def write_demo_class(task):
-    root, index, split, seed = task
+    root, index, split, seed, images, size = task
     pattern = demo_pattern(np.random.default_rng([seed, index]))
     class_dir = os.path.join(root, split, f'class_{index:03d}')
     os.makedirs(class_dir, exist_ok=True)
-    for i in range(DEMO_IMAGES_PER_CLASS):
-        image = demo_image(pattern, np.random.default_rng([seed, index, i]), DEMO_IMAGE_SIZE)
+    for i in range(images):
+        image = demo_image(pattern, np.random.default_rng([seed, index, i]), size)
         path = os.path.join(class_dir, f'{i:03d}.jpg')
         atomic_write(path, lambda tmp: image.save(tmp, format='JPEG', quality=90))
 
@@ -410,10 +429,17 @@ def write_demo_class(task):
 def make_demo(root, num_workers, seed=DEMO_SEED):
     """A synthetic retrieval dataset as a folder dataset: DEMO_CLASSES classes of procedurally drawn
     patterns, the first half train, the second half test. Deterministic for a seed."""
-    tasks = [(root, index, 'train' if index < DEMO_CLASSES // 2 else 'test', seed) for index in range(DEMO_CLASSES)]
-    with Pool(num_workers) as pool:
-        list(tqdm(pool.imap_unordered(write_demo_class, tasks), total=len(tasks), desc='demo: drawing',
-                  unit='class', file=sys.stderr))
+    tasks = [(root, index, 'train' if index < DEMO_CLASSES // 2 else 'test', seed, DEMO_IMAGES_PER_CLASS,
+              DEMO_IMAGE_SIZE) for index in range(DEMO_CLASSES)]
+    map_in_workers(write_demo_class, tasks, num_workers, 'demo: drawing', 'class')
+
+
+def prepare_demo_if_missing(data_path, crop_type, num_workers):
+    """Draw and prepare the demo when its data dicts are missing; returns the summary lines. The demo has no
+    bounding boxes: for another crop type nothing is drawn, and reading its data dicts says so."""
+    if crop_type != 'uncropped' or os.path.isfile(data_dicts_path(data_path, 'demo', crop_type)):
+        return []
+    return prepare(data_path, 'demo', num_workers)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -421,7 +447,7 @@ def make_demo(root, num_workers, seed=DEMO_SEED):
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Prepare datasets for REIR training')
     parser.add_argument('--data_path', default='data', help='folder holding one folder per dataset')
-    parser.add_argument('--data_name', nargs='*', default=None,
+    parser.add_argument('--data_name', nargs='*', default=None, type=dataset_name,
                         help='datasets to prepare (car, cub, sop, isc, demo or a folder dataset); '
                              'default: every dataset folder under --data_path')
     parser.add_argument('--short_side', type=positive_int, default=None,

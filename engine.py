@@ -2,6 +2,7 @@
 step, embedding and retrieval evaluation, the choice of branch engine, and what a preempted run needs (stop
 signals, random states, torchrun restarts). train.py, evaluate.py and benchmark.py all run models through these
 functions, so that each is written once."""
+import contextlib
 import os
 import signal
 import socket
@@ -25,7 +26,7 @@ def select_devices(gpu_ids):
     if gpu_ids is not None and gpu_ids.strip().lower() == 'cpu':
         return torch.device('cpu'), []
     try:
-        requested = [int(i) for i in (gpu_ids or DEFAULT_GPU_IDS).split(',')]
+        requested = [int(i) for i in (DEFAULT_GPU_IDS if gpu_ids is None else gpu_ids).split(',')]
     except ValueError:
         raise utils.UsageError(f'--gpu_ids {gpu_ids!r} is not a comma-separated list of GPU ids or "cpu"') from None
     available = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -136,20 +137,36 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class StopSignals:
-    """While entered, a stop signal only records that the run should stop (once it has saved its state) instead of
-    ending the process at once; received names the first one, None until one arrives."""
+    """While entered, a stop signal ends the work in progress at once (utils.StopRequested), except inside
+    deferred(), where it only records that the run should stop once it has saved its state (received names the
+    first signal, None until one arrives). A signal that comes after the first is recorded, never raised: the run
+    is stopping already, and the saving of its state must not be cut short. Once a signal has arrived, leaving the
+    block ignores the stop signals for the rest of the process: Python puts back the default action (end the
+    process) of a signal it handles when it shuts down, so that another signal, as schedulers repeat them, would end
+    the process with -15 after its checkpoint was written instead of exiting with utils.STOPPED_EXIT_CODE."""
 
     def __enter__(self):
-        self.received = None
+        self.received, self.deferring = None, False
         self.previous = {signum: signal.signal(signum, self.record) for signum in STOP_SIGNALS}
         return self
 
     def record(self, signum, frame):
+        first = self.received is None
         self.received = self.received or signal.Signals(signum).name
+        if first and not self.deferring:
+            raise utils.StopRequested(self.received)
+
+    @contextlib.contextmanager
+    def deferred(self):
+        deferring, self.deferring = self.deferring, True
+        try:
+            yield
+        finally:
+            self.deferring = deferring
 
     def __exit__(self, *exc_info):
         for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
+            signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
 
 
 def ignore_stop_signals(worker_id):
@@ -305,23 +322,35 @@ def train_step(model, images, labels, optimizer, scaler, amp):
     return loss, logits
 
 
+def batches_of_every_shard(loader):
+    """How many batches every process's shard of an evaluation loader has (ShardSampler's shards differ in length by
+    at most one image, so the last batch of a longer shard may have no counterpart)."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return -(-(len(loader.dataset) // world) // loader.batch_size)
+
+
 @torch.inference_mode()
-def extract_features(model, loader, device, amp):
+def extract_features(model, loader, device, amp, stop_requested=None):
     """(N, E * M) float32 CPU embeddings of a loader's images in the dataset's order, and an (N,) bool
     tensor of which images could be read (unreadable ones get a blank image's embedding). Under
-    torch.distributed every process embeds its shard and all receive the whole."""
+    torch.distributed every process embeds its shard and all receive the whole. stop_requested() is asked after
+    every batch that every process has (it agrees across processes: StepCheckpoints.stop_requested); when it is
+    true the embedding stops (utils.StopRequested)."""
     model.eval()
     base = unwrap(model)
     features = torch.empty(len(loader.sampler), base.ensemble_size * base.meta_class_size)
     readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
+    checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
-    for images, _, batch_readable in loader:
+    for batch_index, (images, _, batch_readable) in enumerate(loader):
         with autocast(device, amp):
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
         batch = embed(logits.float()).cpu()
         features[start:start + batch.shape[0]] = batch
         readable[start:start + batch.shape[0]] = batch_readable
         start += batch.shape[0]
+        if batch_index < checked and stop_requested():
+            raise utils.StopRequested('a stop signal')
     total = len(loader.dataset)
     return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
 
@@ -354,11 +383,12 @@ def retrieval_scores(features, labels, recalls):
     return metrics
 
 
-def evaluate(model, loaders, labels, recalls, device, amp):
-    """Embeds the evaluation splits and scores retrieval; returns (metrics in percent, features by split)."""
+def evaluate(model, loaders, labels, recalls, device, amp, stop_requested=None):
+    """Embeds the evaluation splits and scores retrieval; returns (metrics in percent, features by split).
+    stop_requested: see extract_features."""
     features = {}
     for split, loader in loaders.items():
-        features[split], readable = extract_features(model, loader, device, amp)
+        features[split], readable = extract_features(model, loader, device, amp, stop_requested)
         if not readable.all():
             path = loader.dataset.paths[int((~readable).nonzero()[0])]
             raise utils.ReirError(f'evaluation image {path} is unreadable; run data_utils.py again to exclude it')

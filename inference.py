@@ -4,11 +4,13 @@
         --data_base cub_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth --retrieval_num 8
 
 Embeds the query with the run's best model (<prefix>_model.pth beside the database), ranks the database
-split by similarity and writes results/<query name>_<prefix>_retrieval.png: the query, then its top K,
+split by similarity and writes results/<query name>-<hash of its path>_<prefix>_retrieval.png (two queries of one
+name in other folders get files of their own): the query, then its top K,
 each labelled with rank and similarity and framed green (same class) or red (other class) when the
 query's class is known, that is when the query is an image of the database. Runs on the CPU.
 """
 import argparse
+import hashlib
 import os
 
 import torch
@@ -45,6 +47,13 @@ def query_class(query_path, database):
             if os.path.abspath(path) == query_path:
                 return label
     return None
+
+
+def query_name(query_path):
+    """<file name without extension>-<8 hex digits of its absolute path>: images named alike in different folders
+    (0.jpg of every class) are told apart."""
+    digest = hashlib.sha256(os.path.abspath(query_path).encode()).hexdigest()[:8]
+    return f'{os.path.splitext(os.path.basename(query_path))[0]}-{digest}'
 
 
 def retrieve(query_feature, features, images, query_path, count):
@@ -89,8 +98,8 @@ def main(args):
         raise utils.ReirError(f'cannot draw a retrieved image ({e}): run from the folder the database was trained '
                               f'in, or keep the dataset where it was') from None
 
-    name = os.path.splitext(os.path.basename(args.query_img_name))[0]
-    output = os.path.join(os.path.dirname(database_path), f'{name}_{os.path.basename(prefix_path)}_retrieval.png')
+    output = os.path.join(os.path.dirname(database_path),
+                          f'{query_name(args.query_img_name)}_{os.path.basename(prefix_path)}_retrieval.png')
     utils.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
     for rank, (path, similarity, other) in enumerate(results, start=1):
         mark = ' (same class)' if label is not None and other == label else ''

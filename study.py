@@ -7,15 +7,18 @@
 
 The flags after `--` go to every run. Every run is an ordinary `python train.py` process writing into its own
 folder, results/study_<name>/<flag>=<value>_..._seed=<seed>/; the runs go through submitit, as local processes
-(--slots at a time, one GPU each where there are GPUs) or as a Slurm job array (--cluster slurm). A run that
-finished is skipped and one that was interrupted is resumed, so a study can be stopped (Ctrl-C, kill) and started
-again with the same command; more seeds or values can be added the same way. Writes results/study_<name>.csv (a row
-per configuration) and results/study_<name>.png (the first metric against the first varied flag).
+(--slots at a time, one GPU each where there are GPUs) or as a Slurm job array (--cluster slurm). A run whose
+results and model are complete is skipped, whatever happened to its checkpoint, and one that was interrupted is
+resumed, so a study can be stopped (Ctrl-C, kill) and started again with the same command; more seeds or values can
+be added the same way. A run whose files can neither be summarized nor continued is named and left as it is, unless
+--retrain_damaged. Writes results/study_<name>.csv (a row per configuration) and results/study_<name>.png (the first
+metric against the first varied flag).
 """
 import argparse
 import itertools
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -61,6 +64,9 @@ def get_args_parser():
     parser.add_argument('--partition', default=None, help='Slurm partition')
     parser.add_argument('--timeout_min', default=3 * 24 * 60, type=utils.positive_int,
                         help='minutes a run may take before it is stopped (submitit\'s timeout)')
+    parser.add_argument('--retrain_damaged', action='store_true',
+                        help='train again from the start (train.py --overwrite) the runs whose files are damaged and '
+                             'cannot be continued; without it they are named and left as they are')
     return parser
 
 
@@ -125,10 +131,24 @@ def check_varied_flags(varied, train_flags):
             raise utils.UsageError(f'--{flag} is given more than once (--vary and after --): give it once')
         if isinstance(defaults[flag], bool) and not all(v.lower() in SWITCH_VALUES for v in values):
             raise utils.UsageError(f'--vary {flag}: a switch takes true or false, not {", ".join(values)}')
+        check_distinct(flag, values, defaults)
     for flag in STUDY_FLAGS:
         if f'--{flag}' in train_flags:
             raise utils.UsageError(f'--{flag} after --: the study sets it for every run')
     return defaults
+
+
+def check_distinct(flag, values, defaults):
+    """Refuse a value given twice (as 3,3 or 0.1,1e-1): its runs would be trained and counted twice."""
+    if isinstance(defaults[flag], bool):
+        parsed = [SWITCH_VALUES[value.lower()] for value in values]
+    else:
+        parsed = [getattr(parse_train_flags([f'--{flag}', value]), flag) for value in values]
+    for i, value in enumerate(parsed):
+        if value in parsed[:i]:
+            first = values[parsed.index(value)]
+            same = f'{first} is given twice' if first == values[i] else f'{first} and {values[i]} are the same value'
+            raise utils.UsageError(f'--vary {flag}: {same}; give each value once')
 
 
 def run_flags(config, seed, folder, train_flags, defaults):
@@ -169,19 +189,48 @@ def grid(args, train_flags):
 
 
 def run_state(run):
-    """'finished', 'interrupted' (it has a checkpoint short of the end, or a finished run lost files) or 'new'. A run
-    trained with other flags is refused: its folder belongs to another study of this name."""
+    """(state, problem) of a run, from what its files verifiably hold: 'finished' (its results CSV holds every epoch
+    and its model file is whole: the summary needs no more, whatever happened to its checkpoint), 'interrupted' (not
+    finished, and a checkpoint continues it: train.py --resume writes again what it can of the rest), 'new' (no file
+    of it yet) or 'damaged' (files, but neither finished nor a checkpoint to continue from); problem says what is not
+    finished. A run trained with other flags is refused: its folder belongs to another study of this name."""
     checkpoint = utils.peek_checkpoint(run.prefix_path + '_checkpoint.pth')
-    if checkpoint is None:
-        return 'new'
-    differing = train.differing_flags(checkpoint['args'], run.args)
+    try:
+        recorded = checkpoint['args'] if checkpoint else utils.run_settings(run.prefix_path)
+    except utils.ReirError:
+        recorded = None  # a damaged args.json: the results and model say whether the run finished
+    differing = train.differing_flags(recorded, run.args) if recorded else []
     if differing:
         raise utils.UsageError(f'{run.folder} holds a run trained with other flags ({"; ".join(differing)}): '
                                f'give this study another --name, or remove that folder')
-    outputs = [run.prefix_path + f'_{kind}' for kind in ('results.csv', 'model.pth', 'args.json')]
-    if checkpoint['epoch'] > run.args.num_epochs and all(os.path.isfile(path) for path in outputs):
-        return 'finished'
-    return 'interrupted'
+    problem = unfinished(run)
+    if problem is None:
+        return 'finished', None
+    if checkpoint is not None:
+        return 'interrupted', problem
+    if not any(os.path.exists(f'{run.prefix_path}_{kind}') for kind in utils.RUN_OUTPUTS):
+        return 'new', problem
+    return 'damaged', f'{problem}, and no readable checkpoint continues it'
+
+
+def unfinished(run):
+    """What keeps a run from being finished (its results CSV not holding every epoch, its model file not whole), or
+    None."""
+    path = run.prefix_path + '_results.csv'
+    try:
+        epochs = len(utils.read_results(path))
+    except utils.ReirError as e:
+        return str(e)
+    if epochs != run.args.num_epochs:
+        return f'{path} holds {epochs} of {run.args.num_epochs} epochs'
+    path = run.prefix_path + '_model.pth'
+    try:
+        model = utils.safe_load(path, 'model', verify=False, mmap=True)  # whole, as far as its index says
+    except utils.ReirError as e:
+        return str(e)
+    if not utils.is_model_state(model):
+        return f'{path}: not a model state_dict'
+    return None
 
 
 # ----------------------------------------------------------------------------- running through submitit
@@ -198,14 +247,17 @@ def executor_for(args, study_dir, gpus_per_run):
     return submitit.LocalExecutor(folder=folder)
 
 
+# what train.py is told for a run in each state that is run: continue it, start it, or (--retrain_damaged) start over
+STATE_FLAGS = {'interrupted': ['--resume'], 'new': [], 'damaged': ['--overwrite']}
+
+
 def job_command(run, state, gpus_per_run):
-    """python train.py <the run's flags>: with --resume for an interrupted run, and with --overwrite for a new one,
-    whose folder can only hold what a start killed before its first checkpoint left. A run given GPUs sees them as
+    """python train.py <the run's flags> and those of its state (STATE_FLAGS). A run given GPUs sees them as
     0..gpus_per_run-1 (CUDA_VISIBLE_DEVICES), so --gpu_ids names those unless the flags name others."""
     command = [sys.executable, os.path.join(REPOSITORY, 'train.py'), *run.flags]
     if run.args.gpu_ids is None:
         command += ['--gpu_ids', ','.join(map(str, range(gpus_per_run))) if gpus_per_run else 'cpu']
-    return command + (['--resume'] if state == 'interrupted' else ['--overwrite'])
+    return command + STATE_FLAGS[state]
 
 
 def submit(executor, run, state, gpus_per_run):
@@ -226,17 +278,21 @@ def job_error(job):
 
 def run_local(runs, states, executor, slots, gpus_per_run, timeout_min, progress):
     """Keep up to slots runs going at a time (submitit starts every local job at once); each slot has its own
-    GPUs. Returns {run index: error} of the runs that failed. On Ctrl-C or SIGTERM the running jobs are stopped
-    (stop_local_jobs): each run keeps its last checkpoint, which the next start of the study resumes."""
+    GPUs. Returns {run index: error} of the runs that failed. A Ctrl-C or SIGTERM stops the running jobs
+    (stop_local_jobs): each run keeps its last checkpoint, which the next start of the study resumes. The signals are
+    only recorded, and acted on between polls, so that none cuts a submission or the stopping short: a second one
+    must not leave a run training on, orphaned."""
     free = [list(range(slot * gpus_per_run, (slot + 1) * gpus_per_run)) for slot in range(slots)]
     if not gpus_per_run and slots > 1 and 'OMP_NUM_THREADS' not in os.environ:
         # runs side by side on the CPU share its cores (the jobs inherit this environment): two runs each
         # spinning threads on both cores of a 2-core machine took 6 times as long
         os.environ['OMP_NUM_THREADS'] = str(max(1, (os.cpu_count() or 1) // slots))
     waiting, running, failed = list(runs), {}, {}
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    received = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: received.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while waiting or running:
+        while (waiting or running) and not received:
             while waiting and free:
                 index, gpus = waiting.pop(0), free.pop(0)
                 executor.update_parameters(timeout_min=timeout_min, gpus_per_node=len(gpus), visible_gpus=tuple(gpus))
@@ -250,16 +306,13 @@ def run_local(runs, states, executor, slots, gpus_per_run, timeout_min, progress
                     if error:
                         failed[index] = error
                     progress.update()
-    except KeyboardInterrupt:
-        stop_local_jobs([job for job, _ in running.values()])
-        raise
+        if received:
+            stop_local_jobs([job for job, _ in running.values()])
+            raise KeyboardInterrupt
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return failed
-
-
-def interrupt(signum, frame):
-    raise KeyboardInterrupt
 
 
 def stop_local_jobs(jobs):
@@ -308,7 +361,7 @@ def run_slurm(runs, states, executor, gpus_per_run, progress):
 
 def selected_metrics(run):
     """The test metrics of a finished run at its selected epoch (utils.selected_row)."""
-    rows = pd.read_csv(run.prefix_path + '_results.csv').to_dict('records')
+    rows = utils.read_results(run.prefix_path + '_results.csv')
     return {name: value for name, value in utils.selected_row(rows).items() if name.startswith('test_')}
 
 
@@ -372,6 +425,9 @@ def default_resources(args):
     """(GPUs per run, runs at a time): locally one GPU per run and one run per GPU where CUDA is available, else
     one run at a time on the CPU; on Slurm one GPU per run, as many at a time as the cluster allows."""
     if args.cluster == 'slurm':  # the machine that submits need not have the GPUs the jobs get
+        if shutil.which('sbatch') is None:
+            raise utils.ReirError('--cluster slurm: this machine has no sbatch; start the study on a Slurm login node, '
+                                  'or with --cluster local')
         return (1 if args.gpus_per_run is None else args.gpus_per_run), args.slots
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     gpus_per_run = args.gpus_per_run if args.gpus_per_run is not None else min(1, visible)
@@ -389,20 +445,41 @@ def prepare_data(runs):
     run each; the demo is drawn here, once, when it is missing (runs side by side would each draw it)."""
     for data_path, data_name, crop_type in sorted({(run.args.data_path, run.args.data_name, run.args.crop_type)
                                                    for run in runs}):
-        if data_name == 'demo' and not os.path.isfile(utils.data_dicts_path(data_path, 'demo', crop_type)):
-            for line in data_utils.prepare(data_path, 'demo', max(1, runs[0].args.num_workers)):
+        if data_name == 'demo':
+            for line in data_utils.prepare_demo_if_missing(data_path, crop_type, max(1, runs[0].args.num_workers)):
                 print(line)
         utils.load_data_dicts(data_path, data_name, crop_type)
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args, train_flags):
+    """The study, which a SIGTERM ends as a Ctrl-C does (while runs go, run_local stops them first)."""
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        run_study(args, train_flags)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_study(args, train_flags):
     study_dir, runs = grid(args, train_flags)
-    states = [run_state(run) for run in runs]
-    todo = [i for i, state in enumerate(states) if state != 'finished']
     gpus_per_run, slots = default_resources(args)
+    states, problems = zip(*(run_state(run) for run in runs))
+    for run, state, problem in zip(runs, states, problems):
+        if state == 'damaged':
+            utils.warn(f'run {os.path.basename(run.folder)} is damaged: {problem}; '
+                       + ('training it again from the start' if args.retrain_damaged else
+                          'left as it is (--retrain_damaged trains it again from the start)'))
+    runnable = ('interrupted', 'new', 'damaged') if args.retrain_damaged else ('interrupted', 'new')
+    todo = [i for i, state in enumerate(states) if state in runnable]
+    damaged = states.count('damaged')
     utils.log(f'study {args.name}: {len(runs)} runs ({len(runs) // len(args.seeds)} configurations x '
-              f'{len(args.seeds)} seeds) in {study_dir}/: {len(runs) - len(todo)} finished, '
+              f'{len(args.seeds)} seeds) in {study_dir}/: {states.count("finished")} finished, '
               f'{states.count("interrupted")} to resume, {states.count("new")} to start'
+              + (f', {damaged} damaged' + (' to start over' if args.retrain_damaged else '') if damaged else '')
               + (f'; {slots} at a time on {args.cluster}' if todo and slots else ''))
     failed = {}
     if todo:
@@ -417,8 +494,15 @@ def main(args, train_flags):
                                    progress)
     for index, error in failed.items():
         utils.warn(f'run {os.path.basename(runs[index].folder)}: {error}')
-    metrics = {i: selected_metrics(run) for i, run in enumerate(runs)
-               if i not in failed and run_state(run) == 'finished'}
+    metrics, missing = {}, []
+    for index, run in enumerate(runs):
+        state, problem = run_state(run)
+        if state == 'finished':
+            metrics[index] = selected_metrics(run)
+        elif index not in failed:
+            missing.append(run)
+            if index in todo:  # its train.py ended without finishing it
+                utils.warn(f'run {os.path.basename(run.folder)} did not finish: {problem}')
     if not metrics:
         raise utils.ReirError(f'no run of study {args.name} finished; their logs are in {study_dir}/.submitit/')
     rows = summarize(runs, metrics)
@@ -427,9 +511,10 @@ def main(args, train_flags):
     utils.save_together({csv_path: utils.csv_file(rows), png_path: plot_file(rows, args.vary, args.name)})
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}'))
     utils.log(f'-> {csv_path}, {png_path}')
-    if failed:
-        raise utils.ReirError(f'{len(failed)} of {len(runs)} runs failed (above); the summary holds the others. '
-                              f'Run the same command again to retry them')
+    if failed or missing:
+        hint = ', and --retrain_damaged for the damaged ones' if damaged and not args.retrain_damaged else ''
+        raise utils.ReirError(f'{len(failed) + len(missing)} of {len(runs)} runs failed or did not finish (above); the '
+                              f'summary holds the others. Run the same command again to retry them{hint}')
 
 
 if __name__ == '__main__':

@@ -9,8 +9,10 @@ Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <p
 (at the best Recall@K for the first K of --recalls: on the test split as the original REIR, or with
 --val_classes N on N training classes held out of training), <prefix>_checkpoint.pth (every epoch and every
 --checkpoint_every steps, for --resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's
-settings (utils.RunName). SIGTERM or SIGUSR1 stops a run after its current step with a checkpoint (exit code
-utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a restarted run continues from its checkpoint.
+settings (utils.RunName). SIGTERM or SIGUSR1 stops a run after its current step (or evaluation batch) with a
+checkpoint, and before training starts at once (exit code utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a
+restarted run continues from its checkpoint. Nothing is written, and --overwrite removes nothing, before every check
+that can refuse the command has passed.
 """
 import argparse
 import contextlib
@@ -49,7 +51,7 @@ def get_args_parser():
     parser = argparse.ArgumentParser(description='Train a REIR randomized ensemble for image retrieval')
     parser.add_argument('--data_path', default=utils.EMBEDDING_DEFAULTS['data_path'],
                         help='folder of prepared datasets (data_utils.py)')
-    parser.add_argument('--data_name', default='car',
+    parser.add_argument('--data_name', default='car', type=utils.dataset_name,
                         help='car, cub, sop, isc, demo, or any dataset prepared under --data_path')
     parser.add_argument('--crop_type', default='uncropped', choices=utils.CROP_TYPES,
                         help='cropped: bounding-box crops (car and cub only)')
@@ -110,16 +112,22 @@ def get_args_parser():
 
 # ----------------------------------------------------------------------------- data
 
-def load_data_dicts(args):
-    """The dataset's data dicts; the demo is drawn first when it is missing (by the main process)."""
-    path = utils.data_dicts_path(args.data_path, args.data_name, args.crop_type)
-    if args.data_name == 'demo' and not os.path.isfile(path) and utils.is_main_process():
+def load_data_dicts(args, checkpoint):
+    """The dataset's data dicts; the demo is drawn first when it is missing (by the main process). A resumed run
+    refuses data dicts other than those it started on."""
+    if args.data_name == 'demo' and utils.is_main_process():
         import data_utils
-        for line in data_utils.prepare(args.data_path, 'demo', max(1, args.num_workers)):
+        for line in data_utils.prepare_demo_if_missing(args.data_path, args.crop_type, max(1, args.num_workers)):
             print(line)
     if dist.is_initialized():
         dist.barrier()  # the others wait for the main process to prepare the demo
-    return utils.load_data_dicts(args.data_path, args.data_name, args.crop_type)
+    data_dicts = utils.load_data_dicts(args.data_path, args.data_name, args.crop_type)
+    started_on = checkpoint['data_fingerprint'] if checkpoint is not None else ''
+    if started_on and started_on != utils.data_fingerprint(data_dicts):
+        raise utils.ReirError(f'--resume: {utils.data_dicts_path(args.data_path, args.data_name, args.crop_type)} '
+                              f'is not the data the run started on (the dataset was prepared again, or --data_path '
+                              f'names another copy); resume on that data, or start over with --overwrite')
+    return data_dicts
 
 
 def epoch_seed(seed, epoch):
@@ -174,32 +182,57 @@ class SeededSampler(Sampler):
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
+def check_ids(ids, path, ensemble_size, num_class, meta_class_size):
+    """Refuse meta-class ids (from a file or a checkpoint) that do not map num_class classes for every member."""
+    expected = (ensemble_size, num_class)
+    if tuple(ids.shape) != expected:
+        raise utils.ReirError(f'{path}: ids of shape {tuple(ids.shape)} do not fit --ensemble_size {ensemble_size} '
+                              f'and {num_class} training classes (expected {expected})')
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool \
+            or int(ids.min()) < 0 or int(ids.max()) >= meta_class_size:
+        raise utils.ReirError(f'{path}: ids must be integers from 0 to {meta_class_size - 1} '
+                              f'(--meta_class_size {meta_class_size})')
+
+
 def draw_or_load_ids(args, run, num_class, generator):
+    """The run's meta-class ids (E, C): those saved under --results_dir with --load_ids, else drawn. Writes nothing
+    (start_run writes drawn ids); refuses to draw ids other than the saved ones, unless --overwrite replaces them,
+    which it may only where no other run's files use them (runs that differ in share type, backbone or
+    --with_random share one ids file)."""
     path = os.path.join(args.results_dir, run.ids_name)
-    expected = (args.ensemble_size, num_class)
     if args.load_ids:
         ids = utils.safe_load(path, 'meta-class ids')
-        if not isinstance(ids, torch.Tensor) or tuple(ids.shape) != expected:
-            shape = tuple(ids.shape) if isinstance(ids, torch.Tensor) else type(ids).__name__
-            raise utils.ReirError(f'{path}: ids of shape {shape} do not fit --ensemble_size {args.ensemble_size} '
-                                  f'and {num_class} training classes (expected {expected})')
-        if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool \
-                or int(ids.min()) < 0 or int(ids.max()) >= args.meta_class_size:
-            raise utils.ReirError(f'{path}: ids must be integers from 0 to {args.meta_class_size - 1} '
-                                  f'(--meta_class_size {args.meta_class_size})')
+        if not isinstance(ids, torch.Tensor):
+            raise utils.ReirError(f'{path}: holds a {type(ids).__name__}, not a tensor of meta-class ids')
+        check_ids(ids, path, args.ensemble_size, num_class, args.meta_class_size)
         return ids.long()
     try:
         ids = utils.create_id(args.meta_class_size, num_class, args.ensemble_size, args.label_type, generator)
     except ValueError as e:
         raise utils.UsageError(str(e)) from None
-    if utils.is_main_process() and not args.overwrite and os.path.isfile(path):
+    if utils.is_main_process() and os.path.isfile(path):
         saved = utils.safe_load(path, 'meta-class ids')
         if not (isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids)):
-            raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws: reuse them with '
-                                   f'--load_ids, or pass --overwrite to replace them')
-    if utils.is_main_process():
-        utils.atomic_torch_save(ids, path)
+            sharing = runs_sharing_ids(args.results_dir, run)
+            if not args.overwrite:
+                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws: reuse them with '
+                                       f'--load_ids, or pass --overwrite to replace them')
+            if sharing:
+                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws, and the run '
+                                       f'{sharing[0]} uses them: reuse them with --load_ids, or train in another '
+                                       f'--results_dir')
     return ids
+
+
+def runs_sharing_ids(results_dir, run):
+    """The prefixes of the other runs in results_dir whose files name the same meta-class ids file as run's."""
+    prefixes = set()
+    for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
+        for kind in utils.RUN_OUTPUTS:
+            other = utils.RunName.parse(name[:-len(kind) - 1]) if name.endswith(f'_{kind}') else None
+            if other is not None and other != run and other.ids_name == run.ids_name:
+                prefixes.add(other.prefix)
+    return sorted(prefixes)
 
 
 def run_lists(args, run, train_dict, checkpoint):
@@ -208,12 +241,18 @@ def run_lists(args, run, train_dict, checkpoint):
     that a --load_ids run trains on the list of the run that drew the ids (the list is drawn as "epoch 0"). The
     ids and the list cover the training classes that are not held out."""
     if checkpoint is not None:
+        path = os.path.join(args.results_dir, f'{run.prefix}_checkpoint.pth')
         missing = [key for key in checkpoint['held_out'] if key not in train_dict]
         if missing:
             raise utils.ReirError(f'--resume: held-out class {missing[0]} of the run is no longer in the dataset\'s '
                                   f'training split; prepare the dataset as it was, or start over with --overwrite')
         held_out = {key: train_dict[key] for key in checkpoint['held_out']}
-        return checkpoint['ids'], [tuple(item) for item in checkpoint['train_items']], held_out
+        num_class = len(train_dict) - len(held_out)
+        check_ids(checkpoint['ids'], path, args.ensemble_size, num_class, args.meta_class_size)
+        items = [tuple(item) for item in checkpoint['train_items']]
+        if not items or any(not 0 <= index < num_class for _, index in items):
+            raise utils.ReirError(f'{path}: its training list does not index the {num_class} training classes')
+        return checkpoint['ids'].long(), items, held_out
     train_dict, held_out = split_validation(args, train_dict)
     ids = draw_or_load_ids(args, run, len(train_dict), torch.Generator().manual_seed(args.seed))
     sampling = torch.Generator().manual_seed(epoch_seed(args.seed, 0))
@@ -256,7 +295,8 @@ def drop_last_batch(args, batch_size, num_samples, replicas):
 def train_one_epoch(model, loader, optimizer, scaler, device, amp, description, start, after_step):
     """One pass over the training list, or what is left of it after start = (steps done, this process's running
     sums of them: loss, correct labels, images, skipped images); returns mean loss, accuracy in percent and skipped
-    images. after_step(step, steps, sums) runs after every step (StepCheckpoints.after_step). Stops at the first
+    images, and the epoch's steps with this process's sums at its end (where a stop before the epoch's files
+    continues). after_step(step, steps, sums) runs after every step (StepCheckpoints.after_step). Stops at the first
     non-finite loss (engine.Diverged)."""
     model.train()
     done, (total_loss, correct, seen, skipped) = start
@@ -275,9 +315,11 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description, 
         skipped += int(failures.sum())
         progress.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / (seen * labels.shape[1]):.2f}%')
         after_step(step, steps, [total_loss, correct, seen, skipped])
-    total_loss, correct, seen, skipped = engine.all_reduce_sum([total_loss, correct, seen, skipped], device)
+    sums = [total_loss, correct, seen, skipped]
+    total_loss, correct, seen, skipped = engine.all_reduce_sum(sums, device)
     ensemble_size = engine.unwrap(model).ensemble_size
-    return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': int(skipped)}
+    return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': int(skipped),
+            'steps': steps, 'sums': sums}
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -297,14 +339,15 @@ def recorded_settings(args, data_dicts, held_out):
                 held_out_classes=sorted(held_out))
 
 
-def best_files(model, settings, output, database_items, features, train_images, dataset_root, device, amp):
+def best_files(model, settings, output, database_items, features, train_images, dataset_root, device, amp,
+               stop_requested=None):
     """The files of a best epoch, as writers for utils.save_together: the model, its embedding database (the
     evaluation splits' features, with the held-out classes as 'val', and for self-retrieval datasets those of
     every image of the training classes, each process embedding its shard; unreadable images are left out) and
-    the run's recorded_settings, which say how to embed."""
+    the run's recorded_settings, which say how to embed. stop_requested: see engine.extract_features."""
     database = {split: (items, features[split]) for split, items in database_items.items()}
     if train_images is not None:
-        train_features, readable = engine.extract_features(model, train_images, device, amp)
+        train_features, readable = engine.extract_features(model, train_images, device, amp, stop_requested)
         if not readable.all():
             utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
         items = [item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok]
@@ -314,16 +357,18 @@ def best_files(model, settings, output, database_items, features, train_images, 
             output['args.json']: utils.json_file(settings)}
 
 
-def evaluate_epoch(model, test_data, val_data, args, device):
+def evaluate_epoch(model, test_data, val_data, args, device, stop_requested=None):
     """(test metrics, validation metrics or None, features by database split: 'test' or 'query' and 'gallery',
-    and 'val' for the held-out classes); test_data and val_data as engine.build_eval_data returns them."""
+    and 'val' for the held-out classes); test_data and val_data as engine.build_eval_data returns them.
+    stop_requested: see engine.extract_features."""
     _, labels, loaders = test_data
-    metrics, features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp)
+    metrics, features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp, stop_requested)
     if val_data is None:
         return metrics, None, features
     _, labels, loaders = val_data
     try:
-        val_metrics, val_features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp)
+        val_metrics, val_features = engine.evaluate(model, loaders, labels, args.recalls, device, args.amp,
+                                                    stop_requested)
     except engine.Diverged:
         raise engine.Diverged('the validation embeddings hold NaN or infinite values') from None
     return metrics, val_metrics, {**features, 'val': val_features['test']}
@@ -362,21 +407,31 @@ def save_epoch(output, results, trainable, progress, best):
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def claim_run(args, run, output):
-    """Lock the run's prefix (utils.RunLock) and make sure this start replaces nothing unasked: the files of an
-    earlier run with this prefix need --resume (continue it) or --overwrite (they are removed now)."""
+def lock_run(args, run, output):
+    """Lock the run's prefix (utils.RunLock) and refuse a start that would replace an earlier run with this prefix
+    unasked: its files need --resume (continue it) or --overwrite (start_run removes them once the run is certain to
+    start). Returns the lock."""
     lock = utils.RunLock(args.results_dir, run.prefix)
     utils.remove_stale_temporaries(args.results_dir, run.prefix)
     existing = [path for path in output.values() if os.path.exists(path)]
-    if existing and not args.resume:
-        if not args.overwrite:
-            lock.release()
-            raise utils.UsageError(f'{args.results_dir}/ holds the files of a run with these settings '
-                                   f'({", ".join(os.path.basename(p) for p in existing)}): continue it with '
-                                   f'--resume, or pass --overwrite to start over')
-        for path in existing:
-            os.remove(path)
+    if existing and not args.resume and not args.overwrite:
+        lock.release()
+        raise utils.UsageError(f'{args.results_dir}/ holds the files of a run with these settings '
+                               f'({", ".join(os.path.basename(p) for p in existing)}): continue it with '
+                               f'--resume, or pass --overwrite to start over')
     return lock
+
+
+def start_run(args, run, output, ids):
+    """What the main process writes once every check that could refuse the run has passed: with --overwrite the
+    earlier run's files go, and a run that drew its meta-class ids saves them (draw_or_load_ids checked that no
+    other run's ids are replaced)."""
+    if args.overwrite:
+        for path in output.values():
+            if os.path.exists(path):
+                os.remove(path)
+    if not (args.resume or args.load_ids):
+        utils.atomic_torch_save(ids, os.path.join(args.results_dir, run.ids_name))
 
 
 def load_checkpoint(path, args):
@@ -397,16 +452,12 @@ def differing_flags(saved, args):
             if name not in RESUME_FREE_FLAGS and saved.get(name) != value]
 
 
-def best_files_missing(settings, output, checkpoint):
-    """Whether --resume must write the best epoch's model, database and flags again: it can when the
-    checkpoint holds the best epoch's model, and refuses when that model is lost."""
+def best_files_lost(output, checkpoint):
+    """Whether --resume must write the best epoch's model and database again: it can when the checkpoint holds the
+    best epoch's model, and refuses when that model is lost."""
     missing = [output[kind] for kind in ('model.pth', 'data_base.pth') if not os.path.isfile(output[kind])]
-    if not checkpoint['results']:
-        return False  # inside the first epoch: there is no best epoch yet
-    if not missing:
-        if not os.path.isfile(output['args.json']):  # a run from before args.json was written
-            utils.atomic_write(output['args.json'], utils.json_file(settings))
-        return False
+    if not checkpoint['results'] or not missing:
+        return False  # inside the first epoch there is no best epoch yet
     best = utils.selected_row(checkpoint['results'])['epoch']
     if checkpoint['step'] or best != checkpoint['epoch'] - 1:
         raise utils.ReirError(f'{" and ".join(missing)} missing: the model of the best epoch, {best}, is lost (the '
@@ -417,12 +468,33 @@ def best_files_missing(settings, output, checkpoint):
     return True
 
 
-def restore(checkpoint, trainable):
+def lost_files(output, results, settings):
+    """The files of a resumed run, as writers for utils.save_together, that the checkpoint can give back where they
+    are missing or damaged: the results CSV and curves of its results (a finished run keeps them nowhere else), and
+    args.json beside a model (a run from before args.json was written)."""
+    files = {}
+    try:
+        intact = len(utils.read_results(output['results.csv'])) == len(results)
+    except utils.ReirError:
+        intact = False
+    if results and not (intact and os.path.isfile(output['curves.png'])):
+        utils.warn(f'{output["results.csv"]} or its curves missing or damaged: writing them again from the checkpoint')
+        files.update({output['results.csv']: utils.csv_file(results), output['curves.png']: utils.curves_file(results)})
+    if os.path.isfile(output['model.pth']) and not os.path.isfile(output['args.json']):
+        files[output['args.json']] = utils.json_file(settings)
+    return files
+
+
+def restore(checkpoint, trainable, path):
     """(first epoch, best recall, results so far), with the trainable objects' states loaded on --resume."""
     if checkpoint is None:
         return 1, -1.0, []
     for name, obj in trainable.items():
-        obj.load_state_dict(checkpoint[name])
+        try:
+            obj.load_state_dict(checkpoint[name])
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise utils.ReirError(f'{path}: its {name} state does not fit this run ({str(e).splitlines()[0]}); '
+                                  f'delete it and start again without --resume') from None
     return checkpoint['epoch'], checkpoint['best_recall'], checkpoint['results']
 
 
@@ -484,17 +556,21 @@ class StepCheckpoints:
     def stop_requested(self):
         return engine.any_process([self.signals.received is not None], self.device)[0]
 
-    def after_step(self, progress, step, steps, sums):
-        """progress: the checkpoint's keys other than the trainable states, step and running (utils.CHECKPOINT_KEYS),
-        for the epoch in progress."""
-        save, stop = engine.any_process([self.due(step, steps), self.signals.received is not None], self.device)
-        if not (save or stop):
-            return
+    def save(self, progress, step, sums):
+        """Write the checkpoint of the epoch in progress after its first `step` steps, with this process's running
+        sums (every process calls it; the main process writes what each holds). progress: the checkpoint's keys other
+        than the trainable states, step and running (utils.CHECKPOINT_FORMAT), for the epoch in progress."""
         running = engine.gather_objects({'sums': sums, 'rng': engine.rng_states(self.gpu_ids)})
         if utils.is_main_process():
             utils.save_together({self.path: utils.checkpoint_file(
                 self.trainable, {**progress, 'step': step, 'running': running})})
         self.saved()
+
+    def after_step(self, progress, step, steps, sums):
+        save, stop = engine.any_process([self.due(step, steps), self.signals.received is not None], self.device)
+        if not (save or stop):
+            return
+        self.save(progress, step, sums)
         if stop or self.stop_requested():  # a signal may have come while the checkpoint was written
             self.stop(f'at step {step} of {steps} of epoch {progress["epoch"]}')
 
@@ -536,19 +612,25 @@ def build_run_model(args, run, device, gpu_ids, world, batch_size):
 def main(args):
     if args.resume and args.overwrite:
         raise utils.UsageError('--resume continues the run\'s files and --overwrite removes them: pass one')
-    rank, world, local_rank = engine.init_distributed()
-    if args.batch_size % world:
-        raise utils.UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: make it '
-                               f'a multiple of {world}')
-    device, gpu_ids = select_run_devices(args, local_rank, world)
-    if args.amp and device.type != 'cuda':
-        utils.warn('--amp only acts on CUDA: running in float32')
     run = utils.RunName.from_args(args)
     output = {kind: os.path.join(args.results_dir, f'{run.prefix}_{kind}') for kind in utils.RUN_OUTPUTS}
-    args = after_elastic_restart(args, output['checkpoint.pth'])
-    with claim_run(args, run, output) if utils.is_main_process() else contextlib.nullcontext(), \
-            engine.StopSignals() as signals:
-        train(args, run, output, device, gpu_ids, rank, world, signals)
+    # until the epochs begin a stop signal ends the process at once: nothing is being trained that a checkpoint
+    # could keep
+    with engine.StopSignals() as signals:
+        try:
+            rank, world, local_rank = engine.init_distributed()
+            if args.batch_size % world:
+                raise utils.UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: '
+                                       f'make it a multiple of {world}')
+            device, gpu_ids = select_run_devices(args, local_rank, world)
+            if args.amp and device.type != 'cuda':
+                utils.warn('--amp only acts on CUDA: running in float32')
+            args = after_elastic_restart(args, output['checkpoint.pth'])
+            with lock_run(args, run, output) if utils.is_main_process() else contextlib.nullcontext():
+                train(args, run, output, device, gpu_ids, rank, world, signals)
+        except utils.StopRequested:
+            raise utils.Stopped(f'stopped by {signals.received} before training: {saved_note(output["checkpoint.pth"])}'
+                                f'; run the same command again') from None
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
@@ -572,8 +654,8 @@ def after_elastic_restart(args, checkpoint_path):
 def train(args, run, output, device, gpu_ids, rank, world, signals):
     checkpoint = load_checkpoint(output['checkpoint.pth'], args) if args.resume else None
 
-    # ------------------------------------------------------------------ data, checked before any epoch
-    data_dicts = load_data_dicts(args)
+    # ------------------------------------------------------------------ data, checked before anything is written
+    data_dicts = load_data_dicts(args, checkpoint)
     dataset_root = os.path.join(args.data_path, args.data_name)
     engine.check_recalls(args.recalls, {split: sum(map(len, data_dicts[split].values()))
                                         for split in utils.eval_splits(data_dicts, args.data_name)})
@@ -607,56 +689,72 @@ def train(args, run, output, device, gpu_ids, rank, world, signals):
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_GAMMA)
     trainable = dict(model=engine.unwrap(model), optimizer=optimizer, scheduler=scheduler,
                      scaler=engine.grad_scaler(device, args.amp))
-    start_epoch, best_recall, results = restore(checkpoint, trainable)
+    start_epoch, best_recall, results = restore(checkpoint, trainable, output['checkpoint.pth'])
     start, rng = epoch_position(checkpoint, rank, world)
-    selection_key = f'recall@{args.recalls[0]}'
+    rewrite_best = checkpoint is not None and engine.broadcast_from_main(
+        best_files_lost(output, checkpoint) if utils.is_main_process() else None)
+
+    # ------------------------------------------------------------------ the run starts: every check has passed
+    if utils.is_main_process():
+        start_run(args, run, output, ids)
     if checkpoint is not None:
         utils.log(f'resumed from {output["checkpoint.pth"]} at {position_note(checkpoint)}')
-        missing = best_files_missing(settings, output, checkpoint) if utils.is_main_process() else None
-        if engine.broadcast_from_main(missing):
+        files = lost_files(output, results, settings) if utils.is_main_process() else {}
+        if rewrite_best:
             _, _, features = evaluate_epoch(model, test_data, val_data, args, device)
-            files = best_files(model, settings, output, database_items, features, train_images, dataset_root,
-                               device, args.amp)
-            if utils.is_main_process():
-                utils.save_together(files)
+            files.update(best_files(model, settings, output, database_items, features, train_images, dataset_root,
+                                    device, args.amp))
+        if utils.is_main_process():
+            utils.save_together(files)
 
     # ------------------------------------------------------------------ epochs
     checkpoints = StepCheckpoints(args.checkpoint_every, output['checkpoint.pth'], trainable, signals, device, gpu_ids)
+    stop_requested = checkpoints.stop_requested
+    selection_key = f'recall@{args.recalls[0]}'
     # what a checkpoint holds besides the trainable states and the position in the epoch
     progress = dict(best_recall=best_recall, results=results, args=vars(args), ids=ids, train_items=train_items,
-                    held_out=sorted(held_out), elastic_job=engine.elastic_job())
-    for epoch in range(start_epoch, args.num_epochs + 1):
-        utils.set_seed(epoch_seed(args.seed, epoch))
-        if rng is not None:  # inside an epoch, the random states where its checkpoint was written
-            engine.set_rng_states(rng, gpu_ids)
-        loader.sampler.set_epoch(epoch, skip=start[0] * args.batch_size)
-        try:
-            stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
-                                    f'Epoch {epoch}/{args.num_epochs}', start,
-                                    functools.partial(checkpoints.after_step, {**progress, 'epoch': epoch}))
+                    held_out=sorted(held_out), elastic_job=engine.elastic_job(),
+                    data_fingerprint=utils.data_fingerprint(data_dicts))
+    with signals.deferred():  # from here a stop signal stops the run once its state is saved
+        for epoch in range(start_epoch, args.num_epochs + 1):
+            utils.set_seed(epoch_seed(args.seed, epoch))
+            if rng is not None:  # inside an epoch, the random states where its checkpoint was written
+                engine.set_rng_states(rng, gpu_ids)
+            loader.sampler.set_epoch(epoch, skip=start[0] * args.batch_size)
+            # where a stop before this epoch's files are written continues: after its training steps
+            before_evaluation = {**progress, 'epoch': epoch, 'results': list(results)}
+            try:
+                stats = train_one_epoch(model, loader, optimizer, trainable['scaler'], device, args.amp,
+                                        f'Epoch {epoch}/{args.num_epochs}', start,
+                                        functools.partial(checkpoints.after_step, {**progress, 'epoch': epoch}))
+                metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device,
+                                                                stop_requested)
+                start, rng = EPOCH_START, None
+                record_epoch(results, epoch, stats, metrics, val_metrics, args)
+                best = None
+                selected = (val_metrics or metrics)[selection_key]  # on the held-out classes when there are some
+                if selected > progress['best_recall']:
+                    progress['best_recall'] = selected
+                    best = best_files(model, settings, output, database_items, features, train_images, dataset_root,
+                                      device, args.amp, stop_requested)
+            except engine.Diverged as e:
+                raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
+                                      f'{saved_note(output["checkpoint.pth"])}') from None
+            except utils.StopRequested:
+                checkpoints.save(before_evaluation, stats['steps'], stats['sums'])
+                checkpoints.stop(f'in the evaluation of epoch {epoch}')
             with warnings.catch_warnings():
                 # an epoch continued after its last step has run no optimizer step in this process, which the
                 # scheduler takes for a misuse; its state (restored) still gives the right learning rate
                 warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()` before'))
                 scheduler.step()
-            metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device)
-        except engine.Diverged as e:
-            raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
-                                  f'{saved_note(output["checkpoint.pth"])}') from None
-        start, rng = EPOCH_START, None
-        record_epoch(results, epoch, stats, metrics, val_metrics, args)
-        best = None
-        selected = (val_metrics or metrics)[selection_key]  # on the held-out classes when there are some
-        if selected > progress['best_recall']:
-            progress['best_recall'] = selected
-            best = best_files(model, settings, output, database_items, features, train_images, dataset_root, device,
-                              args.amp)
-        if utils.is_main_process():
-            save_epoch(output, results, trainable, {**progress, 'epoch': epoch + 1, 'step': 0, 'running': []}, best)
-        checkpoints.saved()
-        if epoch < args.num_epochs and checkpoints.stop_requested():
-            checkpoints.stop(f'after epoch {epoch}')
-    utils.log(selection_note(results, args.recalls, output))
+            if utils.is_main_process():
+                save_epoch(output, results, trainable, {**progress, 'epoch': epoch + 1, 'step': 0, 'running': []},
+                           best)
+            checkpoints.saved()
+            if epoch < args.num_epochs and stop_requested():
+                checkpoints.stop(f'after epoch {epoch}')
+        utils.log(selection_note(results, args.recalls, output))
 
 
 def interrupted_note(args):

@@ -5,6 +5,7 @@ the constants below are the one place each value is written."""
 import argparse
 import errno
 import fcntl
+import hashlib
 import json
 import math
 import os
@@ -44,11 +45,9 @@ EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
 RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that evaluate.py reads
 # every file train.py writes for a run, <prefix>_<kind> (the meta-class ids are named apart: RunName.ids_name)
 RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
-# what <prefix>_checkpoint.pth holds: everything --resume needs
-CHECKPOINT_KEYS = ('model', 'optimizer', 'scheduler', 'scaler', 'epoch', 'step', 'running', 'best_recall', 'results',
-                   'args', 'ids', 'train_items', 'held_out', 'elastic_job')
-# what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun job
-CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': ''}
+# what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun
+# job, data dicts not fingerprinted
+CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': ''}
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, to be continued
 
 
@@ -65,6 +64,12 @@ class UsageError(ReirError):
 class Stopped(Exception):
     """A run that stopped on request (a signal from a scheduler) once it had saved what continuing needs; the
     message says how to continue. Exit code STOPPED_EXIT_CODE."""
+
+
+class StopRequested(BaseException):
+    """A stop signal (SIGTERM, SIGUSR1; args[0] names it) that ends the work in progress at once, raised where there
+    is nothing to save (engine.StopSignals) or where the work agrees to stop. A BaseException, as KeyboardInterrupt is,
+    so that no `except Exception` holds it up."""
 
 
 def run_cli(main_function, args, interrupted='interrupted'):
@@ -88,6 +93,10 @@ def run_cli(main_function, args, interrupted='interrupted'):
         print('error: CUDA out of memory: lower --batch_size, --ensemble_size or --image_size, or pass --amp',
               file=sys.stderr)
         sys.exit(1)
+    except StopRequested as stop:
+        if is_main_process():
+            print(f'stopped by {stop}', file=sys.stderr)
+        sys.exit(STOPPED_EXIT_CODE)
     except KeyboardInterrupt:
         print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)
@@ -119,6 +128,16 @@ def positive_float(text):
     if not value > 0:
         raise argparse.ArgumentTypeError(f'{value} is not above 0')
     return value
+
+
+def dataset_name(text):
+    """An argparse type: a dataset's folder name under --data_path (a trailing / of tab completion dropped). It
+    begins the names of the run's files, so it is a name, never a path."""
+    name = text.rstrip('/' + os.sep)
+    if not name or name in ('.', '..') or '/' in name or os.sep in name:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a dataset name: name the folder under --data_path, as in '
+                                         f'--data_path data --data_name cub')
+    return name
 
 
 def recall_list(text):
@@ -217,21 +236,66 @@ def run_of_file(path, kinds=RUN_FILE_KINDS):
     return run, path[:-len(kind)], kind
 
 
+def is_int(value):
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value):
+    """A finite int or float (not a bool, which json and pickles also give)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def three_numbers(values):
+    return isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)
+
+
+# what the recorded settings of a run (<prefix>_args.json, the checkpoint's args) hold where present, as (what it
+# must be, test): the settings evaluate.py and inference.py read
+SETTINGS_FORMAT = {
+    'image_size': ('a positive integer', lambda v: is_int(v) and v > 0),
+    'exact_pipeline': ('true or false', lambda v: isinstance(v, bool)),
+    'recalls': ('a list of positive integers', lambda v: isinstance(v, list) and bool(v)
+                and all(is_int(k) and k > 0 for k in v)),
+    'data_path': ('a path', lambda v: isinstance(v, str) and bool(v)),
+    'mean': ('three numbers', lambda v: v is None or three_numbers(v)),
+    'std': ('three numbers above 0', lambda v: v is None or (three_numbers(v) and min(v) > 0)),
+    'held_out_classes': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+}
+
+
+def settings_problem(settings):
+    """What makes a run's recorded settings unusable (not a dict, a value of SETTINGS_FORMAT of the wrong kind), or
+    None."""
+    if not isinstance(settings, dict):
+        return f'the settings are a {type(settings).__name__}, not a dict of flags'
+    for key, (kind, fits) in SETTINGS_FORMAT.items():
+        if key in settings and not fits(settings[key]):
+            return f'"{key}" is {settings[key]!r}, not {kind}'
+    return None
+
+
 def run_settings(prefix_path):
     """The flags of the run whose files start with prefix_path, from <prefix>_args.json (written with its model)
-    or else its checkpoint; None when neither can be read."""
+    or else its checkpoint; None when neither exists. A file that exists but does not hold the settings in the
+    form SETTINGS_FORMAT says is refused, naming it."""
     path = prefix_path + '_args.json'
     if os.path.isfile(path):
         try:
             with open(path) as f:
                 saved = json.load(f)
-            if isinstance(saved, dict):
-                return saved
-        except (OSError, ValueError):
-            pass
-        warn(f'could not read the run\'s settings from {path}')
-    checkpoint = peek_checkpoint(prefix_path + '_checkpoint.pth')
-    return checkpoint['args'] if checkpoint else None
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise ReirError(f'{path}: the run\'s settings cannot be read ({type(e).__name__}); write the file again '
+                            f'or delete it') from None
+    else:
+        path = prefix_path + '_checkpoint.pth'
+        checkpoint = peek_checkpoint(path)
+        if checkpoint is None:
+            return None
+        saved = checkpoint['args']
+    problem = settings_problem(saved)
+    if problem:
+        raise ReirError(f'{path}: {problem}; write the file again or delete it')
+    return saved
 
 
 def embedding_settings(prefix_path, overrides, model_needed):
@@ -283,9 +347,7 @@ def data_dicts_problem(data_dicts):
     if not isinstance(data_dicts, dict):
         return f'not data dicts but a {type(data_dicts).__name__}'
     for key in ('mean', 'std'):
-        values = data_dicts.get(key)
-        if not isinstance(values, (list, tuple)) or len(values) != 3 \
-                or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in values):
+        if not three_numbers(data_dicts.get(key)):
             return f'"{key}" is not three numbers'
     if min(data_dicts['std']) <= 0:
         return '"std" holds a value that is not above 0'
@@ -305,6 +367,13 @@ def data_dicts_problem(data_dicts):
                 if not isinstance(path, str) or os.path.isabs(path) or '..' in re.split(r'[\\/]', path):
                     return f'image path {path!r} of the {split} split is not inside the dataset folder'
     return None
+
+
+def data_fingerprint(data_dicts):
+    """A short hash of everything data dicts tell a run: its splits, classes, image paths, mean and std. A dataset
+    prepared again with other images (or copies, --short_side) has another."""
+    canonical = json.dumps(data_dicts, sort_keys=True, separators=(',', ':'))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- safe file I/O
@@ -417,31 +486,54 @@ def atomic_torch_save(obj, path):
     atomic_write(path, torch_file(obj))
 
 
-def safe_load(path, what='file'):
-    """torch.load with weights_only=True: tensors and plain containers only, never code. The zip archive's
-    checksums are verified first, so that flipped bits or a truncation are refused, not loaded."""
+def safe_load(path, what='file', verify=True, mmap=False):
+    """torch.load with weights_only=True: tensors and plain containers only, never code. With verify, the zip
+    archive's checksums are verified first, so that flipped bits or a truncation are refused, not loaded (it reads
+    the whole file); with mmap, tensors stay on disk until used."""
     if not os.path.isfile(path):
         raise ReirError(f'{what} not found: {path}')
     damaged = f'{path}: {what} is corrupt or truncated'
     try:
         with zipfile.ZipFile(path) as archive:  # torch.save writes zip archives; anything else is damaged
-            bad_member = archive.testzip()
+            bad_member = archive.testzip() if verify else None
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
     if bad_member is not None:
         raise ReirError(f'{damaged} (checksum mismatch in {bad_member}); delete it or write it again')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
         reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
         raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError) as e:
         raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
 
 
 def write_results_csv(rows, path):
     atomic_write(path, csv_file(rows))
+
+
+def read_results(path):
+    """The rows of a run's results CSV ({column: number}, one per epoch from epoch 1 on), refused (naming the file)
+    when it is unreadable or empty, lacks the epoch or a recall column, or holds a value that is not a number."""
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise ReirError(f'{path} not found') from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise ReirError(f'{path}: not a results CSV ({type(e).__name__})') from None
+    if frame.empty:
+        raise ReirError(f'{path}: holds no epoch')
+    if 'epoch' not in frame or not any(c.startswith(('test_recall@', 'val_recall@')) for c in frame.columns):
+        raise ReirError(f'{path}: not a results CSV (no epoch and recall columns)')
+    numbers = frame.apply(pd.to_numeric, errors='coerce')
+    if numbers.isna().any().any() or not np.isfinite(numbers.to_numpy(dtype=np.float64)).all():
+        raise ReirError(f'{path}: holds a value that is not a number')
+    if numbers['epoch'].tolist() != list(range(1, len(frame) + 1)):
+        raise ReirError(f'{path}: its epochs are not 1 to {len(frame)} in order')
+    rows = numbers.to_dict('records')
+    return [{**row, 'epoch': int(row['epoch'])} for row in rows]
 
 
 def selection_column(columns):
@@ -524,9 +616,35 @@ def resolve_database(name):
                     f'train.py writes <prefix>_data_base.pth there')
 
 
+def database_problem(splits):
+    """What makes an embedding database's splits {name: (image paths, class keys, features)} unusable (values of the
+    wrong kind, as many feature rows as neither labels nor images, non-finite features, splits of other widths), or
+    None."""
+    widths = set()
+    for name, (images, labels, features) in splits.items():
+        if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
+            return f'{name}_images is not a list of image paths'
+        if not isinstance(labels, list) or not all(isinstance(key, (str, int)) for key in labels):
+            return f'{name}_labels is not a list of class ids'
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+            return f'{name}_features is not an (N, d) tensor of floats'
+        if not len(images) == len(labels) == features.shape[0]:
+            return (f'{name}_features has {features.shape[0]} rows for {len(labels)} labels and {len(images)} '
+                    f'images')
+        if not len(labels):
+            return f'the {name} split is empty'
+        if not all_finite(features):
+            return f'{name}_features holds NaN or infinite values'
+        widths.add(features.shape[1])
+    if len(widths) > 1:
+        return f'its splits have features of different widths ({", ".join(map(str, sorted(widths)))})'
+    return None
+
+
 def load_database(path):
-    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database. Relative image
-    paths are read from the folder the run worked in when they are not found from this one."""
+    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database, refused (naming the
+    file) unless each split is whole (database_problem). Relative image paths are read from the folder the run
+    worked in when they are not found from this one."""
     database = safe_load(path, 'embedding database')
     names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
         if isinstance(database, dict) else []
@@ -534,6 +652,9 @@ def load_database(path):
         raise ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
     splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
               for name in names}
+    problem = database_problem(splits)
+    if problem:
+        raise ReirError(f'{path}: {problem}; write it again (evaluate.py or train.py --resume)')
     origin = database.get('working_dir')
     first = next((images[0] for images, _, _ in splits.values() if images), None)
     if isinstance(origin, str) and first is not None and not os.path.exists(first) \
@@ -543,29 +664,76 @@ def load_database(path):
     return splits
 
 
-def load_checkpoint(path):
-    """A run's checkpoint, refused unless it holds every key of CHECKPOINT_KEYS (those of CHECKPOINT_KEY_DEFAULTS
-    may be absent)."""
-    checkpoint = safe_load(path, 'checkpoint')
-    if isinstance(checkpoint, dict):
-        checkpoint = {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
-    missing = [key for key in CHECKPOINT_KEYS if not isinstance(checkpoint, dict) or key not in checkpoint]
+def is_state(value):
+    return isinstance(value, dict) and all(isinstance(key, (str, int)) for key in value)
+
+
+def is_model_state(value):
+    """Whether value is a model's state_dict: tensors by name."""
+    return is_state(value) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
+
+
+# what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
+CHECKPOINT_FORMAT = {
+    'model': ('a state_dict of tensors', is_model_state),
+    'optimizer': ('a state_dict', lambda v: is_state(v) and {'state', 'param_groups'} <= set(v)),
+    'scheduler': ('a state_dict', is_state),
+    'scaler': ('a state_dict', is_state),
+    'epoch': ('an epoch number from 1', lambda v: is_int(v) and v >= 1),
+    'step': ('a step count from 0', lambda v: is_int(v) and v >= 0),
+    'running': ('a list of running sums and random states', lambda v: isinstance(v, list) and all(
+        isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
+        and all(is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in v)),
+    'best_recall': ('a number', is_number),
+    'results': ('a list of result rows', lambda v: isinstance(v, list) and all(
+        isinstance(row, dict) and is_int(row.get('epoch')) for row in v)),
+    'args': ('a dict of flags', lambda v: isinstance(v, dict)),
+    'ids': ('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
+            and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)),
+    'train_items': ('a list of (image path, class index) pairs', lambda v: isinstance(v, list) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and is_int(item[1])
+        for item in v)),
+    'held_out': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+    'elastic_job': ('a torchrun job id', lambda v: isinstance(v, str)),
+    'data_fingerprint': ('a data fingerprint', lambda v: isinstance(v, str)),
+}
+CHECKPOINT_KEYS = tuple(CHECKPOINT_FORMAT)
+
+
+def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
+    """What makes a checkpoint unusable (not a dict, a required key missing, any value not of the kind
+    CHECKPOINT_FORMAT says), or None. Keys of CHECKPOINT_KEY_DEFAULTS may be absent (older checkpoints)."""
+    if not isinstance(checkpoint, dict):
+        return f'not a REIR checkpoint but a {type(checkpoint).__name__}'
+    missing = [key for key in required if key not in checkpoint and key not in CHECKPOINT_KEY_DEFAULTS]
     if missing:
-        raise ReirError(f'{path}: not a REIR checkpoint (missing {", ".join(missing)}); delete it and start '
-                        f'again without --resume')
-    return checkpoint
+        return f'not a REIR checkpoint (missing {", ".join(missing)})'
+    for key, (kind, fits) in CHECKPOINT_FORMAT.items():
+        if key in checkpoint and not fits(checkpoint[key]):
+            return f'its "{key}" is not {kind}'
+    return None
+
+
+def load_checkpoint(path):
+    """A run's checkpoint, refused (naming the file and the problem) unless it is whole and every key of
+    CHECKPOINT_FORMAT holds what it should; keys of CHECKPOINT_KEY_DEFAULTS may be absent and take their defaults."""
+    checkpoint = safe_load(path, 'checkpoint')
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise ReirError(f'{path}: {problem}; delete it and start again without --resume')
+    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
 
 
 def peek_checkpoint(path):
-    """A run's checkpoint read memory-mapped (its tensors stay on disk), for its flags and epoch; None when it
-    is absent or unreadable."""
-    if not os.path.isfile(path):
-        return None
+    """A run's checkpoint read memory-mapped (its tensors stay on disk, their checksums unread), for its flags and
+    position; None when it is absent, unreadable, or lacks args and epoch or holds a key of the wrong kind."""
     try:
-        checkpoint = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except (pickle.UnpicklingError, RuntimeError, TypeError, OSError, EOFError, ValueError):
+        checkpoint = safe_load(path, 'checkpoint', verify=False, mmap=True)
+    except ReirError:
         return None
-    return checkpoint if isinstance(checkpoint, dict) and 'args' in checkpoint and 'epoch' in checkpoint else None
+    if checkpoint_problem(checkpoint, required=('args', 'epoch')):
+        return None
+    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
 
 
 # ----------------------------------------------------------------------------- randomness

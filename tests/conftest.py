@@ -2,12 +2,14 @@
 that the tests of its outputs share), scripts run in-process as their command line runs them, and
 DataParallel-style replicas."""
 import contextlib
+import hashlib
 import importlib
 import inspect
 import io
 import os
 import runpy
 import shutil
+import signal
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -35,6 +37,16 @@ def no_fsync(monkeypatch):
     disk: a flush guards against power loss, which no test can simulate, and costs about a second for each
     tiny run's 360 MB of checkpoints."""
     monkeypatch.setattr(os, 'fsync', lambda fd: None)
+
+
+@pytest.fixture(autouse=True)
+def stop_signal_handlers():
+    """A run stopped by a signal keeps its handlers until its process ends (engine.StopSignals); in this process the
+    next test gets the earlier ones back."""
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
 
 
 @pytest.fixture(autouse=True)
@@ -210,6 +222,12 @@ def run_train(root, *extra, name='tiny', results=None):
 def written_files(results):
     """{name: bytes} of the files a results folder holds, its hidden lock files left out."""
     return {name: (results / name).read_bytes() for name in os.listdir(results) if not name.startswith('.')}
+
+
+def file_digests(results):
+    """{name: sha256} of the files a results folder holds, its hidden lock files left out: what written_files says,
+    in a form whose difference an assertion can print."""
+    return {name: hashlib.sha256(content).hexdigest() for name, content in written_files(results).items()}
 
 
 def prefix(name='tiny', E=2, M=2, share='layer1', with_random=False):

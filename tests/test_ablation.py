@@ -1,4 +1,6 @@
 """ablation.py: two runs compared query by query from their databases, and the per-query count it rests on."""
+import os
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -67,7 +69,7 @@ def test_ablation_counts_and_draws_where_the_runs_differ(prepared, tmp_path):
     assert 'precision@4 75.00%, R@4 100.00%' in result.stdout            # 3 of 4 for every query
     assert 'precision@4 25.00%, R@4 33.33%' in result.stdout             # 3 of 4 for the 4 class-2 queries only
     assert 'better run for 8 queries, worse run for 0, equal for 4 (two-sided sign test p = 0.00781)' in result.stdout
-    name = tmp_path / 'out' / 'ablation_perfect_vs_confused'  # equal prefixes: named by their folders
+    name = tmp_path / 'out' / 'ablation_perfect_vs_confused_test_top4'  # equal prefixes: named by their folders
     rows = pd.read_csv(f'{name}.csv')
     assert rows['better_same_class'].tolist() == [3] * 12
     assert rows['worse_same_class'].tolist() == [0] * 8 + [3] * 4
@@ -85,3 +87,19 @@ def test_ablation_refuses_databases_of_different_images(prepared, tmp_path):
                                    '--results_dir', tmp_path), 1, 'hold different query images')
     assert_one_line_error(run_main('ablation', '--better_data_base', better, '--worse_data_base', better,
                                    '--data_type', 'val', '--results_dir', tmp_path), 1, 'has no val split')
+
+
+def test_each_comparison_keeps_its_own_files_and_no_stale_picture(prepared, tmp_path):
+    """Another K is another comparison of the same runs; the same comparison drawing nothing leaves no older PNG."""
+    better, worse = databases(prepared, tmp_path)
+    out = tmp_path / 'out'
+    flags = ['--better_data_base', better, '--worse_data_base', worse, '--results_dir', out]
+    for k in (4, 2):
+        assert run_main('ablation', *flags, '--retrieval_num', k).returncode == 0
+    assert sorted(os.listdir(out)) == [f'ablation_perfect_vs_confused_test_top{k}.{ext}' for k in (2, 4)
+                                       for ext in ('csv', 'png')]
+    result = run_main('ablation', *flags, '--retrieval_num', 2, '--examples', 0)
+    assert result.returncode == 0, result.stderr
+    assert sorted(os.listdir(out)) == ['ablation_perfect_vs_confused_test_top2.csv',
+                                       'ablation_perfect_vs_confused_test_top4.csv',
+                                       'ablation_perfect_vs_confused_test_top4.png']

@@ -1,5 +1,6 @@
 import os
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -185,7 +186,7 @@ def test_demo_is_large_enough_and_deterministic(tmp_path):
     # the same seed draws the same bytes, whichever process draws them
     for index in (0, 150):
         data_utils.write_demo_class((str(tmp_path / 'b' / 'demo'), index, 'train' if index < 100 else 'test',
-                                     data_utils.DEMO_SEED))
+                                     data_utils.DEMO_SEED, data_utils.DEMO_IMAGES_PER_CLASS, data_utils.DEMO_IMAGE_SIZE))
         split = 'train' if index < 100 else 'test'
         for name in os.listdir(tmp_path / 'b' / 'demo' / split / f'class_{index:03d}'):
             relative = os.path.join(split, f'class_{index:03d}', name)
@@ -272,3 +273,21 @@ def test_short_side_copies_are_written_and_used(cub_root):
     stamps = {p: os.stat(p).st_mtime_ns for p in (cub_root / 'short32').rglob('*.jpg')}
     data_utils.prepare(str(cub_root.parent), 'cub', num_workers=2, short_side=32)
     assert {p: os.stat(p).st_mtime_ns for p in (cub_root / 'short32').rglob('*.jpg')} == stamps
+
+
+FORK_MARKER = 'as imported'
+
+
+def fork_marker(_):
+    return FORK_MARKER
+
+
+def test_pool_workers_are_started_afresh_never_forked(monkeypatch):
+    """A forked worker inherits the parent's memory (this module's changed marker, and the locks torch's threads
+    held): train.py hung for ever drawing the demo in one. A spawned worker imports the modules afresh."""
+    monkeypatch.setattr(sys.modules[__name__], 'FORK_MARKER', 'changed in the parent')
+    tasks = list(range(data_utils.POOL_MIN_TASKS))
+    assert data_utils.map_in_workers(fork_marker, tasks, 2, 'test', 'task') == ['as imported'] * len(tasks)
+    # one worker, or few tasks: in this process
+    assert set(data_utils.map_in_workers(fork_marker, tasks, 1, 'test', 'task')) == {'changed in the parent'}
+    assert set(data_utils.map_in_workers(fork_marker, tasks[1:], 2, 'test', 'task')) == {'changed in the parent'}

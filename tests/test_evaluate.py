@@ -1,3 +1,4 @@
+import json
 import shutil
 
 import pandas as pd
@@ -92,3 +93,46 @@ def test_the_runs_normalization_is_used_after_the_dataset_changes(trained, tmp_p
     for column in evaluation.columns:
         assert evaluation[column].iloc[0] == pytest.approx(history[column].loc[history['test_recall@1'].idxmax()],
                                                            abs=1e-4)
+
+
+def damage_database(database):
+    """A copy of a database with one problem of each kind a reader must refuse."""
+    nan = dict(database, test_features=database['test_features'].clone())
+    nan['test_features'][3, 1] = float('nan')
+    return {'nan': (nan, 'test_features holds NaN or infinite values'),
+            'short': (dict(database, test_features=database['test_features'][:-2]),
+                      'test_features has 10 rows for 12 labels and 12 images'),
+            'labels': (dict(database, test_labels=None), 'test_labels is not a list of class ids')}
+
+
+@pytest.mark.parametrize('damage', ['nan', 'short', 'labels'])
+@pytest.mark.parametrize('script', ['evaluate', 'ablation'])
+def test_a_damaged_database_is_one_line(trained, tmp_path, damage, script):
+    database = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
+    damaged, fragment = damage_database(database)[damage]
+    path = tmp_path / f'{prefix()}_data_base.pth'
+    torch.save(damaged, path)
+    flags = [path] if script == 'evaluate' else ['--better_data_base', path, '--worse_data_base',
+                                                 trained / 'results' / f'{prefix()}_data_base.pth',
+                                                 '--results_dir', tmp_path]
+    assert_one_line_error(run_main(script, *flags), 1, f'{path}: {fragment}')
+
+
+@pytest.mark.parametrize('change, fragment', [
+    (dict(image_size='32'), '"image_size" is \'32\', not a positive integer'),
+    (dict(image_size=None), '"image_size" is None, not a positive integer'),
+    (dict(mean=[0.5, 0.5]), '"mean" is [0.5, 0.5], not three numbers'),
+    (dict(std=[0.2, 0.0, 0.2]), '"std" is [0.2, 0.0, 0.2], not three numbers above 0'),
+    (dict(exact_pipeline='no'), '"exact_pipeline" is \'no\', not true or false'),
+])
+@pytest.mark.parametrize('script', ['evaluate', 'inference'])
+def test_damaged_run_settings_are_one_line(trained, tmp_path, change, fragment, script):
+    for kind in ('model.pth', 'data_base.pth'):
+        shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
+    settings = json.loads((trained / 'results' / f'{prefix()}_args.json').read_text())
+    path = tmp_path / f'{prefix()}_args.json'
+    path.write_text(json.dumps({**settings, **change}))
+    query = trained / 'data' / 'tiny' / 'test' / 'class_01' / '0.jpg'
+    flags = [tmp_path / f'{prefix()}_model.pth'] if script == 'evaluate' else \
+        ['--query_img_name', query, '--data_base', tmp_path / f'{prefix()}_data_base.pth']
+    assert_one_line_error(run_main(script, *flags), 1, f'{path}: {fragment}')

@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 import figures
+import inference
 import utils
 from conftest import assert_one_line_error, prefix, run_main, write_image
 
@@ -13,7 +14,7 @@ def test_retrieval_grid_for_a_database_image(trained):
     database = trained / 'results' / f'{prefix()}_data_base.pth'
     result = run_main('inference', '--query_img_name', query, '--data_base', database, '--retrieval_num', '5')
     assert result.returncode == 0, result.stderr
-    output = trained / 'results' / f'0_{prefix()}_retrieval.png'
+    output = trained / 'results' / f'{inference.query_name(str(query))}_{prefix()}_retrieval.png'
     with Image.open(output) as grid:
         assert grid.size == (6 * figures.TILE, figures.TILE + figures.CAPTION)
         grid = grid.convert('RGB')
@@ -30,7 +31,7 @@ def test_query_from_outside_the_dataset_has_no_frames(trained, tmp_path):
     result = run_main('inference', '--query_img_name', query, '--data_base',
                       trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
     assert result.returncode == 0, result.stderr
-    with Image.open(trained / 'results' / f'holiday_{prefix()}_retrieval.png') as grid:
+    with Image.open(trained / 'results' / f'{inference.query_name(str(query))}_{prefix()}_retrieval.png') as grid:
         assert grid.width == 9 * figures.TILE
         assert grid.convert('RGB').getpixel((figures.TILE + 1, 1)) == figures.WHITE
 
@@ -82,3 +83,15 @@ def test_database_paths_work_from_another_working_folder(trained, tmp_path, monk
     monkeypatch.chdir(tmp_path)
     images = utils.load_database(str(path))['test'][0]
     assert images[0] == os.path.join(str(trained), database['test_images'][0]) and os.path.isfile(images[0])
+
+
+def test_queries_of_one_name_in_two_folders_get_a_grid_each(trained, tmp_path):
+    database = tmp_path / f'{prefix()}_data_base.pth'
+    for kind in ('model.pth', 'data_base.pth', 'args.json'):
+        (tmp_path / f'{prefix()}_{kind}').write_bytes((trained / 'results' / f'{prefix()}_{kind}').read_bytes())
+    queries = [trained / 'data' / 'tiny' / 'test' / f'class_0{c}' / '0.jpg' for c in (0, 1)]
+    for query in queries:
+        assert run_main('inference', '--query_img_name', query, '--data_base', database).returncode == 0
+    grids = sorted(name for name in os.listdir(tmp_path) if name.endswith('_retrieval.png'))
+    assert grids == sorted(f'{inference.query_name(str(query))}_{prefix()}_retrieval.png' for query in queries)
+    assert len(set(grids)) == 2 and all(name.startswith('0-') for name in grids)

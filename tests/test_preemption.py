@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 
+import pandas as pd
 import psutil
 import pytest
 import torch
@@ -85,14 +86,19 @@ def train_command(tiny, results, flags):
             '--results_dir', str(results), *flags]
 
 
-def signal_inside_an_epoch(start, tiny, folder, flags, position, signum):
+def signal_inside_an_epoch(start, tiny, folder, flags, position, signum, until_exit=False):
     """Run train.py with flags and --checkpoint_every 1 (start: the background fixture), and send signum to its
-    process group once its checkpoint holds position. Returns (exit code, stderr, the checkpoint's position then)."""
+    process group once its checkpoint holds position (until_exit: again every few milliseconds until the run ends,
+    as an impatient scheduler may). Returns (exit code, stderr, the checkpoint's position then)."""
     checkpoint = folder / f'{prefix(with_random="--with_random" in flags)}_checkpoint.pth'
     process = start(train_command(tiny, folder, [*flags, '--checkpoint_every', '1']), folder,
                     dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1'))
     wait_for_position(process, checkpoint, position)
     os.killpg(process.pid, signum)
+    while until_exit and process.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        time.sleep(0.002)
     process.wait(timeout=300)
     return process.returncode, (folder / 'stderr').read_text(), saved_position(checkpoint)
 
@@ -141,12 +147,14 @@ def test_killed_inside_an_epoch_resumes_to_the_same_results(tiny, references, ba
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
 def test_a_stop_signal_saves_the_step_and_exits_to_be_resumed(tiny, references, background, tmp_path, signum):
-    """A stop signal to the whole process group (as torchrun and Slurm send it) at a random step: the run ends the
-    step, writes the checkpoint, prints one line saying how to continue, exits with utils.STOPPED_EXIT_CODE,
-    its loader worker with it; --resume then gives the CSV of a run never stopped."""
+    """Stop signals to the whole process group (as torchrun and Slurm send them), from a random step on until the run
+    has ended: the run ends the step, writes the checkpoint, prints one line saying how to continue, exits with
+    utils.STOPPED_EXIT_CODE (a later signal once killed it, -15, after its checkpoint was written), its loader worker
+    with it; --resume then gives the CSV of a run never stopped."""
     target = random.choice(INSIDE[:-1])  # a signal after step 3 of epoch 2 may come when the run has finished
     folder = tmp_path / 'stopped'
-    returncode, stderr, position = signal_inside_an_epoch(background, tiny, folder, FLAGS, target, signum)
+    returncode, stderr, position = signal_inside_an_epoch(background, tiny, folder, FLAGS, target, signum,
+                                                          until_exit=True)
     assert returncode == utils.STOPPED_EXIT_CODE, stderr
     assert 'Traceback' not in stderr
     checkpoint = folder / f'{prefix()}_checkpoint.pth'
@@ -187,11 +195,37 @@ def test_a_signal_between_steps_of_one_process_stops_at_the_next_step(tiny, monk
     assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
     assert 'stopped by SIGUSR1 at step 2 of 4 of epoch 1' in result.stderr
     assert saved_position(tiny / 'results' / f'{prefix()}_checkpoint.pth') == (1, 2)
-    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # the run gave the signals back
+    # a second signal must not end the process (-10) after the checkpoint, before exit code 75
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
     monkeypatch.setattr(engine, 'train_step', step)
     resumed = run_train(tiny, '--resume')  # inside the first epoch: no best model yet, none to write again
     assert resumed.returncode == 0, resumed.stderr
     assert 'at step 2 of epoch 1' in resumed.stdout and (tiny / 'results' / f'{prefix()}_model.pth').exists()
+
+
+def test_a_signal_during_the_evaluation_stops_it_keeping_the_epochs_steps(tiny, references, monkeypatch):
+    """A SIGTERM while epoch 2's test split is embedded: the embedding stops after its batch, the checkpoint holds
+    every step of epoch 2 (not its evaluation, whose row is not in the CSV yet), and --resume evaluates the epoch and
+    writes the CSV of a run never stopped."""
+    extract = engine.extract_features
+    calls = []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == 3:  # epoch 1: the test split, then the database of the best epoch; epoch 2: the test split
+            os.kill(os.getpid(), signal.SIGTERM)
+        return extract(*args)
+    monkeypatch.setattr(engine, 'extract_features', signalled)
+    with one_thread():
+        result = run_train(tiny, *FLAGS)
+    assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
+    checkpoint = tiny / 'results' / f'{prefix()}_checkpoint.pth'
+    assert result.stderr.splitlines()[-1] == (f'stopped by SIGTERM in the evaluation of epoch 2: {checkpoint} holds '
+                                              f'the run; continue it with the same command and --resume')
+    assert saved_position(checkpoint) == (2, STEPS)
+    assert len(pd.read_csv(tiny / 'results' / f'{prefix()}_results.csv')) == 1
+    monkeypatch.setattr(engine, 'extract_features', extract)
+    resume_and_compare(tiny, tiny / 'results', FLAGS, (2, STEPS), references[False])
 
 
 # ----------------------------------------------------------------------------- the pieces
@@ -231,8 +265,9 @@ def test_epoch_position_on_the_same_or_another_number_of_processes():
 
 def test_checkpoints_are_due_every_n_steps_or_by_time(monkeypatch):
     def due(every, step, minutes=0.0):
+        monkeypatch.setattr(time, 'monotonic', lambda: 0.0)  # (t + 600) - t is not always 600 in floats
         checkpoints = train.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [])
-        monkeypatch.setattr(time, 'monotonic', lambda: checkpoints.last_save + 60 * minutes)
+        monkeypatch.setattr(time, 'monotonic', lambda: 60.0 * minutes)
         return checkpoints.due(step, steps=10)
     assert [step for step in range(1, 11) if due(3, step)] == [3, 6, 9]
     assert not any(due(0, step) for step in range(1, 11))

@@ -1,7 +1,12 @@
 """Runs that go wrong stop and say so, and no run loses or mixes up another's files: divergence, batch norm
 on single images, existing files, the per-run lock, failed saves, damaged inputs, missing outputs."""
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -10,7 +15,8 @@ import torch
 import engine
 import train
 import utils
-from conftest import assert_one_line_error, prefix, run_as_command, run_script, run_train, written_files
+from conftest import (REPO, TINY, assert_one_line_error, file_digests, prefix, run_as_command, run_main, run_script,
+                      run_train, written_files)
 
 
 def copy_of_run(trained, tmp_path, name='tiny'):
@@ -237,3 +243,156 @@ def test_unreadable_test_image_stops_the_run(tiny):
     victim = tiny / 'data' / 'tiny' / 'test' / 'class_01' / '1.jpg'
     victim.write_bytes(b'not a jpeg any more')
     assert_one_line_error(run_train(tiny, '--num_epochs', '1'), 1, f'evaluation image {victim} is unreadable')
+
+
+# ----------------------------------------------------------------------------- a refused command loses nothing
+
+@pytest.mark.parametrize('flags, code, fragment', [
+    (['--recalls', '100'], 2, '--recalls 100 is more than'),
+    (['--val_classes', '1'], 2, '--val_classes 1'),
+    (['--batch_size', '1'], 2, '--batch_size 1 gives a device single images'),
+    (['--load_ids', '--val_classes', '2', '--recalls', '1,2'], 1, 'ids of shape (2, 4) do not fit'),
+    (['--data_path', 'nowhere'], 1, 'not found'),
+    ([], 1, '--no_pretrained'),  # no ImageNet weights here: the model is built after every other check
+])
+def test_overwrite_refused_by_a_later_check_keeps_the_earlier_run(trained, tmp_path, monkeypatch, flags, code,
+                                                                  fragment):
+    """Every check runs before --overwrite removes anything: one typo must not lose a finished run."""
+    results = copy_of_run(trained, tmp_path)
+    before = file_digests(results)
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'no_weights'))
+    flags = [(str(tmp_path / flag) if flag == 'nowhere' else flag) for flag in flags]
+    tiny = [flag for flag in TINY if flag != '--no_pretrained' or flags]
+    result = run_main('train', '--data_path', trained / 'data', '--data_name', 'tiny', '--results_dir', results, *tiny,
+                      '--overwrite', *flags)
+    assert_one_line_error(result, code, fragment)
+    assert file_digests(results) == before
+
+
+def test_overwrite_never_replaces_ids_another_run_uses(trained, tmp_path):
+    """Runs that differ only in share type share one ids file: --overwrite of one with other ids (another
+    --val_classes draws ids for fewer classes) must leave the other's ids alone; alone, the run may replace them."""
+    results = copy_of_run(trained, tmp_path)
+    ids_file = results / 'tiny_uncropped_fixed_2_2_ids.pth'
+    other = results / f'{prefix(share="layer2")}_results.csv'
+    shutil.copy(results / f'{prefix()}_results.csv', other)
+    before = file_digests(results)
+    flags = ['--overwrite', '--val_classes', '2', '--recalls', '1,2', '--num_epochs', '1']
+    result = run_train(trained, *flags, results=results)
+    assert_one_line_error(result, 2, 'tiny_uncropped_fixed_2_2_ids.pth holds other ids',
+                          f'the run {prefix(share="layer2")} uses them')
+    assert file_digests(results) == before
+    other.unlink()
+    result = run_train(trained, *flags, results=results)
+    assert result.returncode == 0, result.stderr
+    assert torch.load(ids_file, weights_only=True).shape == (2, 2)
+
+
+def test_a_crop_type_the_demo_lacks_is_one_line_and_draws_nothing(tmp_path):
+    """It drew the whole demo again, then hung in a forked pool."""
+    result = run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', 'demo', '--crop_type', 'cropped',
+                        '--results_dir', tmp_path / 'results', '--no_pretrained', '--num_workers', '2')
+    assert_one_line_error(result, 2, '--crop_type cropped needs bounding boxes')
+    assert not (tmp_path / 'data').exists() and file_digests(tmp_path / 'results') == {}  # only the run's lock
+
+
+@pytest.mark.parametrize('text, expected', [('tiny/', 'tiny'), ('tiny', 'tiny')])
+def test_a_dataset_name_is_a_name(text, expected):
+    assert train.get_args_parser().parse_args(['--data_name', text]).data_name == expected
+
+
+@pytest.mark.parametrize('flags, fragment', [
+    (['--data_name', 'data/tiny'], "'data/tiny' is not a dataset name"),
+    (['--data_name', '..'], "'..' is not a dataset name"),
+    (['--gpu_ids', ''], "--gpu_ids '' is not a comma-separated list"),
+])
+def test_a_path_for_a_dataset_name_or_no_gpu_ids_is_one_line(tiny, flags, fragment):
+    result = run_main('train', '--data_path', tiny / 'data', '--results_dir', tiny / 'results', '--no_pretrained',
+                      *flags)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert fragment in result.stderr
+    assert not (tiny / 'results').exists()
+
+
+def test_a_stop_signal_before_training_ends_the_run_at_once(tiny, monkeypatch):
+    """Outside the training steps a stop signal has nothing to wait for: one line, exit 75, nothing written."""
+    build = train.build_run_model
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return build(*args)
+    monkeypatch.setattr(train, 'build_run_model', signalled)
+    result = run_train(tiny)
+    assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
+    assert result.stderr.splitlines()[-1] == ('stopped by SIGTERM before training: no checkpoint was written, so '
+                                              'there is nothing to resume; run the same command again')
+    assert os.listdir(tiny / 'results') == [f'.{prefix()}.lock']
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
+def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, signum):
+    """The demo is drawn by a pool of processes: a signal to the process group (as a terminal's Ctrl-C and a
+    scheduler's SIGTERM are sent) ends them and the run at once, with one line and no worker's traceback."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), '--data_path', tmp_path / 'data',
+                                '--data_name', 'demo', '--results_dir', tmp_path / 'results', '--no_pretrained',
+                                '--num_workers', '2'], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (tmp_path / 'data' / 'demo' / 'train').exists() and time.time() < deadline:
+            time.sleep(0.05)
+        sent = time.time()
+        os.killpg(process.pid, signum)
+        _, stderr = process.communicate(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+    assert time.time() - sent < 10
+    assert 'Traceback' not in stderr
+    if signum == signal.SIGTERM:
+        assert process.returncode == utils.STOPPED_EXIT_CODE
+        assert stderr.splitlines()[-1].startswith('stopped by SIGTERM before training')
+    else:
+        assert process.returncode == 130
+        assert stderr.splitlines()[-1] == 'interrupted before the first checkpoint: there is nothing to resume'
+
+
+# ----------------------------------------------------------------------------- files checked for what the reader needs
+
+@pytest.mark.parametrize('change, fragment', [
+    (lambda c: c.update(args=[1, 2]), 'its "args" is not a dict of flags'),
+    (lambda c: c.update(epoch='3'), 'its "epoch" is not an epoch number'),
+    (lambda c: c.update(results=None), 'its "results" is not a list of result rows'),
+    (lambda c: c.pop('optimizer'), 'missing optimizer'),
+    (lambda c: c['model'].pop(next(iter(c['model']))), 'its model state does not fit this run'),
+    (lambda c: c.update(ids=c['ids'][:, :3]), 'ids of shape (2, 3) do not fit'),
+    (lambda c: c.update(train_items=[('train/x.jpg', 7)]), 'its training list does not index'),
+])
+def test_a_damaged_checkpoint_is_one_line_on_resume(trained, tmp_path, change, fragment):
+    results = copy_of_run(trained, tmp_path)
+    path = results / f'{prefix()}_checkpoint.pth'
+    checkpoint = torch.load(path, weights_only=True)
+    change(checkpoint)
+    torch.save(checkpoint, path)
+    assert_one_line_error(run_train(trained, '--resume', results=results), 1, f'{path}: ' * ('ids' not in fragment),
+                          fragment)
+
+
+def test_a_resumed_run_refuses_data_prepared_again(trained, tmp_path):
+    """The checkpoint holds a fingerprint of the data dicts it started on."""
+    shutil.copytree(trained / 'data' / 'tiny', tmp_path / 'data' / 'tiny')
+    results = copy_of_run(trained, tmp_path)
+    write_data_dicts(tmp_path, lambda d: d['test'].pop(sorted(d['test'])[0]))
+    result = run_train(tmp_path, '--resume', results=results)
+    assert_one_line_error(result, 1, 'is not the data the run started on')
+
+
+def test_resume_of_a_finished_run_writes_its_lost_results_again(trained, tmp_path):
+    results = copy_of_run(trained, tmp_path)
+    before = file_digests(results)
+    (results / f'{prefix()}_results.csv').write_text('epoch,train_loss\n')  # header only
+    (results / f'{prefix()}_curves.png').unlink()
+    result = run_train(trained, '--resume', results=results)
+    assert result.returncode == 0, result.stderr
+    assert 'writing them again from the checkpoint' in result.stderr
+    assert file_digests(results)[f'{prefix()}_results.csv'] == before[f'{prefix()}_results.csv']
+    assert (results / f'{prefix()}_curves.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'

@@ -14,7 +14,7 @@ import torch
 import study
 import train
 import utils
-from conftest import REPO, TINY, assert_one_line_error, run_as_command, run_main, written_files
+from conftest import REPO, TINY, assert_one_line_error, file_digests, run_as_command, run_main, written_files
 
 ENSEMBLE = TINY.index('--ensemble_size')
 # the TINY flags, the ensemble size left to the study; then 2 of the tiny dataset's 4 training classes held out
@@ -122,7 +122,8 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
 
 def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes_them(prepared, tmp_path):
     """A study started in the background (SIGINT ignored, as a shell without job control leaves it, so that
-    submitit's cancel cannot reach the runs) and stopped with SIGTERM after the first epoch of its run."""
+    submitit's cancel cannot reach the runs) and stopped with two SIGTERMs after the first epoch of its run: the
+    second, which came while the study was stopping its run, left that run training on, orphaned."""
     results = tmp_path / 'results'
     command = study_command(prepared, results, vary=('ensemble_size=2',), seeds='1',
                             train_flags=[*TRAIN_FLAGS, '--num_epochs', '10'])
@@ -134,6 +135,8 @@ def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes
     deadline = time.time() + 300
     while not os.path.exists(checkpoint) and process.poll() is None and time.time() < deadline:
         time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    time.sleep(1.5)  # while the study stops its run: the second signal must not cut that short
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and 'interrupted: run the same command again' in stderr
@@ -174,6 +177,9 @@ def test_a_missing_dataset_stops_the_study_before_any_run(tmp_path):
     (('ensemble_size=2', 'share_type=layer2', 'ensemble_size=3'), [], '--ensemble_size is given more than once'),
     (('with_random=maybe',), [], 'a switch takes true or false'),
     (('lr=0.1,x',), [], "train.py flags: argument --lr: 'x' is not a number"),
+    (('ensemble_size=3,3',), [], '--vary ensemble_size: 3 is given twice'),
+    (('lr=0.1,1e-1',), [], '--vary lr: 0.1 and 1e-1 are the same value'),
+    (('with_random=true,on',), [], '--vary with_random: true and on are the same value'),
 ])
 def test_flags_the_study_cannot_run_exit_2(prepared, tmp_path, vary, extra, fragment):
     result = run_as_command('study.py', *study_command(prepared, tmp_path, vary=vary), *extra)
@@ -194,3 +200,52 @@ def test_switches_are_given_or_left_out():
     assert study.run_flags((('with_random', 'true'), ('ensemble_size', '4')), 7, 'f', ['--x'], defaults) == \
         ['--x', '--with_random', '--ensemble_size', '4', '--seed', '7', '--results_dir', 'f']
     assert study.run_flags((('with_random', 'off'),), 7, 'f', [], defaults) == ['--seed', '7', '--results_dir', 'f']
+
+
+def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
+    """Seed 1 finished, then its checkpoint was deleted (6 GB by default): finished, never trained again. Seed 2
+    finished, then its results CSV was lost: resumed, which writes it again from the checkpoint. Seed 3 is damaged
+    (its CSV header only, its checkpoint's args a list): named, left as it is, and the others are summarized."""
+    results = tmp_path / 'results'
+    command = study_command(prepared, results, vary=('ensemble_size=2',), seeds='1,2,3')
+    runs = study_runs(command)
+    for run in runs:
+        assert run_main('train', *run.flags).returncode == 0
+    os.remove(runs[0].prefix_path + '_checkpoint.pth')
+    lost = runs[1].prefix_path + '_results.csv'
+    expected = open(lost).read()
+    os.remove(lost)
+    with open(runs[2].prefix_path + '_results.csv', 'w') as f:
+        f.write('epoch,train_loss\n')
+    checkpoint = torch.load(runs[2].prefix_path + '_checkpoint.pth', weights_only=True)
+    torch.save({**checkpoint, 'args': list(checkpoint['args'])}, runs[2].prefix_path + '_checkpoint.pth')
+    folders = [results / 'study_grid' / os.path.basename(run.folder) for run in runs]
+    before = [file_digests(folder) for folder in folders]
+
+    result = run_as_command('study.py', *command)
+    assert result.returncode == 1, result.stderr
+    assert 'Traceback' not in result.stderr
+    assert '1 finished, 1 to resume, 0 to start, 1 damaged;' in result.stdout
+    assert (f'warning: run ensemble_size=2_seed=3 is damaged: {runs[2].prefix_path}_results.csv: holds no epoch, and '
+            f'no readable checkpoint continues it; left as it is') in result.stderr
+    assert result.stderr.splitlines()[-1] == ('error: 1 of 3 runs failed or did not finish (above); the summary holds '
+                                              'the others. Run the same command again to retry them, and '
+                                              '--retrain_damaged for the damaged ones')
+    assert file_digests(folders[0]) == before[0] and file_digests(folders[2]) == before[2]
+    assert open(lost).read() == expected
+    summary = pd.read_csv(results / 'study_grid.csv', dtype={'seeds': str})
+    assert summary['seeds'].tolist() == ['1,2']
+
+
+def test_each_state_tells_train_py_what_to_do():
+    run = study.Run((), 1, 'f', ['--x'], train.get_args_parser().parse_args(['--gpu_ids', 'cpu']))
+    assert study.job_command(run, 'interrupted', 0)[-1] == '--resume'
+    assert study.job_command(run, 'new', 0)[-1] == '--x'  # nothing to replace: a start that finds files is refused
+    assert study.job_command(run, 'damaged', 0)[-1] == '--overwrite'  # only with --retrain_damaged
+
+
+def test_slurm_without_slurm_is_one_line(prepared, tmp_path, monkeypatch):
+    monkeypatch.setenv('PATH', str(tmp_path))
+    result = run_as_command('study.py', *study_command(prepared, tmp_path / 'results', '--cluster', 'slurm'))
+    assert_one_line_error(result, 1, '--cluster slurm: this machine has no sbatch')
+    assert not (tmp_path / 'results').exists()

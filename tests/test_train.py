@@ -87,6 +87,8 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
                                                label_type, '--ensemble_size', '4', '--meta_class_size', '2'])
     run = utils.RunName.from_args(args)
     ids, drawn, _ = train.run_lists(args, run, train_dict, checkpoint=None)
+    assert os.listdir(tmp_path) == []  # written only once the run starts, every check passed
+    train.start_run(args, run, {}, ids)
     args.load_ids = True
     loaded_ids, loaded, _ = train.run_lists(args, run, train_dict, checkpoint=None)
     assert torch.equal(loaded_ids, ids) and loaded == drawn
@@ -120,7 +122,7 @@ def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
     monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 2)
     args = train.get_args_parser().parse_args(['--data_path', str(tmp_path / 'data'), '--data_name', 'demo'])
-    dicts = train.load_data_dicts(args)
+    dicts = train.load_data_dicts(args, None)
     assert len(dicts['train']) == 2 and len(dicts['test']) == 2
 
 

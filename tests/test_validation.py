@@ -90,8 +90,8 @@ def test_the_model_is_chosen_by_validation_not_test(six, tmp_path, monkeypatch):
     evaluate_epoch, features_of = train.evaluate_epoch, {}
     test_r1, val_r1 = {1: 90.0, 2: 10.0, 3: 50.0}, {1: 20.0, 2: 60.0, 3: 40.0}
 
-    def scripted(model, test_data, val_data, args, device):
-        metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device)
+    def scripted(model, test_data, val_data, args, device, stop_requested=None):
+        metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device, stop_requested)
         epoch = len(features_of) + 1
         features_of[epoch] = features
         return {**metrics, 'recall@1': test_r1[epoch]}, {**val_metrics, 'recall@1': val_r1[epoch]}, features
