@@ -93,10 +93,6 @@ def run_cli(main_function, args, interrupted='interrupted'):
         print('error: CUDA out of memory: lower --batch_size, --ensemble_size or --image_size, or pass --amp',
               file=sys.stderr)
         sys.exit(1)
-    except StopRequested as stop:
-        if is_main_process():
-            print(f'stopped by {stop}', file=sys.stderr)
-        sys.exit(STOPPED_EXIT_CODE)
     except KeyboardInterrupt:
         print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)
