@@ -18,6 +18,7 @@ from PIL import ImageFont
 from scipy import stats
 
 import figures
+import run_files
 import utils
 
 RUNS = ('better', 'worse')  # the original's names for the two databases: the run expected to win, and the other
@@ -34,7 +35,7 @@ def get_args_parser():
     parser.add_argument('--retrieval_num', default=8, type=utils.positive_int, help='top K compared per query')
     parser.add_argument('--examples', default=6, type=utils.int_in_range(0),
                         help='queries drawn, those where the two runs differ most')
-    parser.add_argument('--results_dir', default=utils.RESULTS_DIR)
+    parser.add_argument('--results_dir', default=run_files.RESULTS_DIR)
     return parser
 
 
@@ -59,11 +60,6 @@ def check_comparable(tasks, paths):
                                   f'dataset and split')
 
 
-def class_indices(labels, gallery_labels):
-    index = {key: i for i, key in enumerate(sorted(set(labels) | set(gallery_labels)))}
-    return torch.tensor([index[k] for k in labels]), torch.tensor([index[k] for k in gallery_labels])
-
-
 def top_images(task, query, k):
     """Indices and similarities of a query's top k gallery items, in the order the metrics rank them (an
     other-class item before a same-class item of equal score)."""
@@ -71,9 +67,9 @@ def top_images(task, query, k):
     scores = ((features if gallery is None else gallery).float() @ features[query].float()).numpy()
     if gallery is None:
         scores[query] = -np.inf
-    same = np.array([label == labels[query] for label in gallery_labels])
-    order = np.lexsort((same, -scores))[:min(k, len(scores) - (gallery is None))]
-    return order.tolist(), scores[order].tolist()
+    order = utils.ranking(scores, [label == labels[query] for label in gallery_labels],
+                          min(k, len(scores) - (gallery is None)))
+    return order, scores[order].tolist()
 
 
 def comparison_name(paths, data_type, k):
@@ -103,10 +99,11 @@ def draw_disagreements(tasks, counts, k, count):
 
 
 def main(args):
-    paths = [utils.resolve_database(name) for name in (args.better_data_base, args.worse_data_base)]
-    tasks = [retrieval_task(utils.load_database(path), path, args.data_type) for path in paths]
+    paths = [run_files.resolve_database(name) for name in (args.better_data_base, args.worse_data_base)]
+    tasks = [retrieval_task(run_files.load_database(path), path, args.data_type) for path in paths]
     check_comparable(tasks, paths)
-    query_labels, gallery_labels = class_indices(tasks[0][1], tasks[0][5])
+    numbered = utils.class_indices({'query': tasks[0][1], 'gallery': tasks[0][5]})
+    query_labels, gallery_labels = torch.tensor(numbered['query']), torch.tensor(numbered['gallery'])
     counts = []
     for _, _, features, gallery, _, _ in tasks:
         counts.append(utils.same_class_in_top_k(features.float(), query_labels, args.retrieval_num,
@@ -122,10 +119,10 @@ def main(args):
              'winner': 'better' if a > b else 'worse' if b > a else 'equal'}
             for image, label, a, b in zip(tasks[0][0], tasks[0][1], counts[0].tolist(), counts[1].tolist())]
     picture = draw_disagreements(tasks, counts, k, args.examples)
-    writers = {name + '.csv': utils.csv_file(rows)}
+    writers = {name + '.csv': run_files.csv_file(rows)}
     if picture is not None:
         writers[name + '.png'] = lambda tmp: picture.save(tmp, format='PNG')
-    utils.save_together(writers)
+    run_files.save_together(writers)
     if picture is None and os.path.exists(name + '.png'):
         os.remove(name + '.png')  # an earlier comparison's picture, which these numbers no longer show
 

@@ -14,6 +14,7 @@ import torch
 from matplotlib import patches
 from matplotlib import pyplot as plt
 
+import run_files
 import utils
 from model import BACKBONES, SHARE_TYPES, Model
 
@@ -78,7 +79,7 @@ def main(args):
               fontsize=7.5, color='#333333')
     figure.tight_layout()
     try:
-        utils.atomic_write(args.output, lambda tmp: figure.savefig(tmp, format='png', dpi=110))
+        run_files.atomic_write(args.output, lambda tmp: figure.savefig(tmp, format='png', dpi=110))
     except OSError as e:
         raise utils.ReirError(f'cannot write the figure to {args.output} ({e.strerror or type(e).__name__})') from None
     finally:
@@ -94,7 +95,7 @@ def get_args_parser():
     parser.add_argument('--meta_class_size', default=12, type=utils.positive_int)
     parser.add_argument('--image_size', default=256, type=utils.positive_int)
     parser.add_argument('--with_random', action='store_true')
-    parser.add_argument('--output', default=os.path.join(utils.RESULTS_DIR, 'architecture.png'))
+    parser.add_argument('--output', default=os.path.join(run_files.RESULTS_DIR, 'architecture.png'))
     return parser
 
 

@@ -23,6 +23,8 @@ import torch
 from PIL import Image
 
 import engine
+import resume
+import run_files
 import utils
 from model import Model
 
@@ -208,7 +210,7 @@ def branches_speed(config, queue):
     kept), so that the loop and the engines compared with it see the same machine state."""
     model, batch, labels = branch_setup(config)
     print(engine.choose_branch_impl(model, 'auto', batch.device, config['batch_size'], config['image_size'],
-                                   config['amp']), flush=True)
+                                    config['amp']), flush=True)
     engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': model.branch_impl}  # auto: what train.py would run
     best = {}
     for phase in ('train', 'eval'):
@@ -335,8 +337,8 @@ def benchmark_data(args):
         os.makedirs(os.path.join(root, 'test', 'class_0'))
         os.link(paths[0], os.path.join(root, 'test', 'class_0', 'x.jpg'))
         data_utils.prepare(folder, 'photos', num_workers=os.cpu_count() or 1, short_side=size)
-        short = [p for p, _ in utils.flatten_split(torch.load(utils.data_dicts_path(folder, 'photos', 'uncropped'),
-                                                               weights_only=True)['train'])]
+        dicts = torch.load(utils.data_dicts_path(folder, 'photos', 'uncropped'), weights_only=True)
+        short = [p for p, _ in utils.flatten_split(dicts['train'])]
         items = [(p, 0) for p in paths]
         targets = [torch.zeros(1, dtype=torch.long)] * count
         fast = utils.get_transform('uncropped', True, size, mean, std)
@@ -371,7 +373,7 @@ class SeededItems(torch.utils.data.Dataset):
 
 def checkpoint_case(config, folder, queue):
     """The checkpoint of a run after two training steps (Adam's moments exist), with CUB-sized ids and training list:
-    its size on disk, the best of config['rounds'] writes as train.py writes it (utils.save_together: a temporary
+    its size on disk, the best of config['rounds'] writes as train.py writes it (run_files.save_together: a temporary
     file, fsync, rename) and of a plain torch.save of the same dict (the baseline), and the seconds of the second
     step."""
     model, batch, labels = branch_setup(config)
@@ -385,7 +387,7 @@ def checkpoint_case(config, folder, queue):
     trainable = dict(model=model, optimizer=optimizer, scaler=scaler,
                      scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
     classes, images = 100, 5_864
-    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': engine.rng_states([])}],
+    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': resume.rng_states([])}],
                     best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[], data_fingerprint='0' * 16,
                     ids=torch.randint(12, (config['ensemble_size'], classes)),
                     train_items=[(f'images/{i % classes:03d}/{i:06d}.jpg', i % classes) for i in range(images)])
@@ -393,12 +395,12 @@ def checkpoint_case(config, folder, queue):
     atomic, plain = float('inf'), float('inf')
     for _ in range(config['rounds']):
         start = time.perf_counter()
-        utils.save_together({path: utils.checkpoint_file(trainable, progress)})
+        run_files.save_together({path: run_files.checkpoint_file(trainable, progress)})
         atomic = min(atomic, time.perf_counter() - start)
         size = os.path.getsize(path)
         os.remove(path)
         start = time.perf_counter()
-        utils.checkpoint_file(trainable, progress)(path)  # torch.save straight to the file
+        run_files.checkpoint_file(trainable, progress)(path)  # torch.save straight to the file
         plain = min(plain, time.perf_counter() - start)
         os.remove(path)
     queue.put(dict(size_mib=size / 2 ** 20, atomic_s=atomic, plain_s=plain, step_s=step_seconds))
@@ -409,7 +411,8 @@ def benchmark_checkpoint(args):
                   ensemble_size=8 if args.quick else 48, image_size=64, rounds=2 if args.quick else 3)
     os.makedirs(args.folder, exist_ok=True)
     row = run_in_worker(checkpoint_case, config, args.folder)
-    print(f"ResNet-18, E={config['ensemble_size']}, M=12, layer1 shared: checkpoint {row['size_mib']:,.0f} MiB on disk; "
+    print(f"ResNet-18, E={config['ensemble_size']}, M=12, layer1 shared: checkpoint {row['size_mib']:,.0f} MiB on "
+          f"disk; "
           f"written as train.py writes it in {row['atomic_s']:.2f} s ({row['atomic_s'] / row['plain_s']:.2f}x a plain "
           f"torch.save, {row['plain_s']:.2f} s), {row['atomic_s'] / row['step_s']:.2f} training steps of batch 10 at "
           f"64 px on the CPU ({row['step_s']:.2f} s)", flush=True)
@@ -430,8 +433,8 @@ def machine_name():
 
 
 def write_csv(frame, name):
-    path = os.path.join(utils.RESULTS_DIR, f'benchmark_{name}.csv')
-    utils.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
+    path = os.path.join(run_files.RESULTS_DIR, f'benchmark_{name}.csv')
+    run_files.atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
     print(f'-> {path}')
 
 
@@ -454,7 +457,7 @@ def get_args_parser():
     data.set_defaults(run=benchmark_data)
     checkpoint = commands.add_parser('checkpoint', help='train.py\'s checkpoint write vs a plain torch.save')
     checkpoint.add_argument('--quick', action='store_true', help='E=8 instead of the default run\'s 48 branches')
-    checkpoint.add_argument('--folder', default=utils.RESULTS_DIR,
+    checkpoint.add_argument('--folder', default=run_files.RESULTS_DIR,
                             help='where to write (the disk a run writes to: its --results_dir)')
     checkpoint.set_defaults(run=benchmark_checkpoint)
     return parser

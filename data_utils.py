@@ -22,8 +22,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
-from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, atomic_torch_save, atomic_write, data_dicts_path,
-                   dataset_name, positive_int, run_cli, short_side_size, to_rgb)
+from run_files import atomic_torch_save, atomic_write
+from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, data_dicts_path, dataset_name, positive_int,
+                   run_cli, short_side_size, to_rgb)
 
 # Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
 # theirs computed from the train split.

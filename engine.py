@@ -1,8 +1,7 @@
-"""Running a REIR model over data: devices and torch.distributed, mixed precision, data loaders, the training
-step, embedding and retrieval evaluation, the choice of branch engine, and what a preempted run needs (stop
-signals, random states, torchrun restarts). train.py, evaluate.py and benchmark.py all run models through these
-functions, so that each is written once."""
-import contextlib
+"""Running a REIR model over data: devices, torch.distributed and torchrun, mixed precision, data loaders and
+their samplers, placing the model and choosing its branch engine, the training step, embedding and retrieval
+evaluation. train.py, evaluate.py and benchmark.py all run models through these functions, so that each is
+written once."""
 import os
 import signal
 import socket
@@ -44,6 +43,19 @@ def select_devices(gpu_ids):
     return torch.device(f'cuda:{present[0]}'), present
 
 
+def select_process_devices(gpu_ids, local_rank, world):
+    """Under torchrun one device per process (cuda:LOCAL_RANK, else the CPU); otherwise those of --gpu_ids
+    (select_devices)."""
+    if world == 1:
+        return select_devices(gpu_ids)
+    if gpu_ids is not None:
+        utils.warn('--gpu_ids is ignored under torchrun: each process uses the GPU of its LOCAL_RANK')
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device(f'cuda:{local_rank}'), [local_rank]
+    return torch.device('cpu'), []
+
+
 def memory_format(device, amp):
     """channels_last lets mixed-precision convolutions use tensor cores without layout conversions."""
     return torch.channels_last if amp and device.type == 'cuda' else torch.preserve_format
@@ -66,7 +78,7 @@ def unwrap(model):
     return model.module if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)) else model
 
 
-# ----------------------------------------------------------------------------- torch.distributed
+# ----------------------------------------------------------------------------- torch.distributed and torchrun
 
 def init_distributed():
     """(rank, world size, local rank): joins the process group when started by torchrun with several
@@ -80,6 +92,21 @@ def init_distributed():
         store = dist.PrefixStore(f'restart_{elastic_restart_count()}', store)
     dist.init_process_group('nccl' if torch.cuda.is_available() else 'gloo', store=store, rank=rank, world_size=world)
     return rank, world, int(os.environ.get('LOCAL_RANK', 0))
+
+
+def elastic_restart_count():
+    """How many times torchrun has restarted this process's worker group: 0 at its first start, and outside
+    torchrun."""
+    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
+
+
+def elastic_job():
+    """The torchrun job this process belongs to ('' outside torchrun): its rendezvous id, or, for torchrun's default
+    id 'none', that and the host and agent process that started this process, which restarts it in place."""
+    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
+    if run_id is None:
+        return ''
+    return run_id if run_id != 'none' else f'none@{socket.gethostname()}:{os.getppid()}'
 
 
 def gather_shards(local, total, device):
@@ -129,44 +156,11 @@ def any_process(flags, device):
     return [bool(flag) for flag in tensor.tolist()]
 
 
-# ----------------------------------------------------------------------------- preemption
+# ----------------------------------------------------------------------------- data loaders
 
 # what schedulers send before they end a job: Slurm SIGTERM (and SIGUSR1 where a job asks for it with --signal),
 # torchrun SIGTERM to every process of a worker group it stops
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class StopSignals:
-    """While entered, a stop signal ends the work in progress at once (utils.StopRequested), except inside
-    deferred(), where it only records that the run should stop once it has saved its state (received names the
-    first signal, None until one arrives). A signal that comes after the first is recorded, never raised: the run
-    is stopping already, and the saving of its state must not be cut short. Once a signal has arrived, leaving the
-    block ignores the stop signals for the rest of the process: Python puts back the default action (end the
-    process) of a signal it handles when it shuts down, so that another signal, as schedulers repeat them, would end
-    the process with -15 after its checkpoint was written instead of exiting with utils.STOPPED_EXIT_CODE."""
-
-    def __enter__(self):
-        self.received, self.deferring = None, False
-        self.previous = {signum: signal.signal(signum, self.record) for signum in STOP_SIGNALS}
-        return self
-
-    def record(self, signum, frame):
-        first = self.received is None
-        self.received = self.received or signal.Signals(signum).name
-        if first and not self.deferring:
-            raise utils.StopRequested(self.received)
-
-    @contextlib.contextmanager
-    def deferred(self):
-        deferring, self.deferring = self.deferring, True
-        try:
-            yield
-        finally:
-            self.deferring = deferring
-
-    def __exit__(self, *exc_info):
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
 
 
 def ignore_stop_signals(worker_id):
@@ -175,37 +169,6 @@ def ignore_stop_signals(worker_id):
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
 
-
-def rng_states(gpu_ids):
-    """The random states a training step draws from (the --with_random weights): torch's CPU generator and those of
-    the GPUs the process uses. The augmentations need none: each image has its seed (train.SeededSampler)."""
-    return {'cpu': torch.get_rng_state(), 'cuda': [torch.cuda.get_rng_state(i) for i in gpu_ids]}
-
-
-def set_rng_states(states, gpu_ids):
-    """Restore rng_states; the GPUs' only onto as many GPUs as saved them (their order pairs them)."""
-    torch.set_rng_state(states['cpu'])
-    if len(states['cuda']) == len(gpu_ids):
-        for gpu, state in zip(gpu_ids, states['cuda']):
-            torch.cuda.set_rng_state(state, gpu)
-
-
-def elastic_restart_count():
-    """How many times torchrun has restarted this process's worker group: 0 at its first start, and outside
-    torchrun."""
-    return int(os.environ.get('TORCHELASTIC_RESTART_COUNT', 0))
-
-
-def elastic_job():
-    """The torchrun job this process belongs to ('' outside torchrun): its rendezvous id, or, for torchrun's default
-    id 'none', that and the host and agent process that started this process, which restarts it in place."""
-    run_id = os.environ.get('TORCHELASTIC_RUN_ID')
-    if run_id is None:
-        return ''
-    return run_id if run_id != 'none' else f'none@{socket.gethostname()}:{os.getppid()}'
-
-
-# ----------------------------------------------------------------------------- data loaders
 
 def loader_options(num_workers, seed, device):
     """DataLoader settings. The loader gets its own generator for the workers' base seed, which otherwise
@@ -217,6 +180,41 @@ def loader_options(num_workers, seed, device):
     if workers:
         options['prefetch_factor'] = 4  # batches each worker keeps ready
     return options
+
+
+def epoch_seed(seed, epoch):
+    """A distinct seed for every (seed, epoch): an epoch's randomness depends on nothing else, so a resumed
+    run repeats exactly what the uninterrupted run would have done."""
+    return seed * 1_000_003 + epoch
+
+
+class SeededSampler(Sampler):
+    """Shuffles from (seed, epoch) and gives every sample its own augmentation seed, so that an epoch's
+    batches and augmentations do not depend on the number of workers, or on a resume. Under
+    torch.distributed each of num_replicas processes takes every num_replicas-th sample of the shuffled
+    order (padded by its first samples to a multiple of num_replicas), as DistributedSampler does: a step of
+    B images over all processes takes the next B of that order, whatever the number of processes, so that
+    an epoch continued after k steps skips its first k * B samples."""
+
+    def __init__(self, num_samples, seed, rank=0, num_replicas=1):
+        self.num_samples, self.seed, self.epoch, self.skip = num_samples, seed, 0, 0
+        self.rank, self.num_replicas = rank, num_replicas
+
+    def set_epoch(self, epoch, skip=0):
+        """Sample epoch, leaving out the first skip samples of its order (a multiple of num_replicas)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return max(0, -(-self.num_samples // self.num_replicas) - self.skip // self.num_replicas)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator)
+        seeds = torch.randint(2 ** 62, (self.num_samples,), generator=generator)
+        padding = -self.num_samples % self.num_replicas
+        order, seeds = torch.cat([order, order[:padding]]), torch.cat([seeds, seeds[:padding]])
+        mine = slice(self.skip + self.rank, None, self.num_replicas)
+        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
 
 
 class ShardSampler(Sampler):
@@ -242,8 +240,7 @@ def build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, o
     """Items, integer labels (one numbering for query and gallery) and loaders of the evaluation splits."""
     splits = utils.eval_splits(data_dicts, dataset_root)
     eval_items = {split: utils.flatten_split(data_dicts[split]) for split in splits}
-    class_index = {key: i for i, key in enumerate(sorted({k for items in eval_items.values() for _, k in items}))}
-    eval_labels = {split: [class_index[k] for _, k in items] for split, items in eval_items.items()}
+    eval_labels = utils.class_indices({split: [key for _, key in items] for split, items in eval_items.items()})
     eval_loaders = {split: eval_loader(utils.EvalReader(dataset_root, items, eval_labels[split], transform, min_side),
                                        batch_size, options)
                     for split, items in eval_items.items()}
@@ -291,6 +288,20 @@ def choose_branch_impl(model, flag, device, batch_size, image_size, amp, trainin
     step = 'training step' if training else 'forward pass'
     return (f'branch engine: {model.branch_impl} (--branch_impl auto, timed on {torch.cuda.get_device_name(device)}: '
             f'{timings} per {step} of {batch_size} images)')
+
+
+def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp, training=True):
+    """The model on its device in the memory format of --amp, with its branch engine chosen for the batch each
+    device gets (choose_branch_impl; under torch.distributed every process runs rank 0's choice), wrapped for
+    several devices: DistributedDataParallel under torch.distributed, DataParallel over several gpu_ids."""
+    model = model.to(device, memory_format=memory_format(device, amp))
+    replica_batch = -(-batch_size // max(1, len(gpu_ids)))  # DataParallel splits the batch over its GPUs
+    choice = choose_branch_impl(model, branch_impl, device, replica_batch, image_size, amp, training)
+    model.branch_impl = broadcast_from_main(model.branch_impl)
+    utils.log(choice)
+    if dist.is_initialized():
+        return nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
+    return nn.DataParallel(model, device_ids=gpu_ids) if len(gpu_ids) > 1 else model
 
 
 # ----------------------------------------------------------------------------- training and evaluation

@@ -14,9 +14,9 @@ the input.
 import argparse
 import os
 
-import torch
 
 import engine
+import run_files
 import utils
 
 
@@ -39,17 +39,16 @@ def get_args_parser():
 
 def evaluate_database(path, recalls):
     """{'test': metrics, and 'val': metrics when the database holds the run's held-out classes}."""
-    database = utils.load_database(path)
+    database = run_files.load_database(path)
     roles = {'test': utils.eval_splits(database, path)}
     if 'val' in database:
         roles['val'] = ('val',)
     scores = {}
     for role, splits in roles.items():
-        index = {key: i for i, key in enumerate(sorted({k for split in splits for k in database[split][1]}))}
         # a lone 'val' split is scored by self-retrieval, as a test split is
         names = {split: 'test' if split == 'val' else split for split in splits}
         features = {names[split]: database[split][2].float() for split in splits}
-        labels = {names[split]: [index[k] for k in database[split][1]] for split in splits}
+        labels = utils.class_indices({names[split]: database[split][1] for split in splits})
         engine.check_recalls(recalls, {split: len(split_labels) for split, split_labels in labels.items()})
         scores[role] = engine.retrieval_scores(features, labels, recalls)
     return scores
@@ -59,7 +58,7 @@ def evaluate_model(path, run, settings, args):
     device, gpu_ids = engine.select_devices(args.gpu_ids)
     data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
     transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
-                                               *utils.normalization(settings, data_dicts), settings.exact_pipeline)
+                                               *run_files.normalization(settings, data_dicts), settings.exact_pipeline)
     options = engine.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, run.data_name)
     roles = {'test': data_dicts}
@@ -75,30 +74,25 @@ def evaluate_model(path, run, settings, args):
                                                     options)
         engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
         data[role] = labels, loaders
-    model = engine.load_model(path, run)
-    model = model.to(device, memory_format=engine.memory_format(device, args.amp))
-    replica_batch = -(-args.batch_size // max(1, len(gpu_ids)))
-    utils.log(engine.choose_branch_impl(model, 'auto', device, replica_batch, settings.image_size, args.amp,
-                                        training=False))
-    if len(gpu_ids) > 1:
-        model = torch.nn.DataParallel(model, device_ids=gpu_ids)
+    model = engine.place_model(engine.load_model(path, run), device, gpu_ids, 'auto', args.batch_size,
+                               settings.image_size, args.amp, training=False)
     return {role: engine.evaluate(model, loaders, labels, settings.recalls, device, args.amp)[0]
             for role, (labels, loaders) in data.items()}
 
 
 def main(args):
-    run, prefix_path, kind = utils.run_of_file(args.path)
-    settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in utils.EMBEDDING_DEFAULTS},
-                                        model_needed=kind == '_model.pth')
-    if kind == '_data_base.pth':
+    run, paths, kind = run_files.run_of_file(args.path)
+    settings = run_files.embedding_settings(paths, {k: getattr(args, k) for k in run_files.EMBEDDING_DEFAULTS},
+                                            model_needed=kind == 'model.pth')
+    if kind == 'data_base.pth':
         scores = evaluate_database(args.path, settings.recalls)
     else:
         scores = evaluate_model(args.path, run, settings, args)
     line = ' | '.join(f'{"val " if role == "val" else ""}{engine.format_metrics(metrics, settings.recalls)}'
                       for role, metrics in scores.items())
     print(f'{os.path.basename(args.path)} | {line}')
-    utils.write_results_csv([{f'{role}_{name}': value for role, metrics in scores.items()
-                              for name, value in metrics.items()}], prefix_path + '_eval.csv')
+    run_files.write_results_csv([{f'{role}_{name}': value for role, metrics in scores.items()
+                                  for name, value in metrics.items()}], paths['eval.csv'])
     return scores
 
 

@@ -1,6 +1,8 @@
-"""Retrieval figures: a query and the images a run ranks first, each framed green (same class as the query) or
-red (another class). inference.py draws one query's row, ablation.py the rows of two runs for the queries they
+"""Every figure REIR draws: a run's training curves (train.py, study.py's summary through figure_file), and
+retrieval grids, a query and the images a run ranks first, each framed green (same class as the query) or red
+(another class): inference.py draws one query's row, ablation.py the rows of two runs for the queries they
 disagree on."""
+import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
 import utils
@@ -10,6 +12,49 @@ CAPTION = 22        # height of the caption under each image
 FRAME = 5
 GREEN, RED, WHITE = (40, 170, 60), (210, 40, 40), (255, 255, 255)
 
+
+# ----------------------------------------------------------------------------- training curves
+
+def figure_file(draw, figsize, columns=1, dpi=80):
+    """A writer of a PNG that draw(axes) draws on a new matplotlib figure of columns panels (the Agg backend, so
+    that no display is needed); the figure is closed once written."""
+    def write(tmp):
+        import matplotlib
+        matplotlib.use('Agg')
+        from matplotlib import pyplot as plt
+        figure, axes = plt.subplots(1, columns, figsize=figsize)
+        try:
+            draw(axes)
+            figure.tight_layout()
+            figure.savefig(tmp, format='png', dpi=dpi)
+        finally:
+            plt.close(figure)
+    return write
+
+
+def curves_file(results):
+    """results/<prefix>_curves.png: loss, training accuracy and the retrieval metrics over the epochs (test
+    solid, validation dashed)."""
+    def draw(axes):
+        frame = pd.DataFrame(results)
+        retrieval = [c for c in frame.columns if c.startswith(('test_', 'val_'))]
+        panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
+                  ('retrieval (%)' if any(c.startswith('val_') for c in retrieval) else 'test retrieval (%)',
+                   retrieval))
+        for axis, (title, columns) in zip(axes, panels):
+            for column in columns:
+                style = '--' if column.startswith('val_') else '-'
+                label = column.removeprefix('test_').replace('val_', 'val ')
+                axis.plot(frame['epoch'], frame[column], style, marker='o', label=label)
+            axis.set_title(title)
+            axis.set_xlabel('epoch')
+            axis.grid(alpha=0.3)
+            if len(columns) > 1:
+                axis.legend(fontsize='small')
+    return figure_file(draw, (15, 4), columns=3)
+
+
+# ----------------------------------------------------------------------------- retrieval grids
 
 def tile(path, caption, frame_colour, font):
     """One image letterboxed into a TILE square, framed, with a caption strip under it."""

@@ -18,6 +18,7 @@ from PIL import ImageFont
 
 import engine
 import figures
+import run_files
 import utils
 from model import embed
 
@@ -56,21 +57,24 @@ def query_name(query_path):
     return f'{os.path.splitext(os.path.basename(query_path))[0]}-{digest}'
 
 
-def retrieve(query_feature, features, images, query_path, count):
-    """Indices and similarities of the count most similar database images, the query itself excluded."""
+def retrieve(query_feature, query_label, split, query_path, count):
+    """Indices and similarities of the count database images of split (images, labels, features) most similar to
+    the query, the query itself excluded, in the order of the metrics (utils.ranking: among equal scores an image of
+    another class than query_label first)."""
+    images, labels, features = split
     scores = features.float() @ query_feature                                   # (N,)
     own = torch.tensor([os.path.abspath(p) == os.path.abspath(query_path) for p in images])
     scores[own] = float('-inf')
-    top = scores.topk(min(count, int((~own).sum())))
-    return top.indices.tolist(), top.values.tolist()
+    top = utils.ranking(scores.numpy(), [label == query_label for label in labels], min(count, int((~own).sum())))
+    return top, scores[top].tolist()
 
 
 def main(args):
-    database_path = utils.resolve_database(args.data_base)
-    run, prefix_path, _ = utils.run_of_file(database_path, kinds=('_data_base.pth',))
-    settings = utils.embedding_settings(prefix_path, {k: getattr(args, k) for k in EMBEDDING_FLAGS},
-                                        model_needed=True)
-    database = utils.load_database(database_path)
+    database_path = run_files.resolve_database(args.data_base)
+    run, paths, _ = run_files.run_of_file(database_path, kinds=('data_base.pth',))
+    settings = run_files.embedding_settings(paths, {k: getattr(args, k) for k in EMBEDDING_FLAGS},
+                                            model_needed=True)
+    database = run_files.load_database(database_path)
     split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
     if split not in database:
         raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')
@@ -79,8 +83,8 @@ def main(args):
 
     data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
     transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
-                                               *utils.normalization(settings, data_dicts), settings.exact_pipeline)
-    model = engine.load_model(prefix_path + '_model.pth', run)
+                                               *run_files.normalization(settings, data_dicts), settings.exact_pipeline)
+    model = engine.load_model(paths['model.pth'], run)
     try:
         query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
     except utils.UNREADABLE_IMAGE_ERRORS as e:
@@ -88,9 +92,9 @@ def main(args):
     with torch.inference_mode():
         query_feature = embed(model(query))[0]                                   # (E * M,)
 
-    images, labels, features = database[split]
-    indices, similarities = retrieve(query_feature, features, images, args.query_img_name, args.retrieval_num)
+    images, labels, _ = database[split]
     label = query_class(args.query_img_name, database)
+    indices, similarities = retrieve(query_feature, label, database[split], args.query_img_name, args.retrieval_num)
     results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
     try:
         grid = figures.draw_grid(args.query_img_name, results, label, ImageFont.load_default())
@@ -99,8 +103,8 @@ def main(args):
                               f'in, or keep the dataset where it was') from None
 
     output = os.path.join(os.path.dirname(database_path),
-                          f'{query_name(args.query_img_name)}_{os.path.basename(prefix_path)}_retrieval.png')
-    utils.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
+                          f'{query_name(args.query_img_name)}_{run.prefix}_retrieval.png')
+    run_files.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
     for rank, (path, similarity, other) in enumerate(results, start=1):
         mark = ' (same class)' if label is not None and other == label else ''
         print(f'{rank}: {similarity:.4f} {path}{mark}')

@@ -33,6 +33,9 @@ from scipy import stats
 from tqdm import tqdm
 
 import data_utils
+import figures
+import resume
+import run_files
 import train
 import utils
 
@@ -53,7 +56,7 @@ def get_args_parser():
     parser.add_argument('--vary', required=True, action='append', type=varied_flag, metavar='FLAG=V1,V2,...',
                         help='a train.py flag and its values (repeat for a grid); switches take true/false')
     parser.add_argument('--seeds', required=True, type=seed_list, help='comma-separated --seed values')
-    parser.add_argument('--results_dir', default=utils.RESULTS_DIR, help='where results/study_<name> goes')
+    parser.add_argument('--results_dir', default=run_files.RESULTS_DIR, help='where results/study_<name> goes')
     parser.add_argument('--cluster', default='local', choices=('local', 'slurm'),
                         help='local: processes on this machine; slurm: a job array through sbatch')
     parser.add_argument('--slots', default=None, type=utils.positive_int,
@@ -105,8 +108,8 @@ class Run:
     args: argparse.Namespace
 
     @property
-    def prefix_path(self):
-        return os.path.join(self.folder, utils.RunName.from_args(self.args).prefix)
+    def paths(self):
+        return run_files.run_paths(self.folder, run_files.RunName.from_args(self.args))
 
 
 def split_command_line(argv):
@@ -194,12 +197,12 @@ def run_state(run):
     finished, and a checkpoint continues it: train.py --resume writes again what it can of the rest), 'new' (no file
     of it yet) or 'damaged' (files, but neither finished nor a checkpoint to continue from); problem says what is not
     finished. A run trained with other flags is refused: its folder belongs to another study of this name."""
-    checkpoint = utils.peek_checkpoint(run.prefix_path + '_checkpoint.pth')
+    checkpoint = run_files.peek_checkpoint(run.paths['checkpoint.pth'])
     try:
-        recorded = checkpoint['args'] if checkpoint else utils.run_settings(run.prefix_path)
+        recorded = checkpoint['args'] if checkpoint else run_files.run_settings(run.paths)
     except utils.ReirError:
         recorded = None  # a damaged args.json: the results and model say whether the run finished
-    differing = train.differing_flags(recorded, run.args) if recorded else []
+    differing = resume.differing_flags(recorded, run.args) if recorded else []
     if differing:
         raise utils.UsageError(f'{run.folder} holds a run trained with other flags ({"; ".join(differing)}): '
                                f'give this study another --name, or remove that folder')
@@ -208,7 +211,7 @@ def run_state(run):
         return 'finished', None
     if checkpoint is not None:
         return 'interrupted', problem
-    if not any(os.path.exists(f'{run.prefix_path}_{kind}') for kind in utils.RUN_OUTPUTS):
+    if not any(os.path.exists(run.paths[kind]) for kind in run_files.RUN_OUTPUTS):
         return 'new', problem
     return 'damaged', f'{problem}, and no readable checkpoint continues it'
 
@@ -216,19 +219,19 @@ def run_state(run):
 def unfinished(run):
     """What keeps a run from being finished (its results CSV not holding every epoch, its model file not whole), or
     None."""
-    path = run.prefix_path + '_results.csv'
+    path = run.paths['results.csv']
     try:
-        epochs = len(utils.read_results(path))
+        epochs = len(run_files.read_results(path))
     except utils.ReirError as e:
         return str(e)
     if epochs != run.args.num_epochs:
         return f'{path} holds {epochs} of {run.args.num_epochs} epochs'
-    path = run.prefix_path + '_model.pth'
+    path = run.paths['model.pth']
     try:
         model = utils.safe_load(path, 'model', verify=False, mmap=True)  # whole, as far as its index says
     except utils.ReirError as e:
         return str(e)
-    if not utils.is_model_state(model):
+    if not run_files.is_model_state(model):
         return f'{path}: not a model state_dict'
     return None
 
@@ -360,9 +363,9 @@ def run_slurm(runs, states, executor, gpus_per_run, progress):
 # ----------------------------------------------------------------------------- the summary
 
 def selected_metrics(run):
-    """The test metrics of a finished run at its selected epoch (utils.selected_row)."""
-    rows = utils.read_results(run.prefix_path + '_results.csv')
-    return {name: value for name, value in utils.selected_row(rows).items() if name.startswith('test_')}
+    """The test metrics of a finished run at its selected epoch (run_files.selected_row)."""
+    rows = run_files.read_results(run.paths['results.csv'])
+    return {name: value for name, value in run_files.selected_row(rows).items() if name.startswith('test_')}
 
 
 def summary_statistics(values):
@@ -416,7 +419,7 @@ def plot_file(rows, varied, name):
         axis.grid(alpha=0.3)
         if others:
             axis.legend(fontsize='small')
-    return utils.figure_file(draw, (7, 4.5), dpi=100)
+    return figures.figure_file(draw, (7, 4.5), dpi=100)
 
 
 # ----------------------------------------------------------------------------- the study
@@ -508,7 +511,7 @@ def run_study(args, train_flags):
     rows = summarize(runs, metrics)
     csv_path = os.path.join(args.results_dir, f'study_{args.name}.csv')
     png_path = os.path.join(args.results_dir, f'study_{args.name}.png')
-    utils.save_together({csv_path: utils.csv_file(rows), png_path: plot_file(rows, args.vary, args.name)})
+    run_files.save_together({csv_path: run_files.csv_file(rows), png_path: plot_file(rows, args.vary, args.name)})
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}'))
     utils.log(f'-> {csv_path}, {png_path}')
     if failed or missing:

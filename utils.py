@@ -1,10 +1,9 @@
-"""The library's shared pieces: errors and the command-line convention, file names, safe file I/O,
-meta-class ids, datasets and their readers, transforms, and the retrieval metrics. Functions take what
-they use as arguments (is_main_process, and so warn and log, ask torch.distributed which process this is);
-the constants below are the one place each value is written."""
+"""What REIR is made of besides the network: datasets and their readers, transforms, meta-class ids and the
+retrieval metrics (Recall@K, MAP@R, pure functions of embeddings and labels), with the small pieces every script
+shares (errors and the command-line convention, safe loading). Functions take what they use as arguments
+(is_main_process, and so warn and log, ask torch.distributed which process this is); the constants below are the
+one place each value is written."""
 import argparse
-import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -13,24 +12,17 @@ import pickle
 import random
 import re
 import sys
-import tempfile
 import zipfile
 import zlib
 from collections import Counter
-from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
-import pandas as pd
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision import transforms
 
-from model import BACKBONES, SHARE_TYPES
-
-RESULTS_DIR = 'results'
 CROP_TYPES = ('uncropped', 'cropped')
 LABEL_TYPES = ('fixed', 'random')
 MAX_IMAGES_PER_CLASS = 300  # DREML/REIR cap on training images per class, keeps SOP epochs bounded
@@ -38,16 +30,6 @@ EVAL_SPLITS = (('test',), ('query', 'gallery'))  # a dataset evaluates by self-r
 EXIF_ORIENTATION = 0x0112
 # what PIL raises for a file that is not a readable image (SyntaxError and ValueError for some broken headers)
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-# what evaluate.py and inference.py need of a run besides its name: train.py's defaults, which they use
-# for a setting only when the user passes it (EMBEDDING_SETTINGS change an embedding and are never guessed)
-EMBEDDING_DEFAULTS = dict(recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
-EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
-RUN_FILE_KINDS = ('_model.pth', '_data_base.pth')  # the files of a run that evaluate.py reads
-# every file train.py writes for a run, <prefix>_<kind> (the meta-class ids are named apart: RunName.ids_name)
-RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
-# what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun
-# job, data dicts not fingerprinted
-CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': ''}
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, to be continued
 
 
@@ -68,7 +50,7 @@ class Stopped(Exception):
 
 class StopRequested(BaseException):
     """A stop signal (SIGTERM, SIGUSR1; args[0] names it) that ends the work in progress at once, raised where there
-    is nothing to save (engine.StopSignals) or where the work agrees to stop. A BaseException, as KeyboardInterrupt is,
+    is nothing to save (resume.StopSignals) or where the work agrees to stop. A BaseException, as KeyboardInterrupt is,
     so that no `except Exception` holds it up."""
 
 
@@ -160,77 +142,7 @@ def log(message):
         print(message, flush=True)
 
 
-# ----------------------------------------------------------------------------- file names
-
-@dataclass(frozen=True)
-class RunName:
-    """The settings that name a run's files: every file of a run starts with its prefix,
-    <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>."""
-    data_name: str
-    crop_type: str
-    label_type: str
-    with_random: bool
-    share_type: str
-    model_type: str
-    ensemble_size: int
-    meta_class_size: int
-
-    PATTERN = re.compile(
-        rf'^(?P<data_name>.+)_(?P<crop_type>{"|".join(CROP_TYPES)})_(?P<label_type>{"|".join(LABEL_TYPES)})'
-        rf'_(?P<randomness>random|unrandom)_(?P<share_type>{"|".join(SHARE_TYPES)})'
-        rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)$')
-
-    @classmethod
-    def from_args(cls, args):
-        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
-
-    @classmethod
-    def parse(cls, prefix):
-        """The RunName whose prefix is this text, or None."""
-        match = cls.PATTERN.match(prefix)
-        if match is None:
-            return None
-        return cls(match['data_name'], match['crop_type'], match['label_type'], match['randomness'] == 'random',
-                   match['share_type'], match['model_type'], int(match['ensemble_size']),
-                   int(match['meta_class_size']))
-
-    @property
-    def prefix(self):
-        randomness = 'random' if self.with_random else 'unrandom'
-        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{randomness}_{self.share_type}_'
-                f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}')
-
-    @property
-    def ids_name(self):
-        """The meta-class ids depend on the classes, label type, E and M only: runs that differ elsewhere
-        (share type, backbone, --with_random) can share them with --load_ids."""
-        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{self.ensemble_size}_'
-                f'{self.meta_class_size}_ids.pth')
-
-
-def data_dicts_path(data_path, data_name, crop_type):
-    return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
-
-
-def eval_splits(names, source):
-    """('test',) for self-retrieval datasets, ('query', 'gallery') for query/gallery ones, from the split
-    names that source (data dicts, or an embedding database) holds."""
-    for splits in EVAL_SPLITS:
-        if all(split in names for split in splits):
-            return splits
-    raise ReirError(f'{source}: neither a test split nor query and gallery splits, only {", ".join(sorted(names))}')
-
-
-def run_of_file(path, kinds=RUN_FILE_KINDS):
-    """(RunName, path without the kind, kind) of a file a run wrote, named <prefix><kind>."""
-    name = os.path.basename(path)
-    kind = next((k for k in kinds if name.endswith(k)), None)
-    run = RunName.parse(name[:-len(kind)]) if kind else None
-    if run is None:
-        raise UsageError(f'{path}: expected a file named <prefix>{" or <prefix>".join(kinds)}, with the '
-                         f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>)')
-    return run, path[:-len(kind)], kind
-
+# ----------------------------------------------------------------------------- values and files
 
 def is_int(value):
     return isinstance(value, int) and not isinstance(value, bool)
@@ -245,79 +157,43 @@ def three_numbers(values):
     return isinstance(values, (list, tuple)) and len(values) == 3 and all(is_number(v) for v in values)
 
 
-# what the recorded settings of a run (<prefix>_args.json, the checkpoint's args) hold where present, as (what it
-# must be, test): the settings evaluate.py and inference.py read
-SETTINGS_FORMAT = {
-    'image_size': ('a positive integer', lambda v: is_int(v) and v > 0),
-    'exact_pipeline': ('true or false', lambda v: isinstance(v, bool)),
-    'recalls': ('a list of positive integers', lambda v: isinstance(v, list) and bool(v)
-                and all(is_int(k) and k > 0 for k in v)),
-    'data_path': ('a path', lambda v: isinstance(v, str) and bool(v)),
-    'mean': ('three numbers', lambda v: v is None or three_numbers(v)),
-    'std': ('three numbers above 0', lambda v: v is None or (three_numbers(v) and min(v) > 0)),
-    'held_out_classes': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
-}
+def safe_load(path, what='file', verify=True, mmap=False):
+    """torch.load with weights_only=True: tensors and plain containers only, never code. With verify, the zip
+    archive's checksums are verified first, so that flipped bits or a truncation are refused, not loaded (it reads
+    the whole file); with mmap, tensors stay on disk until used."""
+    if not os.path.isfile(path):
+        raise ReirError(f'{what} not found: {path}')
+    damaged = f'{path}: {what} is corrupt or truncated'
+    try:
+        with zipfile.ZipFile(path) as archive:  # torch.save writes zip archives; anything else is damaged
+            bad_member = archive.testzip() if verify else None
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
+    if bad_member is not None:
+        raise ReirError(f'{damaged} (checksum mismatch in {bad_member}); delete it or write it again')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
+        reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
+        raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError) as e:
+        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
 
 
-def settings_problem(settings):
-    """What makes a run's recorded settings unusable (not a dict, a value of SETTINGS_FORMAT of the wrong kind), or
-    None."""
-    if not isinstance(settings, dict):
-        return f'the settings are a {type(settings).__name__}, not a dict of flags'
-    for key, (kind, fits) in SETTINGS_FORMAT.items():
-        if key in settings and not fits(settings[key]):
-            return f'"{key}" is {settings[key]!r}, not {kind}'
-    return None
+# ----------------------------------------------------------------------------- datasets
+
+def data_dicts_path(data_path, data_name, crop_type):
+    return os.path.join(data_path, data_name, f'{crop_type}_data_dicts.pth')
 
 
-def run_settings(prefix_path):
-    """The flags of the run whose files start with prefix_path, from <prefix>_args.json (written with its model)
-    or else its checkpoint; None when neither exists. A file that exists but does not hold the settings in the
-    form SETTINGS_FORMAT says is refused, naming it."""
-    path = prefix_path + '_args.json'
-    if os.path.isfile(path):
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ReirError(f'{path}: the run\'s settings cannot be read ({type(e).__name__}); write the file again '
-                            f'or delete it') from None
-    else:
-        path = prefix_path + '_checkpoint.pth'
-        checkpoint = peek_checkpoint(path)
-        if checkpoint is None:
-            return None
-        saved = checkpoint['args']
-    problem = settings_problem(saved)
-    if problem:
-        raise ReirError(f'{path}: {problem}; write the file again or delete it')
-    return saved
-
-
-def embedding_settings(prefix_path, overrides, model_needed):
-    """The settings of EMBEDDING_DEFAULTS for the run whose files start with prefix_path: the overrides that
-    are not None, else the run's own (run_settings). The settings that change an embedding
-    (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
-    them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
-    recorded normalization, or None (see normalization); held_out_classes the training classes it held out for
-    validation (--val_classes)."""
-    saved = run_settings(prefix_path) or {}
-    settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
-    settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
-    settings.update({k: v for k, v in overrides.items() if v is not None})
-    settings.update(mean=saved.get('mean'), std=saved.get('std'))  # the normalization the run used, if recorded
-    settings.update(held_out_classes=saved.get('held_out_classes', []))
-    missing = [k for k in EMBEDDING_SETTINGS if k not in settings]
-    if model_needed and missing:
-        raise ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: {prefix_path}_args.json '
-                        f'and _checkpoint.pth are gone; pass --image_size N and --exact_pipeline or '
-                        f'--no-exact_pipeline as the run was trained')
-    return SimpleNamespace(**settings)
-
-
-def normalization(settings, data_dicts):
-    """(mean, std) the run normalized its images with when its files record them, else the dataset's."""
-    return settings.mean or data_dicts['mean'], settings.std or data_dicts['std']
+def eval_splits(names, source):
+    """('test',) for self-retrieval datasets, ('query', 'gallery') for query/gallery ones, from the split
+    names that source (data dicts, or an embedding database) holds."""
+    for splits in EVAL_SPLITS:
+        if all(split in names for split in splits):
+            return splits
+    raise ReirError(f'{source}: neither a test split nor query and gallery splits, only {", ".join(sorted(names))}')
 
 
 def load_data_dicts(data_path, data_name, crop_type):
@@ -370,366 +246,6 @@ def data_fingerprint(data_dicts):
     prepared again with other images (or copies, --short_side) has another."""
     canonical = json.dumps(data_dicts, sort_keys=True, separators=(',', ':'))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------- safe file I/O
-
-def save_together(writers):
-    """Write a set of files {path: write(tmp_path)}: each to a temporary beside it, fsynced, then all renamed
-    into place. A failure while writing (a full disk, a quota, a Ctrl-C) removes the temporaries and leaves
-    the files as they were, never a mix of old and new; a disk error becomes a ReirError naming the file."""
-    temporaries = {}
-    try:
-        for path, write in writers.items():
-            directory = os.path.dirname(path) or '.'
-            os.makedirs(directory, exist_ok=True)
-            fd, temporaries[path] = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                                     suffix='.tmp')
-            os.close(fd)
-            os.chmod(temporaries[path], 0o666 & ~current_umask())  # mkstemp makes 0600 files
-            try:
-                write(temporaries[path])
-                with open(temporaries[path], 'rb+') as f:
-                    os.fsync(f.fileno())
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-                raise ReirError(f'could not write {path} ({reason}); the files there before are unchanged') from None
-        for path, tmp in temporaries.items():
-            os.replace(tmp, path)
-    except BaseException:
-        for tmp in temporaries.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), fsync, then rename over path: a kill at any moment leaves either the
-    old file or the complete new one, never a half-written file."""
-    save_together({path: write})
-
-
-def current_umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def remove_stale_temporaries(directory, prefix):
-    """Delete the temporaries that a killed write of the run's files (<prefix>_<kind>, RUN_OUTPUTS) left; the
-    kind is matched exactly, so that another run whose prefix begins with this one keeps its own."""
-    for name in os.listdir(directory):
-        if name.endswith('.tmp') and any(name.startswith(f'.{prefix}_{kind}.') for kind in RUN_OUTPUTS):
-            os.remove(os.path.join(directory, name))
-
-
-class RunLock:
-    """An exclusive lock on results/.<prefix>.lock, held while the process lives: a second start of the same
-    run fails at once instead of writing over the first's files. A POSIX record lock (lockf): the data loader's
-    worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. The lock
-    file stays (removing it would let two processes lock two files of one name)."""
-
-    def __init__(self, directory, prefix):
-        self.path = os.path.join(directory, f'.{prefix}.lock')
-        try:
-            os.makedirs(directory, exist_ok=True)
-            self.file = open(self.path, 'a')
-        except OSError as e:
-            raise ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
-                            f'--results_dir') from None
-        try:
-            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self.file.close()
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise ReirError(f'cannot lock {self.path} ({e.strerror})') from None
-            raise ReirError(f'{prefix} is being trained by another process (it holds {self.path}); wait for it, or '
-                            f'change a setting of the prefix or --results_dir') from None
-
-    def release(self):
-        self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.release()
-
-
-def torch_file(obj):
-    return lambda tmp: torch.save(obj, tmp)
-
-
-def checkpoint_file(trainable, progress):
-    """A run's checkpoint: trainable, the model, optimizer, scheduler and scaler by name, saved by their state_dict;
-    progress, the rest of CHECKPOINT_KEYS."""
-    return torch_file({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
-
-
-def json_file(obj):
-    def write(tmp):
-        with open(tmp, 'w') as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-    return write
-
-
-def csv_file(rows):
-    """A list of {column: value} rows as a CSV."""
-    return lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
-
-
-def atomic_torch_save(obj, path):
-    atomic_write(path, torch_file(obj))
-
-
-def safe_load(path, what='file', verify=True, mmap=False):
-    """torch.load with weights_only=True: tensors and plain containers only, never code. With verify, the zip
-    archive's checksums are verified first, so that flipped bits or a truncation are refused, not loaded (it reads
-    the whole file); with mmap, tensors stay on disk until used."""
-    if not os.path.isfile(path):
-        raise ReirError(f'{what} not found: {path}')
-    damaged = f'{path}: {what} is corrupt or truncated'
-    try:
-        with zipfile.ZipFile(path) as archive:  # torch.save writes zip archives; anything else is damaged
-            bad_member = archive.testzip() if verify else None
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
-    if bad_member is not None:
-        raise ReirError(f'{damaged} (checksum mismatch in {bad_member}); delete it or write it again')
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
-        reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
-        raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError) as e:
-        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
-
-
-def write_results_csv(rows, path):
-    atomic_write(path, csv_file(rows))
-
-
-def read_results(path):
-    """The rows of a run's results CSV ({column: number}, one per epoch from epoch 1 on), refused (naming the file)
-    when it is unreadable or empty, lacks the epoch or a recall column, or holds a value that is not a number."""
-    try:
-        frame = pd.read_csv(path)
-    except FileNotFoundError:
-        raise ReirError(f'{path} not found') from None
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
-        raise ReirError(f'{path}: not a results CSV ({type(e).__name__})') from None
-    if frame.empty:
-        raise ReirError(f'{path}: holds no epoch')
-    if 'epoch' not in frame or not any(c.startswith(('test_recall@', 'val_recall@')) for c in frame.columns):
-        raise ReirError(f'{path}: not a results CSV (no epoch and recall columns)')
-    numbers = frame.apply(pd.to_numeric, errors='coerce')
-    if numbers.isna().any().any() or not np.isfinite(numbers.to_numpy(dtype=np.float64)).all():
-        raise ReirError(f'{path}: holds a value that is not a number')
-    if numbers['epoch'].tolist() != list(range(1, len(frame) + 1)):
-        raise ReirError(f'{path}: its epochs are not 1 to {len(frame)} in order')
-    rows = numbers.to_dict('records')
-    return [{**row, 'epoch': int(row['epoch'])} for row in rows]
-
-
-def selection_column(columns):
-    """The results column that chooses a run's model: validation Recall@K for the first K of --recalls when
-    the run held classes out (--val_classes), else test Recall@K."""
-    recalls = [c for c in columns if c.startswith('val_recall@')] \
-        or [c for c in columns if c.startswith('test_recall@')]
-    if not recalls:
-        raise ReirError(f'no val_recall@K or test_recall@K column among {", ".join(columns)}')
-    return recalls[0]
-
-
-def selected_row(rows):
-    """The row (epoch) of a run's results whose model is the run's model: the first with the highest
-    selection_column, as train.py keeps the first best epoch."""
-    column = selection_column(list(rows[0]))
-    return max(rows, key=lambda row: row[column])
-
-
-def figure_file(draw, figsize, columns=1, dpi=80):
-    """A writer of a PNG that draw(axes) draws on a new matplotlib figure of columns panels (the Agg backend, so
-    that no display is needed); the figure is closed once written."""
-    def write(tmp):
-        import matplotlib
-        matplotlib.use('Agg')
-        from matplotlib import pyplot as plt
-        figure, axes = plt.subplots(1, columns, figsize=figsize)
-        try:
-            draw(axes)
-            figure.tight_layout()
-            figure.savefig(tmp, format='png', dpi=dpi)
-        finally:
-            plt.close(figure)
-    return write
-
-
-def curves_file(results):
-    """results/<prefix>_curves.png: loss, training accuracy and the retrieval metrics over the epochs (test
-    solid, validation dashed)."""
-    def draw(axes):
-        frame = pd.DataFrame(results)
-        retrieval = [c for c in frame.columns if c.startswith(('test_', 'val_'))]
-        panels = (('train loss', ['train_loss']), ('train accuracy (%)', ['train_accuracy']),
-                  ('retrieval (%)' if any(c.startswith('val_') for c in retrieval) else 'test retrieval (%)',
-                   retrieval))
-        for axis, (title, columns) in zip(axes, panels):
-            for column in columns:
-                style = '--' if column.startswith('val_') else '-'
-                label = column.removeprefix('test_').replace('val_', 'val ')
-                axis.plot(frame['epoch'], frame[column], style, marker='o', label=label)
-            axis.set_title(title)
-            axis.set_xlabel('epoch')
-            axis.grid(alpha=0.3)
-            if len(columns) > 1:
-                axis.legend(fontsize='small')
-    return figure_file(draw, (15, 4), columns=3)
-
-
-def database_file(splits, dataset_root, settings):
-    """The embedding database that evaluate.py and inference.py read: for every split, from
-    splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
-    the working folder, the class keys and the features in float16; with the folder those paths start from
-    and the run's settings (plain values), so that the file describes itself."""
-    database = {'working_dir': os.getcwd(), 'settings': settings}
-    for split, (items, features) in splits.items():
-        database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
-        database[f'{split}_labels'] = [key for _, key in items]
-        database[f'{split}_features'] = features.half()
-    return torch_file(database)
-
-
-def resolve_database(name):
-    """An embedding database given as a path or as a file name under results/."""
-    if os.path.isfile(name):
-        return name
-    candidate = os.path.join(RESULTS_DIR, name)
-    if os.path.isfile(candidate):
-        return candidate
-    raise ReirError(f'embedding database {name} not found (as a path or under {RESULTS_DIR}/); '
-                    f'train.py writes <prefix>_data_base.pth there')
-
-
-def database_problem(splits):
-    """What makes an embedding database's splits {name: (image paths, class keys, features)} unusable (values of the
-    wrong kind, as many feature rows as neither labels nor images, non-finite features, splits of other widths), or
-    None."""
-    widths = set()
-    for name, (images, labels, features) in splits.items():
-        if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
-            return f'{name}_images is not a list of image paths'
-        if not isinstance(labels, list) or not all(isinstance(key, (str, int)) for key in labels):
-            return f'{name}_labels is not a list of class ids'
-        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-            return f'{name}_features is not an (N, d) tensor of floats'
-        if not len(images) == len(labels) == features.shape[0]:
-            return (f'{name}_features has {features.shape[0]} rows for {len(labels)} labels and {len(images)} '
-                    f'images')
-        if not len(labels):
-            return f'the {name} split is empty'
-        if not all_finite(features):
-            return f'{name}_features holds NaN or infinite values'
-        widths.add(features.shape[1])
-    if len(widths) > 1:
-        return f'its splits have features of different widths ({", ".join(map(str, sorted(widths)))})'
-    return None
-
-
-def load_database(path):
-    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database, refused (naming the
-    file) unless each split is whole (database_problem). Relative image paths are read from the folder the run
-    worked in when they are not found from this one."""
-    database = safe_load(path, 'embedding database')
-    names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
-        if isinstance(database, dict) else []
-    if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
-        raise ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
-    splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
-              for name in names}
-    problem = database_problem(splits)
-    if problem:
-        raise ReirError(f'{path}: {problem}; write it again (evaluate.py or train.py --resume)')
-    origin = database.get('working_dir')
-    first = next((images[0] for images, _, _ in splits.values() if images), None)
-    if isinstance(origin, str) and first is not None and not os.path.exists(first) \
-            and os.path.exists(os.path.join(origin, first)):
-        splits = {name: ([os.path.join(origin, p) for p in images], labels, features)
-                  for name, (images, labels, features) in splits.items()}
-    return splits
-
-
-def is_state(value):
-    return isinstance(value, dict) and all(isinstance(key, (str, int)) for key in value)
-
-
-def is_model_state(value):
-    """Whether value is a model's state_dict: tensors by name."""
-    return is_state(value) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
-
-
-# what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
-CHECKPOINT_FORMAT = {
-    'model': ('a state_dict of tensors', is_model_state),
-    'optimizer': ('a state_dict', lambda v: is_state(v) and {'state', 'param_groups'} <= set(v)),
-    'scheduler': ('a state_dict', is_state),
-    'scaler': ('a state_dict', is_state),
-    'epoch': ('an epoch number from 1', lambda v: is_int(v) and v >= 1),
-    'step': ('a step count from 0', lambda v: is_int(v) and v >= 0),
-    'running': ('a list of running sums and random states', lambda v: isinstance(v, list) and all(
-        isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
-        and all(is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in v)),
-    'best_recall': ('a number', is_number),
-    'results': ('a list of result rows', lambda v: isinstance(v, list) and all(
-        isinstance(row, dict) and is_int(row.get('epoch')) for row in v)),
-    'args': ('a dict of flags', lambda v: isinstance(v, dict)),
-    'ids': ('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
-            and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)),
-    'train_items': ('a list of (image path, class index) pairs', lambda v: isinstance(v, list) and all(
-        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and is_int(item[1])
-        for item in v)),
-    'held_out': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
-    'elastic_job': ('a torchrun job id', lambda v: isinstance(v, str)),
-    'data_fingerprint': ('a data fingerprint', lambda v: isinstance(v, str)),
-}
-CHECKPOINT_KEYS = tuple(CHECKPOINT_FORMAT)
-
-
-def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
-    """What makes a checkpoint unusable (not a dict, a required key missing, any value not of the kind
-    CHECKPOINT_FORMAT says), or None. Keys of CHECKPOINT_KEY_DEFAULTS may be absent (older checkpoints)."""
-    if not isinstance(checkpoint, dict):
-        return f'not a REIR checkpoint but a {type(checkpoint).__name__}'
-    missing = [key for key in required if key not in checkpoint and key not in CHECKPOINT_KEY_DEFAULTS]
-    if missing:
-        return f'not a REIR checkpoint (missing {", ".join(missing)})'
-    for key, (kind, fits) in CHECKPOINT_FORMAT.items():
-        if key in checkpoint and not fits(checkpoint[key]):
-            return f'its "{key}" is not {kind}'
-    return None
-
-
-def load_checkpoint(path):
-    """A run's checkpoint, refused (naming the file and the problem) unless it is whole and every key of
-    CHECKPOINT_FORMAT holds what it should; keys of CHECKPOINT_KEY_DEFAULTS may be absent and take their defaults."""
-    checkpoint = safe_load(path, 'checkpoint')
-    problem = checkpoint_problem(checkpoint)
-    if problem:
-        raise ReirError(f'{path}: {problem}; delete it and start again without --resume')
-    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
-
-
-def peek_checkpoint(path):
-    """A run's checkpoint read memory-mapped (its tensors stay on disk, their checksums unread), for its flags and
-    position; None when it is absent, unreadable, or lacks args and epoch or holds a key of the wrong kind."""
-    try:
-        checkpoint = safe_load(path, 'checkpoint', verify=False, mmap=True)
-    except ReirError:
-        return None
-    if checkpoint_problem(checkpoint, required=('args', 'epoch')):
-        return None
-    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
 
 
 # ----------------------------------------------------------------------------- randomness
@@ -823,7 +339,19 @@ def _complete_with_unused_codes(ids, meta_class_size, generator):
     return ids
 
 
-# ----------------------------------------------------------------------------- data
+def check_ids(ids, path, ensemble_size, num_class, meta_class_size):
+    """Refuse meta-class ids (from a file or a checkpoint) that do not map num_class classes for every member."""
+    expected = (ensemble_size, num_class)
+    if tuple(ids.shape) != expected:
+        raise ReirError(f'{path}: ids of shape {tuple(ids.shape)} do not fit --ensemble_size {ensemble_size} '
+                        f'and {num_class} training classes (expected {expected})')
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool \
+            or int(ids.min()) < 0 or int(ids.max()) >= meta_class_size:
+        raise ReirError(f'{path}: ids must be integers from 0 to {meta_class_size - 1} '
+                        f'(--meta_class_size {meta_class_size})')
+
+
+# ----------------------------------------------------------------------------- images
 
 def sample_train_images(train_dict, generator, max_per_class=MAX_IMAGES_PER_CLASS):
     """The run's training list: at most max_per_class images of every class (sorted by class key),
@@ -1140,6 +668,19 @@ def _chunk_statistics(queries, rows, gallery_t, classes, ks, self_retrieval):
     return hits, ap_sum, rp_sum, int(found.sum())
 
 
+def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):
+    """Recall@K for every K in rank, as fractions in [0, 1] (see retrieval_metrics)."""
+    return retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors, gallery_labels,
+                             **kwargs)[0]
+
+
+def map_at_r(feature_vectors, feature_labels, gallery_vectors=None, gallery_labels=None, **kwargs):
+    """(MAP@R, R-precision) as fractions (see retrieval_metrics)."""
+    _, map_r, r_precision = retrieval_metrics(feature_vectors, feature_labels, [1], gallery_vectors,
+                                              gallery_labels, **kwargs)
+    return map_r, r_precision
+
+
 def same_class_in_top_k(feature_vectors, feature_labels, k, gallery_vectors=None, gallery_labels=None,
                         memory_budget=512 * 2 ** 20):
     """(N_query,) number of same-class gallery items among each query's k most similar, in the order of
@@ -1167,15 +708,15 @@ def same_class_in_top_k(feature_vectors, feature_labels, k, gallery_vectors=None
     return torch.cat(counts)
 
 
-def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):
-    """Recall@K for every K in rank, as fractions in [0, 1] (see retrieval_metrics)."""
-    return retrieval_metrics(feature_vectors, feature_labels, rank, gallery_vectors, gallery_labels,
-                             **kwargs)[0]
+def ranking(scores, same_class, k):
+    """The indices of the k best of scores (N,), in the order of retrieval_metrics: by score, an item of another
+    class (same_class (N,) False) before an item of the query's class of equal score, then by index."""
+    order = np.lexsort((np.asarray(same_class, dtype=bool), -np.asarray(scores)))
+    return order[:k].tolist()
 
 
-def map_at_r(feature_vectors, feature_labels, gallery_vectors=None, gallery_labels=None, **kwargs):
-    """(MAP@R, R-precision) as fractions (see retrieval_metrics)."""
-    _, map_r, r_precision = retrieval_metrics(feature_vectors, feature_labels, [1], gallery_vectors,
-                                              gallery_labels, **kwargs)
-    return map_r, r_precision
-
+def class_indices(labels):
+    """{split: [class index]} for {split: [class key]}: one numbering of the classes of all the splits, in the order
+    of their keys, so that a query and a gallery image of one class get one index."""
+    index = {key: i for i, key in enumerate(sorted({key for keys in labels.values() for key in keys}))}
+    return {split: [index[key] for key in keys] for split, keys in labels.items()}

@@ -24,6 +24,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data_utils  # noqa: E402  (the repository's modules, found through REPO)
+import run_files  # noqa: E402
+import train  # noqa: E402
 import utils  # noqa: E402
 
 # The CUDA tier (python -m pytest -m cuda): skipped, with the reason, where CUDA is absent
@@ -41,7 +43,7 @@ def no_fsync(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def stop_signal_handlers():
-    """A run stopped by a signal keeps its handlers until its process ends (engine.StopSignals); in this process the
+    """A run stopped by a signal keeps its handlers until its process ends (resume.StopSignals); in this process the
     next test gets the earlier ones back."""
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1)}
     yield
@@ -208,8 +210,10 @@ def folder_root(tmp_path):
 
 # ----------------------------------------------------------------------------- tiny training runs
 
-TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2',
-        '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
+# the whole backbone shared (half the parameters of the default layer1, half of every checkpoint to write), where a
+# test does not need branches of their own
+TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2', '--share_type',
+        'layer4', '--batch_size', '4', '--num_epochs', '2', '--num_workers', '0']
 SHOP_RECALLS = ['--recalls', '1,8']
 
 
@@ -217,6 +221,40 @@ def run_train(root, *extra, name='tiny', results=None):
     """train.py on root/data/<name> with the TINY flags, writing to results (default root/results)."""
     return run_main('train', '--data_path', root / 'data', '--data_name', name, '--results_dir',
                     results or root / 'results', *TINY, *extra)
+
+
+def copy_of_run(trained, tmp_path, name='tiny'):
+    """A results folder holding a copy of one of the session's runs (see trained)."""
+    shutil.copytree(trained / 'results', tmp_path / 'results',
+                    ignore=lambda _, names: [n for n in names if not n.startswith(f'{name}_')])
+    return tmp_path / 'results'
+
+
+def interrupt_in_epoch(flags, epoch=2):
+    """train.py with flags, in this process, stopped by a Ctrl-C as epoch `epoch` begins (its checkpoint holds the
+    epochs before)."""
+    train_one_epoch = train.train_one_epoch
+
+    def interrupt(*args):
+        if args[6].startswith(f'Epoch {epoch}/'):  # the description
+            raise KeyboardInterrupt
+        return train_one_epoch(*args)
+    train.train_one_epoch = interrupt
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            train.main(train.get_args_parser().parse_args([str(flag) for flag in flags]))
+    finally:
+        train.train_one_epoch = train_one_epoch
+
+
+class CodeOnLoad:
+    """A pickle that calls function(*args) when it is loaded: what a tampered file could hold."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
 
 
 def written_files(results):
@@ -230,8 +268,8 @@ def file_digests(results):
     return {name: hashlib.sha256(content).hexdigest() for name, content in written_files(results).items()}
 
 
-def prefix(name='tiny', E=2, M=2, share='layer1', with_random=False):
-    return utils.RunName(name, 'uncropped', 'fixed', with_random, share, 'resnet18', E, M).prefix
+def prefix(name='tiny', E=2, M=2, share='layer4', with_random=False):
+    return run_files.RunName(name, 'uncropped', 'fixed', with_random, share, 'resnet18', E, M).prefix
 
 
 @pytest.fixture(scope='session')

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import figures
+import run_files
 import utils
 from conftest import assert_one_line_error, run_main
 
@@ -52,8 +53,8 @@ def databases(prepared, tmp_path):
     for name, features in (('perfect', perfect), ('confused', confused)):
         path = tmp_path / name / 'tiny_uncropped_fixed_unrandom_layer1_resnet18_1_3_data_base.pth'
         path.parent.mkdir()
-        utils.atomic_write(str(path), utils.database_file({'test': (items, features)},
-                                                          str(prepared / 'data' / 'tiny'), {}))
+        run_files.atomic_write(str(path), run_files.database_file({'test': (items, features)},
+                                                                  str(prepared / 'data' / 'tiny'), {}))
         paths.append(path)
     return paths
 

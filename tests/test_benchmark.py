@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import benchmark
+import run_files
 import utils
 
 
@@ -56,15 +57,15 @@ def test_photos_are_deterministic_and_sized(tmp_path):
 
 def test_checkpoint_case_writes_what_train_py_writes(tmp_path, monkeypatch):
     written = []
-    checkpoint_file = utils.checkpoint_file
-    monkeypatch.setattr(utils, 'checkpoint_file', lambda *args: written.append(args) or checkpoint_file(*args))
+    checkpoint_file = run_files.checkpoint_file
+    monkeypatch.setattr(run_files, 'checkpoint_file', lambda *args: written.append(args) or checkpoint_file(*args))
     config = dict(device='cpu', share_type='layer4', batch_size=2, amp=False, model_type='resnet18', ensemble_size=2,
                   image_size=32, rounds=1)
     queue = Queue()
     benchmark.checkpoint_case(config, str(tmp_path), queue)
     row = queue[0]
     trainable, progress = written[0]
-    assert set(trainable) | set(progress) == set(utils.CHECKPOINT_KEYS)
+    assert set(trainable) | set(progress) == set(run_files.CHECKPOINT_KEYS)
     assert optimizer_moments(trainable['optimizer'])  # after a step, as in a run
     assert 40 < row['size_mib'] < 200 and all(row[key] > 0 for key in ('atomic_s', 'plain_s', 'step_s'))
     assert os.listdir(tmp_path) == []

@@ -175,6 +175,7 @@ def test_rerun_is_idempotent_and_keeps_valid_crops(car_root):
     assert leftovers == []
 
 
+@pytest.mark.slow
 def test_demo_is_large_enough_and_deterministic(tmp_path):
     data_utils.prepare(str(tmp_path / 'a'), 'demo', num_workers=2)
     dicts = load_dicts(tmp_path / 'a' / 'demo')
@@ -282,6 +283,7 @@ def fork_marker(_):
     return FORK_MARKER
 
 
+@pytest.mark.slow
 def test_pool_workers_are_started_afresh_never_forked(monkeypatch):
     """A forked worker inherits the parent's memory (this module's changed marker, and the locks torch's threads
     held): train.py hung for ever drawing the demo in one. A spawned worker imports the modules afresh."""

@@ -1,10 +1,12 @@
 import os
 
+import pytest
 import torch
 from PIL import Image
 
 import figures
 import inference
+import run_files
 import utils
 from conftest import assert_one_line_error, prefix, run_main, write_image
 
@@ -81,7 +83,7 @@ def test_database_paths_work_from_another_working_folder(trained, tmp_path, monk
     path = tmp_path / f'{prefix()}_data_base.pth'
     torch.save(database, path)
     monkeypatch.chdir(tmp_path)
-    images = utils.load_database(str(path))['test'][0]
+    images = run_files.load_database(str(path))['test'][0]
     assert images[0] == os.path.join(str(trained), database['test_images'][0]) and os.path.isfile(images[0])
 
 
@@ -95,3 +97,17 @@ def test_queries_of_one_name_in_two_folders_get_a_grid_each(trained, tmp_path):
     grids = sorted(name for name in os.listdir(tmp_path) if name.endswith('_retrieval.png'))
     assert grids == sorted(f'{inference.query_name(str(query))}_{prefix()}_retrieval.png' for query in queries)
     assert len(set(grids)) == 2 and all(name.startswith('0-') for name in grids)
+
+
+@pytest.mark.parametrize('k', [1, 2, 3, 4])
+def test_the_grid_ranks_ties_as_the_metrics_do(k):
+    """Among equal scores an image of another class goes before one of the query's class, as in every metric: the
+    grid's top k holds as many images of the query's class as the metrics count."""
+    features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the first three score alike
+    labels = ['a', 'b', 'a', 'b']
+    split = ([f'{i}.jpg' for i in range(4)], labels, features)
+    top, scores = inference.retrieve(torch.tensor([1.0, 0.0]), 'a', split, 'query.jpg', k)
+    assert top == [1, 0, 2, 3][:k] and scores == [1.0, 1.0, 1.0, 0.0][:k]
+    counted = utils.same_class_in_top_k(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), k, features,
+                                        torch.tensor([0, 1, 0, 1]))
+    assert sum(labels[i] == 'a' for i in top) == int(counted[0])

@@ -137,7 +137,9 @@ def test_grouped_engine_equals_the_loop_for_every_share_type(share_type, device)
     assert_engines_agree(net.double(), x, atol=1e-10, rtol=1e-9)
 
 
-@pytest.mark.parametrize('model_type', list(BACKBONES))
+# the larger backbones take seconds each: resnet18 in the default run, the others in the slow tier
+@pytest.mark.parametrize('model_type', [model_type if model_type == 'resnet18' else
+                                        pytest.param(model_type, marks=pytest.mark.slow) for model_type in BACKBONES])
 def test_grouped_engine_equals_the_loop_for_every_backbone(model_type):
     torch.manual_seed(0)
     net = Model(4, 2, share_type='layer2', model_type=model_type, pretrained=False).train().double()

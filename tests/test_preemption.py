@@ -17,7 +17,8 @@ import pytest
 import torch
 
 import engine
-import train
+import resume
+import run_files
 import utils
 from conftest import DEVICES, REPO, TINY, TORCHRUN_ENV, one_thread, prefix, run_train, torchrun_command
 
@@ -43,7 +44,7 @@ def references(prepared, tmp_path_factory):
 def saved_position(checkpoint):
     """(epoch, steps of it done) where the run a checkpoint holds continues: (3, 0) at the end of epoch 2; None
     while there is no checkpoint."""
-    saved = utils.peek_checkpoint(str(checkpoint))
+    saved = run_files.peek_checkpoint(str(checkpoint))
     return None if saved is None else (saved['epoch'], saved.get('step', 0))
 
 
@@ -69,13 +70,25 @@ def background():
             process.wait()
 
 
+def file_identity(path):
+    """(inode, modification time) of path, which a file renamed into place changes; None while there is none."""
+    try:
+        stat = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def wait_for_position(process, checkpoint, position):
-    """Poll the checkpoint until it holds position (epoch, step) or a later one; fails if the run ends first."""
-    deadline = time.time() + 300
+    """Poll the checkpoint until it holds position (epoch, step) or a later one; fails if the run ends first. It is
+    read only when it has been written again (a new file, renamed into place), which leaves the run the CPU."""
+    deadline, read = time.time() + 300, None
     while time.time() < deadline:
-        saved = saved_position(checkpoint)
-        if saved is not None and saved >= position:
-            return
+        written = file_identity(checkpoint)
+        if written != read:
+            read, saved = written, saved_position(checkpoint)
+            if saved is not None and saved >= position:
+                return
         assert process.poll() is None, f'the run ended (exit code {process.returncode}) before {position}'
         time.sleep(0.01)
     raise AssertionError(f'no checkpoint at {position} within 300 s')
@@ -133,6 +146,7 @@ def resume_and_compare(tiny, folder, flags, position, expected):
 # ----------------------------------------------------------------------------- killed or stopped inside an epoch
 
 @pytest.mark.parametrize('with_random', [False, True], ids=['fixed_weights', 'with_random'])
+@pytest.mark.slow
 def test_killed_inside_an_epoch_resumes_to_the_same_results(tiny, references, background, tmp_path, with_random):
     """SIGKILL (to the run and its loader worker) at a random step inside an epoch; --resume continues from the
     step of the last checkpoint, and the results CSV equals that of a run never stopped, to the byte."""
@@ -146,6 +160,7 @@ def test_killed_inside_an_epoch_resumes_to_the_same_results(tiny, references, ba
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1], ids=['SIGTERM', 'SIGUSR1'])
+@pytest.mark.slow
 def test_a_stop_signal_saves_the_step_and_exits_to_be_resumed(tiny, references, background, tmp_path, signum):
     """Stop signals to the whole process group (as torchrun and Slurm send them), from a random step on until the run
     has ended: the run ends the step, writes the checkpoint, prints one line saying how to continue, exits with
@@ -166,6 +181,7 @@ def test_a_stop_signal_saves_the_step_and_exits_to_be_resumed(tiny, references, 
     resume_and_compare(tiny, folder, FLAGS, position, references[False])
 
 
+@pytest.mark.slow
 def test_a_stopped_run_leaves_no_loader_worker(tiny, background, tmp_path):
     """The loader workers ignore the signal that reaches their process group and end with the run."""
     folder = tmp_path / 'stopped'
@@ -203,6 +219,7 @@ def test_a_signal_between_steps_of_one_process_stops_at_the_next_step(tiny, monk
     assert 'at step 2 of epoch 1' in resumed.stdout and (tiny / 'results' / f'{prefix()}_model.pth').exists()
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_evaluation_stops_it_keeping_the_epochs_steps(tiny, references, monkeypatch):
     """A SIGTERM while epoch 2's test split is embedded: the embedding stops after its batch, the checkpoint holds
     every step of epoch 2 (not its evaluation, whose row is not in the CSV yet), and --resume evaluates the epoch and
@@ -236,19 +253,19 @@ def test_the_sampler_continues_an_epoch_after_its_first_steps():
     batch, steps_done = 6, 2
     for world in (1, 2, 3):
         for rank in range(world):
-            full = list(train.SeededSampler(20, seed=5, rank=rank, num_replicas=world))
-            sampler = train.SeededSampler(20, seed=5, rank=rank, num_replicas=world)
+            full = list(engine.SeededSampler(20, seed=5, rank=rank, num_replicas=world))
+            sampler = engine.SeededSampler(20, seed=5, rank=rank, num_replicas=world)
             sampler.set_epoch(0, skip=steps_done * batch)
             assert list(sampler) == full[steps_done * batch // world:]
             assert len(sampler) == len(full) - steps_done * batch // world
-    taken = [list(train.SeededSampler(18, 5, rank, 2))[:steps_done * batch // 2] for rank in range(2)]
+    taken = [list(engine.SeededSampler(18, 5, rank, 2))[:steps_done * batch // 2] for rank in range(2)]
     rest = []
     for rank in range(3):  # the epoch continued on 3 processes (18 samples: no padding on 2 or 3)
-        sampler = train.SeededSampler(18, 5, rank, 3)
+        sampler = engine.SeededSampler(18, 5, rank, 3)
         sampler.set_epoch(0, skip=steps_done * batch)
         rest += list(sampler)
-    assert sorted(sum(taken, []) + rest) == sorted(train.SeededSampler(18, 5))  # every sample once
-    sampler = train.SeededSampler(20, 5)
+    assert sorted(sum(taken, []) + rest) == sorted(engine.SeededSampler(18, 5))  # every sample once
+    sampler = engine.SeededSampler(20, 5)
     sampler.set_epoch(0, skip=24)  # stopped after the last, short step
     assert len(sampler) == 0 and list(sampler) == []
 
@@ -256,31 +273,31 @@ def test_the_sampler_continues_an_epoch_after_its_first_steps():
 def test_epoch_position_on_the_same_or_another_number_of_processes():
     running = [{'sums': [1.5, 3, 4, 0], 'rng': 'rank 0'}, {'sums': [2.5, 2, 4, 1], 'rng': 'rank 1'}]
     checkpoint = {'epoch': 2, 'step': 3, 'running': running}
-    assert train.epoch_position(checkpoint, 1, 2) == ((3, [2.5, 2, 4, 1]), 'rank 1')
-    assert train.epoch_position(checkpoint, 0, 1) == ((3, [4.0, 5, 8, 1]), 'rank 0')
-    assert train.epoch_position(checkpoint, 2, 3) == ((3, [0.0, 0, 0, 0]), 'rank 0')
-    assert train.epoch_position({**checkpoint, 'step': 0}, 0, 2) == (train.EPOCH_START, None)
-    assert train.epoch_position(None, 0, 1) == (train.EPOCH_START, None)
+    assert resume.epoch_position(checkpoint, 1, 2) == ((3, [2.5, 2, 4, 1]), 'rank 1')
+    assert resume.epoch_position(checkpoint, 0, 1) == ((3, [4.0, 5, 8, 1]), 'rank 0')
+    assert resume.epoch_position(checkpoint, 2, 3) == ((3, [0.0, 0, 0, 0]), 'rank 0')
+    assert resume.epoch_position({**checkpoint, 'step': 0}, 0, 2) == (resume.EPOCH_START, None)
+    assert resume.epoch_position(None, 0, 1) == (resume.EPOCH_START, None)
 
 
 def test_checkpoints_are_due_every_n_steps_or_by_time(monkeypatch):
     def due(every, step, minutes=0.0):
         monkeypatch.setattr(time, 'monotonic', lambda: 0.0)  # (t + 600) - t is not always 600 in floats
-        checkpoints = train.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [])
+        checkpoints = resume.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [])
         monkeypatch.setattr(time, 'monotonic', lambda: 60.0 * minutes)
         return checkpoints.due(step, steps=10)
     assert [step for step in range(1, 11) if due(3, step)] == [3, 6, 9]
     assert not any(due(0, step) for step in range(1, 11))
-    assert not due(None, 5, train.CHECKPOINT_MINUTES - 0.1) and due(None, 5, train.CHECKPOINT_MINUTES)
+    assert not due(None, 5, resume.CHECKPOINT_MINUTES - 0.1) and due(None, 5, resume.CHECKPOINT_MINUTES)
     assert not due(1, 10) and not due(None, 10, 60)  # the last step: the epoch's own checkpoint follows
 
 
 @pytest.mark.parametrize('device', DEVICES)
 def test_random_states_round_trip(device):
     gpu_ids = [0] if device == 'cuda' else []
-    states = engine.rng_states(gpu_ids)
+    states = resume.rng_states(gpu_ids)
     first = torch.rand(3, device=device)
-    engine.set_rng_states(states, gpu_ids)
+    resume.set_rng_states(states, gpu_ids)
     assert torch.equal(torch.rand(3, device=device), first)
 
 
@@ -289,14 +306,14 @@ def test_a_torchrun_restart_resumes_only_the_checkpoint_of_its_own_job(tmp_path,
     path = tmp_path / 'checkpoint.pth'
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-a')
     torch.save({'args': {}, 'epoch': 2, 'step': 1, 'elastic_job': 'job-a'}, path)
-    assert train.after_elastic_restart(args, str(path)) is args  # a first start: the flags as given
+    assert resume.after_elastic_restart(args, str(path)) is args  # a first start: the flags as given
     monkeypatch.setenv('TORCHELASTIC_RESTART_COUNT', '1')
-    restarted = train.after_elastic_restart(args, str(path))
+    restarted = resume.after_elastic_restart(args, str(path))
     assert (restarted.resume, restarted.overwrite) == (True, False)
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'job-b')  # another job's checkpoint: the flags as given
-    assert train.after_elastic_restart(args, str(path)) is args
+    assert resume.after_elastic_restart(args, str(path)) is args
     path.unlink()
-    assert train.after_elastic_restart(args, str(path)) is args
+    assert resume.after_elastic_restart(args, str(path)) is args
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')  # torchrun's default id: this agent's job only
     assert engine.elastic_job() == f'none@{socket.gethostname()}:{os.getppid()}'
 
@@ -304,7 +321,7 @@ def test_a_torchrun_restart_resumes_only_the_checkpoint_of_its_own_job(tmp_path,
 def test_checkpoint_every_is_checked_and_free_on_resume(tiny):
     result = run_train(tiny, '--checkpoint_every', '-1')
     assert result.returncode == 2 and 'argument --checkpoint_every: -1 is below 0' in result.stderr
-    assert 'checkpoint_every' in train.RESUME_FREE_FLAGS
+    assert 'checkpoint_every' in resume.RESUME_FREE_FLAGS
 
 
 # ----------------------------------------------------------------------------- torchrun
@@ -320,6 +337,7 @@ def rank_0_worker(agent):
     return None
 
 
+@pytest.mark.slow
 def test_a_worker_killed_under_torchrun_is_restarted_and_resumes(gloo_run, prepared, background, tmp_path):
     """A 2-process gloo run under torchrun --max-restarts=1: rank 0 SIGKILLed inside epoch 2, torchrun restarts
     both workers, which continue from the checkpoint by themselves; the CSV equals that of the run never stopped."""
@@ -345,6 +363,7 @@ def free_port():
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_torchrun_agents_train_as_two_nodes(gloo_run, prepared, background, tmp_path):
     """Two torchrun agents, one process each, meet through a c10d rendezvous on 127.0.0.1 as two nodes would, and
     write the CSV of one agent with two processes."""

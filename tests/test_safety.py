@@ -2,6 +2,7 @@
 on single images, existing files, the per-run lock, failed saves, damaged inputs, missing outputs."""
 import contextlib
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,17 +14,12 @@ import pytest
 import torch
 
 import engine
+import resume
+import run_files
 import train
 import utils
-from conftest import (REPO, TINY, assert_one_line_error, file_digests, prefix, run_as_command, run_main, run_script,
-                      run_train, written_files)
-
-
-def copy_of_run(trained, tmp_path, name='tiny'):
-    """A results folder holding a copy of one of the session's runs."""
-    shutil.copytree(trained / 'results', tmp_path / 'results',
-                    ignore=lambda _, names: [n for n in names if not n.startswith(f'{name}_')])
-    return tmp_path / 'results'
+from conftest import (REPO, TINY, assert_one_line_error, copy_of_run, file_digests, prefix, run_as_command, run_main,
+                      run_script, run_train, written_files)
 
 
 # ----------------------------------------------------------------------------- a run that goes wrong stops
@@ -96,12 +92,12 @@ def test_a_finished_run_is_kept_unless_overwrite_is_passed(trained, tmp_path):
     assert len(pd.read_csv(results / f'{prefix()}_results.csv')) == 1
 
 
+@pytest.mark.slow
 def test_a_second_start_of_a_running_run_fails_at_once(tiny):
     """The lock is a POSIX record lock: another process (as a second start would be) cannot take it."""
-    with utils.RunLock(str(tiny / 'results'), prefix()):
+    with run_files.RunLock(str(tiny / 'results' / f'.{prefix()}.lock'), prefix()):
         result = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny',
-                            '--results_dir', tiny / 'results', '--no_pretrained', '--image_size', '32',
-                            '--ensemble_size', '2', '--meta_class_size', '2', '--num_workers', '0')
+                            '--results_dir', tiny / 'results', *TINY)
     assert_one_line_error(result, 1, 'is being trained by another process')
     assert [name for name in os.listdir(tiny / 'results')] == [f'.{prefix()}.lock']
 
@@ -111,13 +107,13 @@ def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
     mine, other = prefix(E=2, M=2), prefix(E=2, M=22)
     for name in (f'.{mine}_model.pth.x1.tmp', f'.{other}_model.pth.x2.tmp', f'.{mine}_results.csv.x3.tmp'):
         (tmp_path / name).write_text('')
-    utils.remove_stale_temporaries(str(tmp_path), mine)
+    run_files.remove_stale_temporaries(str(tmp_path), mine)
     assert os.listdir(tmp_path) == [f'.{other}_model.pth.x2.tmp']
 
 
 def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
     """A full disk while writing epoch 2's checkpoint: every file still holds epoch 1, none half-written."""
-    checkpoint_file = utils.checkpoint_file
+    checkpoint_file = run_files.checkpoint_file
     saves = []
 
     def full_disk_on_second_save(trainable, progress):
@@ -128,7 +124,7 @@ def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
         def write(tmp):
             raise OSError(28, 'No space left on device')
         return write
-    monkeypatch.setattr(utils, 'checkpoint_file', full_disk_on_second_save)
+    monkeypatch.setattr(run_files, 'checkpoint_file', full_disk_on_second_save)
     result = run_train(tiny, '--num_epochs', '2')
     assert_one_line_error(result, 1, 'could not write', '_checkpoint.pth (No space left on device)')
     results = tiny / 'results'
@@ -144,10 +140,28 @@ def test_the_checkpoint_is_renamed_last(monkeypatch):
     """A kill between the renames must leave the previous checkpoint, so that --resume redoes the epoch,
     never a checkpoint that points at a best model not yet in place."""
     order = []
-    monkeypatch.setattr(utils, 'save_together', lambda writers: order.extend(writers))
+    monkeypatch.setattr(run_files, 'save_together', lambda writers: order.extend(writers))
+    monkeypatch.setattr(run_files, 'checkpoint_file', lambda trainable, progress: None)
     best = {kind: None for kind in ('model.pth', 'data_base.pth', 'args.json')}
-    train.save_epoch({kind: kind for kind in utils.RUN_OUTPUTS}, [], {}, {}, best)
-    assert sorted(order) == sorted(utils.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
+    train.save_epoch({kind: kind for kind in run_files.RUN_OUTPUTS}, [], {}, {}, best)
+    assert sorted(order) == sorted(run_files.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
+
+
+def test_a_checkpoint_that_is_not_the_format_is_never_written(tmp_path):
+    """What a checkpoint holds is checked when it is written against the same format --resume reads it by."""
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.Adam(model.parameters())
+    trainable = dict(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]),
+                     scaler=engine.grad_scaler(torch.device('cpu'), False))
+    progress = dict(epoch=1, step=0, running=[], best_recall=-1.0, results=[], args={}, ids=torch.zeros(2, 3).long(),
+                    train_items=[('a.jpg', 0)], held_out=[], elastic_job='', data_fingerprint='')
+    path = str(tmp_path / 'checkpoint.pth')
+    run_files.checkpoint_file(trainable, progress)(path)
+    assert run_files.load_checkpoint(path)['train_items'] == [('a.jpg', 0)]
+    for malformed, fragment in (({**progress, 'extra': 1}, "keys ['extra']"), ({**progress, 'epoch': '1'}, '"epoch"'),
+                                ({k: v for k, v in progress.items() if k != 'ids'}, "keys ['ids']")):
+        with pytest.raises(ValueError, match=re.escape(fragment)):
+            run_files.checkpoint_file(trainable, malformed)
 
 
 def test_unwritable_results_dir(tiny):
@@ -220,11 +234,10 @@ def test_resume_refuses_when_the_best_model_is_lost(trained, tmp_path):
 
 
 def test_interrupted_note_says_what_there_is_to_resume(trained, tmp_path):
-    args = train.get_args_parser().parse_args(['--data_name', 'tiny', '--results_dir', str(tmp_path), '--image_size',
-                                               '32', '--ensemble_size', '2', '--meta_class_size', '2'])
-    assert 'there is nothing to resume' in train.interrupted_note(args)
+    args = train.get_args_parser().parse_args(['--data_name', 'tiny', '--results_dir', str(tmp_path), *TINY])
+    assert 'there is nothing to resume' in resume.interrupted_note(args)
     args.results_dir = str(trained / 'results')
-    assert 'holds the run at the end of epoch 2; continue with --resume' in train.interrupted_note(args)
+    assert 'holds the run at the end of epoch 2; continue with --resume' in resume.interrupted_note(args)
 
 
 def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tiny, monkeypatch):
@@ -232,8 +245,7 @@ def test_ctrl_c_in_the_first_epoch_says_there_is_nothing_to_resume(tiny, monkeyp
         raise KeyboardInterrupt
     monkeypatch.setattr(engine, 'train_step', interrupt)
     result = run_as_command('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny', '--results_dir',
-                            tiny / 'results', '--no_pretrained', '--image_size', '32', '--ensemble_size', '2',
-                            '--meta_class_size', '2', '--num_workers', '0')
+                            tiny / 'results', *TINY)
     assert result.returncode == 130
     assert result.stderr.splitlines()[-1] == 'interrupted before the first checkpoint: there is nothing to resume'
 
@@ -288,6 +300,7 @@ def test_overwrite_never_replaces_ids_another_run_uses(trained, tmp_path):
     assert torch.load(ids_file, weights_only=True).shape == (2, 2)
 
 
+@pytest.mark.slow
 def test_a_crop_type_the_demo_lacks_is_one_line_and_draws_nothing(tmp_path):
     """It drew the whole demo again, then hung in a forked pool."""
     result = run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', 'demo', '--crop_type', 'cropped',
@@ -316,12 +329,12 @@ def test_a_path_for_a_dataset_name_or_no_gpu_ids_is_one_line(tiny, flags, fragme
 
 def test_a_stop_signal_before_training_ends_the_run_at_once(tiny, monkeypatch):
     """Outside the training steps a stop signal has nothing to wait for: one line, exit 75, nothing written."""
-    build = train.build_run_model
+    build = engine.build_model
 
-    def signalled(*args):
+    def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
-        return build(*args)
-    monkeypatch.setattr(train, 'build_run_model', signalled)
+        return build(*args, **kwargs)
+    monkeypatch.setattr(engine, 'build_model', signalled)
     result = run_train(tiny)
     assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
     assert result.stderr.splitlines()[-1] == ('stopped by SIGTERM before training: no checkpoint was written, so '
@@ -330,6 +343,7 @@ def test_a_stop_signal_before_training_ends_the_run_at_once(tiny, monkeypatch):
 
 
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
+@pytest.mark.slow
 def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, signum):
     """The demo is drawn by a pool of processes: a signal to the process group (as a terminal's Ctrl-C and a
     scheduler's SIGTERM are sent) ends them and the run at once, with one line and no worker's traceback."""

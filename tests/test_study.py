@@ -12,9 +12,10 @@ import pytest
 import torch
 
 import study
+import run_files
 import train
-import utils
-from conftest import REPO, TINY, assert_one_line_error, file_digests, run_as_command, run_main, written_files
+from conftest import (REPO, TINY, assert_one_line_error, file_digests, interrupt_in_epoch, run_as_command, run_main,
+                      written_files)
 
 ENSEMBLE = TINY.index('--ensemble_size')
 # the TINY flags, the ensemble size left to the study; then 2 of the tiny dataset's 4 training classes held out
@@ -40,7 +41,7 @@ def job_logs(results):
 
 
 def selected_test_metrics(run):
-    frame = pd.read_csv(run.prefix_path + '_results.csv')
+    frame = pd.read_csv(run.paths['results.csv'])
     return frame.loc[frame['val_recall@1'].idxmax()]  # the first epoch of the highest validation R@1
 
 
@@ -66,8 +67,8 @@ def test_summary_rows_group_the_seeds_of_each_configuration():
                                                          for s in ('mean', 'std', 'ci95')]
 
 
-def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupted_ones(prepared, tmp_path,
-                                                                                      monkeypatch):
+@pytest.mark.slow
+def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupted_ones(prepared, tmp_path):
     results = tmp_path / 'results'
     command = study_command(prepared, results)
     runs = {(dict(run.config)['ensemble_size'], run.seed): run for run in study_runs(command)}
@@ -76,16 +77,7 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
     # (E 2, seed 2) finished and (E 2, seed 1) interrupted in epoch 2, before the study starts
     assert run_main('train', *runs['2', 2].flags).returncode == 0
     finished = written_files(results / 'study_grid' / os.path.basename(runs['2', 2].folder))
-    train_one_epoch = train.train_one_epoch
-
-    def interrupt_in_epoch_2(*args):
-        if args[6].startswith('Epoch 2/'):  # the description
-            raise KeyboardInterrupt
-        return train_one_epoch(*args)
-    monkeypatch.setattr(train, 'train_one_epoch', interrupt_in_epoch_2)
-    with pytest.raises(KeyboardInterrupt):
-        train.main(train.get_args_parser().parse_args(runs['2', 1].flags))
-    monkeypatch.setattr(train, 'train_one_epoch', train_one_epoch)
+    interrupt_in_epoch(runs['2', 1].flags)
 
     result = run_as_command('study.py', *command)
     assert result.returncode == 0, result.stderr
@@ -120,6 +112,7 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
     assert (results / 'study_grid.csv').read_bytes() == before
 
 
+@pytest.mark.slow
 def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes_them(prepared, tmp_path):
     """A study started in the background (SIGINT ignored, as a shell without job control leaves it, so that
     submitit's cancel cannot reach the runs) and stopped with two SIGTERMs after the first epoch of its run: the
@@ -128,7 +121,7 @@ def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes
     command = study_command(prepared, results, vary=('ensemble_size=2',), seeds='1',
                             train_flags=[*TRAIN_FLAGS, '--num_epochs', '10'])
     run = study_runs(command)[0]
-    checkpoint = run.prefix_path + '_checkpoint.pth'
+    checkpoint = run.paths['checkpoint.pth']
     process = subprocess.Popen([sys.executable, os.path.join(REPO, 'study.py'), *command], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
@@ -140,7 +133,7 @@ def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 130 and 'interrupted: run the same command again' in stderr
-    with utils.RunLock(run.folder, utils.RunName.from_args(run.args).prefix):
+    with run_files.RunLock(run.paths['lock'], run_files.RunName.from_args(run.args).prefix):
         pass  # no process holds the run any more
     assert torch.load(checkpoint, weights_only=True)['epoch'] <= 10, 'the run finished before it was stopped'
 
@@ -151,6 +144,7 @@ def test_sigterm_stops_the_runs_of_a_background_study_and_its_next_start_resumes
     assert len(resumed) == 1 and 'Epoch 10/10' in resumed[0]
 
 
+@pytest.mark.slow
 def test_a_failed_run_is_named_and_the_others_are_summarized(prepared, tmp_path):
     """--val_classes 1 is refused by train.py when the run starts."""
     results = tmp_path / 'results'
@@ -202,6 +196,7 @@ def test_switches_are_given_or_left_out():
     assert study.run_flags((('with_random', 'off'),), 7, 'f', [], defaults) == ['--seed', '7', '--results_dir', 'f']
 
 
+@pytest.mark.slow
 def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
     """Seed 1 finished, then its checkpoint was deleted (6 GB by default): finished, never trained again. Seed 2
     finished, then its results CSV was lost: resumed, which writes it again from the checkpoint. Seed 3 is damaged
@@ -211,14 +206,14 @@ def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
     runs = study_runs(command)
     for run in runs:
         assert run_main('train', *run.flags).returncode == 0
-    os.remove(runs[0].prefix_path + '_checkpoint.pth')
-    lost = runs[1].prefix_path + '_results.csv'
+    os.remove(runs[0].paths['checkpoint.pth'])
+    lost = runs[1].paths['results.csv']
     expected = open(lost).read()
     os.remove(lost)
-    with open(runs[2].prefix_path + '_results.csv', 'w') as f:
+    with open(runs[2].paths['results.csv'], 'w') as f:
         f.write('epoch,train_loss\n')
-    checkpoint = torch.load(runs[2].prefix_path + '_checkpoint.pth', weights_only=True)
-    torch.save({**checkpoint, 'args': list(checkpoint['args'])}, runs[2].prefix_path + '_checkpoint.pth')
+    checkpoint = torch.load(runs[2].paths['checkpoint.pth'], weights_only=True)
+    torch.save({**checkpoint, 'args': list(checkpoint['args'])}, runs[2].paths['checkpoint.pth'])
     folders = [results / 'study_grid' / os.path.basename(run.folder) for run in runs]
     before = [file_digests(folder) for folder in folders]
 
@@ -226,7 +221,7 @@ def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
     assert result.returncode == 1, result.stderr
     assert 'Traceback' not in result.stderr
     assert '1 finished, 1 to resume, 0 to start, 1 damaged;' in result.stdout
-    assert (f'warning: run ensemble_size=2_seed=3 is damaged: {runs[2].prefix_path}_results.csv: holds no epoch, and '
+    assert (f'warning: run ensemble_size=2_seed=3 is damaged: {runs[2].paths["results.csv"]}: holds no epoch, and '
             f'no readable checkpoint continues it; left as it is') in result.stderr
     assert result.stderr.splitlines()[-1] == ('error: 1 of 3 runs failed or did not finish (above); the summary holds '
                                               'the others. Run the same command again to retry them, and '

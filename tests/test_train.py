@@ -9,11 +9,13 @@ from PIL import Image
 
 import data_utils
 import engine
+import figures
+import run_files
 import train
 import utils
-from conftest import TINY, assert_one_line_error, prefix, run_main, run_train, written_files
+from conftest import (TINY, CodeOnLoad, assert_one_line_error, copy_of_run, prefix, run_main, run_train,
+                      written_files)
 from model import Model
-
 
 
 def test_end_to_end(trained):
@@ -38,12 +40,13 @@ def test_end_to_end(trained):
     assert database['test_images'][0].startswith(str(trained / 'data' / 'tiny'))
 
     checkpoint = torch.load(results / f'{prefix()}_checkpoint.pth', weights_only=True)
-    assert sorted(checkpoint) == sorted(utils.CHECKPOINT_KEYS)
+    assert sorted(checkpoint) == sorted(run_files.CHECKPOINT_KEYS)
     assert checkpoint['epoch'] == 3 and len(checkpoint['results']) == 2
     assert checkpoint['args']['seed'] == 1 and len(checkpoint['train_items']) == 16
     ids = torch.load(results / 'tiny_uncropped_fixed_2_2_ids.pth', weights_only=True)
     assert ids.shape == (2, 4) and torch.equal(ids, checkpoint['ids'])
-    Model(2, 2, pretrained=False).load_state_dict(torch.load(results / f'{prefix()}_model.pth', weights_only=True))
+    model = Model(2, 2, share_type='layer4', pretrained=False)
+    model.load_state_dict(torch.load(results / f'{prefix()}_model.pth', weights_only=True))
 
 
 def test_query_gallery_dataset_end_to_end(trained):
@@ -61,8 +64,8 @@ def test_curves_are_drawn_after_every_epoch(trained, tmp_path):
         assert image.format == 'PNG' and image.width > 400
     rows = [{'epoch': e, 'train_loss': 2.0 / e, 'train_accuracy': 10.0 * e, 'test_recall@1': 5.0 * e,
              'test_map@r': 1.0 * e, 'test_r_precision': 2.0 * e} for e in (1, 2)]
-    utils.atomic_write(str(tmp_path / 'one.png'), utils.curves_file(rows[:1]))
-    utils.atomic_write(str(tmp_path / 'two.png'), utils.curves_file(rows))
+    run_files.atomic_write(str(tmp_path / 'one.png'), figures.curves_file(rows[:1]))
+    run_files.atomic_write(str(tmp_path / 'two.png'), figures.curves_file(rows))
     assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
 
 
@@ -85,19 +88,20 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
                   for c in range(3)}
     args = train.get_args_parser().parse_args(['--results_dir', str(tmp_path), '--data_name', 'big', '--label_type',
                                                label_type, '--ensemble_size', '4', '--meta_class_size', '2'])
-    run = utils.RunName.from_args(args)
-    ids, drawn, _ = train.run_lists(args, run, train_dict, checkpoint=None)
+    run = run_files.RunName.from_args(args)
+    paths = run_files.run_paths(args.results_dir, run)
+    ids, drawn, _ = train.run_lists(args, run, paths, train_dict, checkpoint=None)
     assert os.listdir(tmp_path) == []  # written only once the run starts, every check passed
-    train.start_run(args, run, {}, ids)
+    run_files.start_run(args, paths, ids)
     args.load_ids = True
-    loaded_ids, loaded, _ = train.run_lists(args, run, train_dict, checkpoint=None)
+    loaded_ids, loaded, _ = train.run_lists(args, run, paths, train_dict, checkpoint=None)
     assert torch.equal(loaded_ids, ids) and loaded == drawn
     assert len(drawn) == 3 * utils.MAX_IMAGES_PER_CLASS
     args.load_ids, args.seed = False, 2
     with pytest.raises(utils.UsageError, match='other ids'):  # another seed would replace the saved ids
-        train.run_lists(args, run, train_dict, checkpoint=None)
+        train.run_lists(args, run, paths, train_dict, checkpoint=None)
     args.overwrite = True
-    assert train.run_lists(args, run, train_dict, checkpoint=None)[1] != drawn
+    assert train.run_lists(args, run, paths, train_dict, checkpoint=None)[1] != drawn
 
 
 def test_training_learns(trained):
@@ -129,16 +133,17 @@ def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
 def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
     """A run trained with --branch_impl grouped: its checkpoint has the loop's layout, and evaluate.py
     (the loop on the CPU) reproduces its recall."""
-    result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random')
+    result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random', '--share_type', 'layer1')
     assert result.returncode == 0, result.stderr
     assert 'branch engine: grouped (--branch_impl grouped)' in result.stdout
-    model_path = tiny / 'results' / f'{prefix(with_random=True)}_model.pth'
+    run = prefix(share='layer1', with_random=True)
+    model_path = tiny / 'results' / f'{run}_model.pth'
     assert list(torch.load(model_path, weights_only=True)) == list(Model(2, 2, pretrained=False).state_dict())
     evaluation = run_main('evaluate', model_path, '--batch_size', '4', '--num_workers', '0')
     assert evaluation.returncode == 0, evaluation.stderr
     assert 'branch engine: loop' in evaluation.stdout
-    trained = pd.read_csv(tiny / 'results' / f'{prefix(with_random=True)}_results.csv')
-    evaluated = pd.read_csv(tiny / 'results' / f'{prefix(with_random=True)}_eval.csv')
+    trained = pd.read_csv(tiny / 'results' / f'{run}_results.csv')
+    evaluated = pd.read_csv(tiny / 'results' / f'{run}_eval.csv')
     assert evaluated['test_recall@1'].iloc[0] == pytest.approx(trained['test_recall@1'].iloc[0], abs=100 / 12)
 
 
@@ -197,22 +202,13 @@ def test_load_ids_without_file_or_with_wrong_shape(tiny):
 
 
 def test_tampered_data_dicts_are_refused(tiny):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f'touch {tiny / "pwned"}',))
-    torch.save({'train': Payload()}, tiny / 'data' / 'tiny' / 'uncropped_data_dicts.pth')
+    torch.save({'train': CodeOnLoad(os.system, f'touch {tiny / "pwned"}')},
+               tiny / 'data' / 'tiny' / 'uncropped_data_dicts.pth')
     assert_one_line_error(run_train(tiny), 1, 'refused')
     assert not (tiny / 'pwned').exists()
 
 
 # ----------------------------------------------------------------------------- resume
-
-def copy_of_run(trained, tmp_path):
-    """A results folder holding a copy of the session's tiny run."""
-    shutil.copytree(trained / 'results', tmp_path / 'results',
-                    ignore=lambda _, names: [n for n in names if not n.startswith('tiny_')])
-    return tmp_path / 'results'
-
 
 def test_resume_with_other_flags_is_refused(trained, tmp_path):
     results = copy_of_run(trained, tmp_path)
@@ -239,23 +235,22 @@ def test_resume_without_or_with_a_bad_checkpoint(tiny):
 
 
 def test_tampered_checkpoint_runs_no_code(tiny):
-    class Payload:
-        def __reduce__(self):
-            return (os.system, (f'touch {tiny / "pwned"}',))
     (tiny / 'results').mkdir()
-    torch.save({'args': Payload()}, tiny / 'results' / f'{prefix()}_checkpoint.pth')
+    torch.save({'args': CodeOnLoad(os.system, f'touch {tiny / "pwned"}')},
+               tiny / 'results' / f'{prefix()}_checkpoint.pth')
     assert_one_line_error(run_train(tiny, '--resume'), 1, 'refused')
     assert not (tiny / 'pwned').exists()
 
 
 # ----------------------------------------------------------------------------- torch.distributed
 
+@pytest.mark.slow
 def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     distributed, results = gloo_run.result(), gloo_run.results
     assert distributed.returncode == 0, distributed.stderr
     assert distributed.stdout.count('Epoch 3/3 |') == 1  # only rank 0 prints
     assert '2 processes of 2 images a step' in distributed.stdout
-    assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in utils.RUN_OUTPUTS]
+    assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in run_files.RUN_OUTPUTS]
                                                  + ['tiny_uncropped_fixed_2_2_ids.pth', f'.{prefix()}.lock'])
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
@@ -271,8 +266,8 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
 
 
 def test_seeded_sampler_shards_cover_every_sample():
-    sampler = train.SeededSampler(10, seed=0, rank=1, num_replicas=3)
+    sampler = engine.SeededSampler(10, seed=0, rank=1, num_replicas=3)
     assert len(sampler) == 4 and len(list(sampler)) == 4
-    shards = [[i for i, _ in train.SeededSampler(10, 0, r, 3)] for r in range(3)]
+    shards = [[i for i, _ in engine.SeededSampler(10, 0, r, 3)] for r in range(3)]
     assert sorted(set(sum(shards, []))) == list(range(10))
-    assert list(train.SeededSampler(10, 0)) == list(train.SeededSampler(10, 0))
+    assert list(engine.SeededSampler(10, 0)) == list(engine.SeededSampler(10, 0))

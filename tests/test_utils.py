@@ -3,8 +3,9 @@ import pytest
 import torch
 
 import benchmark
+import run_files
 import utils
-from conftest import assert_one_line_error, run_as_command
+from conftest import CodeOnLoad, assert_one_line_error, run_as_command
 from model import BACKBONES, SHARE_TYPES
 
 
@@ -206,14 +207,9 @@ def test_metric_input_errors():
 
 # ----------------------------------------------------------------------------- safe loading
 
-class Payload:
-    def __reduce__(self):
-        return (print, ('code ran',))
-
-
 def test_safe_load_refuses_pickled_code(tmp_path, capsys):
     path = tmp_path / 'evil.pth'
-    torch.save({'model': Payload()}, path)
+    torch.save({'model': CodeOnLoad(print, 'code ran')}, path)
     with pytest.raises(utils.ReirError, match='refused'):
         utils.safe_load(str(path), 'checkpoint')
     assert 'code ran' not in capsys.readouterr().out
@@ -249,7 +245,7 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, failure, e
             f.write('half')
         raise failure
     with pytest.raises(error):
-        utils.atomic_write(str(path), failing)
+        run_files.atomic_write(str(path), failing)
     assert path.read_text() == 'old' and len(list(tmp_path.iterdir())) == 1
 
 
@@ -262,7 +258,7 @@ def test_a_failed_save_keeps_the_previous_set_of_files(tmp_path):
     def full_disk(tmp):
         raise RuntimeError('PytorchStreamWriter failed writing file data/0: file write failed')
     with pytest.raises(utils.ReirError, match=r'could not write .*data_base.pth \(PytorchStreamWriter'):
-        utils.save_together({str(model): lambda tmp: open(tmp, 'w').write('epoch 2'), str(database): full_disk})
+        run_files.save_together({str(model): lambda tmp: open(tmp, 'w').write('epoch 2'), str(database): full_disk})
     assert model.read_text() == database.read_text() == 'epoch 1'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['data_base.pth', 'model.pth']
 
@@ -331,10 +327,10 @@ def test_augmentation_is_reproducible_from_the_sample_seed(tmp_path):
 def test_run_names_parse_back(data_name, model_type):
     for with_random in (False, True):
         for share_type in SHARE_TYPES:
-            run = utils.RunName(data_name, 'cropped', 'random', with_random, share_type, model_type, 48, 12)
-            assert utils.RunName.parse(run.prefix) == run
-    assert utils.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet19_48_12') is None
-    assert utils.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet18_48') is None
+            run = run_files.RunName(data_name, 'cropped', 'random', with_random, share_type, model_type, 48, 12)
+            assert run_files.RunName.parse(run.prefix) == run
+    assert run_files.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet19_48_12') is None
+    assert run_files.RunName.parse('cub_uncropped_fixed_unrandom_layer1_resnet18_48') is None
 
 
 @pytest.mark.parametrize('script, args, code, fragment', [

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import data_utils
+import run_files
 import train
-import utils
-from conftest import TINY, assert_one_line_error, make_folder_dataset, one_thread, prefix, run_main, run_train
+from conftest import (TINY, assert_one_line_error, interrupt_in_epoch, make_folder_dataset, one_thread, prefix,
+                      run_main, run_train)
 
 VAL = ['--val_classes', '2', '--recalls', '1,2']
 
@@ -105,22 +106,13 @@ def test_the_model_is_chosen_by_validation_not_test(six, tmp_path, monkeypatch):
     assert torch.load(tmp_path / f'{prefix("six")}_checkpoint.pth', weights_only=True)['best_recall'] == 60.0
 
 
-def test_an_interrupted_run_resumes_to_the_same_results(six, val_run, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_same_results(six, val_run, tmp_path):
     """Ctrl-C in epoch 2, --resume: the CSV and the selected model equal those of the uninterrupted run."""
     results, _ = val_run
-    train_one_epoch = train.train_one_epoch
-
-    def interrupt_in_epoch_2(*args):
-        if args[6].startswith('Epoch 2/'):  # the description
-            raise KeyboardInterrupt
-        return train_one_epoch(*args)
     flags = ['--data_path', six / 'data', '--data_name', 'six', '--results_dir', tmp_path, *TINY, *VAL]
     with one_thread():
-        monkeypatch.setattr(train, 'train_one_epoch', interrupt_in_epoch_2)
-        with pytest.raises(KeyboardInterrupt):
-            train.main(train.get_args_parser().parse_args([str(flag) for flag in flags]))
+        interrupt_in_epoch(flags)
         assert torch.load(tmp_path / f'{prefix("six")}_checkpoint.pth', weights_only=True)['epoch'] == 2
-        monkeypatch.setattr(train, 'train_one_epoch', train_one_epoch)
         resumed = run_train(six, *VAL, '--resume', name='six', results=tmp_path)
     assert resumed.returncode == 0, resumed.stderr
     assert 'resumed from' in resumed.stdout
@@ -159,9 +151,9 @@ def test_selection_picks_the_first_best_validation_epoch():
     rows = [{'epoch': 1, 'test_recall@1': 50.0, 'val_recall@1': 10.0},
             {'epoch': 2, 'test_recall@1': 10.0, 'val_recall@1': 30.0},
             {'epoch': 3, 'test_recall@1': 90.0, 'val_recall@1': 30.0}]
-    assert utils.selection_column(list(rows[0])) == 'val_recall@1'
-    assert utils.selected_row(rows)['epoch'] == 2
-    assert utils.selected_row([{k: v for k, v in row.items() if not k.startswith('val_')} for row in rows]) == \
+    assert run_files.selection_column(list(rows[0])) == 'val_recall@1'
+    assert run_files.selected_row(rows)['epoch'] == 2
+    assert run_files.selected_row([{k: v for k, v in row.items() if not k.startswith('val_')} for row in rows]) == \
         {'epoch': 3, 'test_recall@1': 90.0}
 
 

@@ -1,0 +1,565 @@
+"""A run's name and files: the prefix that names them and every path it gives, the lock that claims a run, safe
+writes (temporary files renamed into place together), and the formats of the files a run writes and the scripts
+read (results CSV and the selection rule, settings, embedding database, checkpoint), each checked in one place."""
+import errno
+import fcntl
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import torch
+
+import utils
+from model import BACKBONES, SHARE_TYPES
+
+RESULTS_DIR = 'results'
+# every file train.py writes for a run, <prefix>_<kind>, and --overwrite removes (run_paths names them all)
+RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
+RUN_FILE_KINDS = ('model.pth', 'data_base.pth')  # the files of a run that evaluate.py reads
+# what evaluate.py and inference.py need of a run besides its name: train.py's defaults, which they use
+# for a setting only when the user passes it (EMBEDDING_SETTINGS change an embedding and are never guessed)
+EMBEDDING_DEFAULTS = dict(recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
+EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
+# what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun
+# job, data dicts not fingerprinted
+CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': ''}
+
+
+# ----------------------------------------------------------------------------- a run's name and paths
+
+@dataclass(frozen=True)
+class RunName:
+    """The settings that name a run's files: every file of a run starts with its prefix,
+    <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>."""
+    data_name: str
+    crop_type: str
+    label_type: str
+    with_random: bool
+    share_type: str
+    model_type: str
+    ensemble_size: int
+    meta_class_size: int
+
+    PATTERN = re.compile(
+        rf'^(?P<data_name>.+)_(?P<crop_type>{"|".join(utils.CROP_TYPES)})_(?P<label_type>{"|".join(utils.LABEL_TYPES)})'
+        rf'_(?P<randomness>random|unrandom)_(?P<share_type>{"|".join(SHARE_TYPES)})'
+        rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)$')
+
+    @classmethod
+    def from_args(cls, args):
+        return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
+
+    @classmethod
+    def parse(cls, prefix):
+        """The RunName whose prefix is this text, or None."""
+        match = cls.PATTERN.match(prefix)
+        if match is None:
+            return None
+        return cls(match['data_name'], match['crop_type'], match['label_type'], match['randomness'] == 'random',
+                   match['share_type'], match['model_type'], int(match['ensemble_size']),
+                   int(match['meta_class_size']))
+
+    @property
+    def prefix(self):
+        randomness = 'random' if self.with_random else 'unrandom'
+        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{randomness}_{self.share_type}_'
+                f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}')
+
+    @property
+    def ids_name(self):
+        """The meta-class ids depend on the classes, label type, E and M only: runs that differ elsewhere
+        (share type, backbone, --with_random) can share them with --load_ids."""
+        return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{self.ensemble_size}_'
+                f'{self.meta_class_size}_ids.pth')
+
+
+def run_paths(results_dir, run):
+    """Every file of a run, by kind: <prefix>_<kind> for each of RUN_OUTPUTS and for evaluate.py's 'eval.csv'; 'ids',
+    the meta-class ids, which runs that differ only in share type, backbone or --with_random share; 'lock'
+    (RunLock)."""
+    prefix_path = os.path.join(results_dir, run.prefix)
+    return {**{kind: f'{prefix_path}_{kind}' for kind in (*RUN_OUTPUTS, 'eval.csv')},
+            'ids': os.path.join(results_dir, run.ids_name), 'lock': os.path.join(results_dir, f'.{run.prefix}.lock')}
+
+
+def run_of_file(path, kinds=RUN_FILE_KINDS):
+    """(RunName, run_paths, kind) of a file a run wrote, named <prefix>_<kind>."""
+    name = os.path.basename(path)
+    kind = next((k for k in kinds if name.endswith(f'_{k}')), None)
+    run = RunName.parse(name[:-len(kind) - 1]) if kind else None
+    if run is None:
+        raise utils.UsageError(f'{path}: expected a file named <prefix>_{" or <prefix>_".join(kinds)}, with the '
+                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>)')
+    return run, run_paths(os.path.dirname(path), run), kind
+
+
+# ----------------------------------------------------------------------------- safe writes
+
+def save_together(writers):
+    """Write a set of files {path: write(tmp_path)}: each to a temporary beside it, fsynced, then all renamed
+    into place. A failure while writing (a full disk, a quota, a Ctrl-C) removes the temporaries and leaves
+    the files as they were, never a mix of old and new; a disk error becomes a ReirError naming the file."""
+    temporaries = {}
+    try:
+        for path, write in writers.items():
+            directory = os.path.dirname(path) or '.'
+            os.makedirs(directory, exist_ok=True)
+            fd, temporaries[path] = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
+                                                     suffix='.tmp')
+            os.close(fd)
+            os.chmod(temporaries[path], 0o666 & ~current_umask())  # mkstemp makes 0600 files
+            try:
+                write(temporaries[path])
+                with open(temporaries[path], 'rb+') as f:
+                    os.fsync(f.fileno())
+            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
+                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+                raise utils.ReirError(f'could not write {path} ({reason}); the files there before are '
+                                      f'unchanged') from None
+        for path, tmp in temporaries.items():
+            os.replace(tmp, path)
+    except BaseException:
+        for tmp in temporaries.values():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), fsync, then rename over path: a kill at any moment leaves either the
+    old file or the complete new one, never a half-written file."""
+    save_together({path: write})
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(directory, prefix):
+    """Delete the temporaries that a killed write of the run's files (<prefix>_<kind>, RUN_OUTPUTS) left; the
+    kind is matched exactly, so that another run whose prefix begins with this one keeps its own."""
+    for name in os.listdir(directory):
+        if name.endswith('.tmp') and any(name.startswith(f'.{prefix}_{kind}.') for kind in RUN_OUTPUTS):
+            os.remove(os.path.join(directory, name))
+
+
+def torch_file(obj):
+    return lambda tmp: torch.save(obj, tmp)
+
+
+def json_file(obj):
+    def write(tmp):
+        with open(tmp, 'w') as f:
+            json.dump(obj, f, indent=1, sort_keys=True)
+    return write
+
+
+def csv_file(rows):
+    """A list of {column: value} rows as a CSV."""
+    return lambda tmp: pd.DataFrame(rows).to_csv(tmp, index=False)
+
+
+def atomic_torch_save(obj, path):
+    atomic_write(path, torch_file(obj))
+
+
+# ----------------------------------------------------------------------------- claiming a run
+
+class RunLock:
+    """An exclusive lock on results/.<prefix>.lock, held while the process lives: a second start of the same
+    run fails at once instead of writing over the first's files. A POSIX record lock (lockf): the data loader's
+    worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. The lock
+    file stays (removing it would let two processes lock two files of one name)."""
+
+    def __init__(self, path, prefix):
+        self.path = path
+        directory = os.path.dirname(path) or '.'
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self.file = open(self.path, 'a')
+        except OSError as e:
+            raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
+                                  f'--results_dir') from None
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.close()
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise utils.ReirError(f'cannot lock {self.path} ({e.strerror})') from None
+            raise utils.ReirError(f'{prefix} is being trained by another process (it holds {self.path}); wait for it, '
+                                  f'or change a setting of the prefix or --results_dir') from None
+
+    def release(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()
+
+
+def claim_run(args, run, paths):
+    """Lock the run's prefix (RunLock) and refuse a start that would replace an earlier run with this prefix
+    unasked: its files need --resume (continue it) or --overwrite (start_run removes them once the run is certain to
+    start). Returns the lock."""
+    lock = RunLock(paths['lock'], run.prefix)
+    remove_stale_temporaries(args.results_dir, run.prefix)
+    existing = [paths[kind] for kind in RUN_OUTPUTS if os.path.exists(paths[kind])]
+    if existing and not args.resume and not args.overwrite:
+        lock.release()
+        raise utils.UsageError(f'{args.results_dir}/ holds the files of a run with these settings '
+                               f'({", ".join(os.path.basename(p) for p in existing)}): continue it with '
+                               f'--resume, or pass --overwrite to start over')
+    return lock
+
+
+def start_run(args, paths, ids):
+    """What the main process writes once every check that could refuse the run has passed: with --overwrite the
+    earlier run's files go, and a run that drew its meta-class ids saves them (draw_or_load_ids checked that no
+    other run's ids are replaced)."""
+    if args.overwrite:
+        for kind in RUN_OUTPUTS:
+            if os.path.exists(paths[kind]):
+                os.remove(paths[kind])
+    if not (args.resume or args.load_ids):
+        atomic_torch_save(ids, paths['ids'])
+
+
+def draw_or_load_ids(args, run, paths, num_class, generator):
+    """The run's meta-class ids (E, C): those saved under --results_dir with --load_ids, else drawn. Writes nothing
+    (start_run writes drawn ids); refuses to draw ids other than the saved ones, unless --overwrite replaces them,
+    which it may only where no other run's files use them (runs that differ in share type, backbone or
+    --with_random share one ids file)."""
+    path = paths['ids']
+    if args.load_ids:
+        ids = utils.safe_load(path, 'meta-class ids')
+        if not isinstance(ids, torch.Tensor):
+            raise utils.ReirError(f'{path}: holds a {type(ids).__name__}, not a tensor of meta-class ids')
+        utils.check_ids(ids, path, args.ensemble_size, num_class, args.meta_class_size)
+        return ids.long()
+    try:
+        ids = utils.create_id(args.meta_class_size, num_class, args.ensemble_size, args.label_type, generator)
+    except ValueError as e:
+        raise utils.UsageError(str(e)) from None
+    if utils.is_main_process() and os.path.isfile(path):
+        saved = utils.safe_load(path, 'meta-class ids')
+        if not (isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids)):
+            sharing = runs_sharing_ids(args.results_dir, run)
+            if not args.overwrite:
+                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws: reuse them with '
+                                       f'--load_ids, or pass --overwrite to replace them')
+            if sharing:
+                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws, and the run '
+                                       f'{sharing[0]} uses them: reuse them with --load_ids, or train in another '
+                                       f'--results_dir')
+    return ids
+
+
+def runs_sharing_ids(results_dir, run):
+    """The prefixes of the other runs in results_dir whose files name the same meta-class ids file as run's."""
+    prefixes = set()
+    for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
+        for kind in RUN_OUTPUTS:
+            other = RunName.parse(name[:-len(kind) - 1]) if name.endswith(f'_{kind}') else None
+            if other is not None and other != run and other.ids_name == run.ids_name:
+                prefixes.add(other.prefix)
+    return sorted(prefixes)
+
+
+# ----------------------------------------------------------------------------- results and the selection rule
+
+def write_results_csv(rows, path):
+    atomic_write(path, csv_file(rows))
+
+
+def read_results(path):
+    """The rows of a run's results CSV ({column: number}, one per epoch from epoch 1 on), refused (naming the file)
+    when it is unreadable or empty, lacks the epoch or a recall column, or holds a value that is not a number."""
+    try:
+        frame = pd.read_csv(path)
+    except FileNotFoundError:
+        raise utils.ReirError(f'{path} not found') from None
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as e:
+        raise utils.ReirError(f'{path}: not a results CSV ({type(e).__name__})') from None
+    if frame.empty:
+        raise utils.ReirError(f'{path}: holds no epoch')
+    if 'epoch' not in frame or not any(c.startswith(('test_recall@', 'val_recall@')) for c in frame.columns):
+        raise utils.ReirError(f'{path}: not a results CSV (no epoch and recall columns)')
+    numbers = frame.apply(pd.to_numeric, errors='coerce')
+    if numbers.isna().any().any() or not np.isfinite(numbers.to_numpy(dtype=np.float64)).all():
+        raise utils.ReirError(f'{path}: holds a value that is not a number')
+    if numbers['epoch'].tolist() != list(range(1, len(frame) + 1)):
+        raise utils.ReirError(f'{path}: its epochs are not 1 to {len(frame)} in order')
+    rows = numbers.to_dict('records')
+    return [{**row, 'epoch': int(row['epoch'])} for row in rows]
+
+
+def selection_column(columns):
+    """The results column that chooses a run's model: validation Recall@K for the first K of --recalls when
+    the run held classes out (--val_classes), else test Recall@K."""
+    recalls = [c for c in columns if c.startswith('val_recall@')] \
+        or [c for c in columns if c.startswith('test_recall@')]
+    if not recalls:
+        raise utils.ReirError(f'no val_recall@K or test_recall@K column among {", ".join(columns)}')
+    return recalls[0]
+
+
+def selected_row(rows):
+    """The row (epoch) of a run's results whose model is the run's model: the first with the highest
+    selection_column, as train.py keeps the first best epoch."""
+    column = selection_column(list(rows[0]))
+    return max(rows, key=lambda row: row[column])
+
+
+# ----------------------------------------------------------------------------- settings
+
+def recorded_settings(args, data_dicts, held_out):
+    """What <prefix>_args.json and the database record of the run: its flags, the normalization it used (a
+    folder dataset prepared again with more images gets another mean and std) and the training classes it held
+    out for validation."""
+    return dict(vars(args), mean=list(data_dicts['mean']), std=list(data_dicts['std']),
+                held_out_classes=sorted(held_out))
+
+
+# what the recorded settings of a run (<prefix>_args.json, the checkpoint's args) hold where present, as (what it
+# must be, test): the settings evaluate.py and inference.py read
+SETTINGS_FORMAT = {
+    'image_size': ('a positive integer', lambda v: utils.is_int(v) and v > 0),
+    'exact_pipeline': ('true or false', lambda v: isinstance(v, bool)),
+    'recalls': ('a list of positive integers', lambda v: isinstance(v, list) and bool(v)
+                and all(utils.is_int(k) and k > 0 for k in v)),
+    'data_path': ('a path', lambda v: isinstance(v, str) and bool(v)),
+    'mean': ('three numbers', lambda v: v is None or utils.three_numbers(v)),
+    'std': ('three numbers above 0', lambda v: v is None or (utils.three_numbers(v) and min(v) > 0)),
+    'held_out_classes': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+}
+
+
+def settings_problem(settings):
+    """What makes a run's recorded settings unusable (not a dict, a value of SETTINGS_FORMAT of the wrong kind), or
+    None."""
+    if not isinstance(settings, dict):
+        return f'the settings are a {type(settings).__name__}, not a dict of flags'
+    for key, (kind, fits) in SETTINGS_FORMAT.items():
+        if key in settings and not fits(settings[key]):
+            return f'"{key}" is {settings[key]!r}, not {kind}'
+    return None
+
+
+def run_settings(paths):
+    """The flags of the run whose files are paths (run_paths), from <prefix>_args.json (written with its model)
+    or else its checkpoint; None when neither exists. A file that exists but does not hold the settings in the
+    form SETTINGS_FORMAT says is refused, naming it."""
+    path = paths['args.json']
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, UnicodeDecodeError, ValueError) as e:
+            raise utils.ReirError(f'{path}: the run\'s settings cannot be read ({type(e).__name__}); write the file '
+                                  f'again or delete it') from None
+    else:
+        path = paths['checkpoint.pth']
+        checkpoint = peek_checkpoint(path)
+        if checkpoint is None:
+            return None
+        saved = checkpoint['args']
+    problem = settings_problem(saved)
+    if problem:
+        raise utils.ReirError(f'{path}: {problem}; write the file again or delete it')
+    return saved
+
+
+def embedding_settings(paths, overrides, model_needed):
+    """The settings of EMBEDDING_DEFAULTS for the run whose files are paths (run_paths): the overrides that
+    are not None, else the run's own (run_settings). The settings that change an embedding
+    (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
+    them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
+    recorded normalization, or None (see normalization); held_out_classes the training classes it held out for
+    validation (--val_classes)."""
+    saved = run_settings(paths) or {}
+    settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
+    settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
+    settings.update({k: v for k, v in overrides.items() if v is not None})
+    settings.update(mean=saved.get('mean'), std=saved.get('std'))  # the normalization the run used, if recorded
+    settings.update(held_out_classes=saved.get('held_out_classes', []))
+    missing = [k for k in EMBEDDING_SETTINGS if k not in settings]
+    if model_needed and missing:
+        raise utils.ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: {paths["args.json"]} '
+                              f'and {os.path.basename(paths["checkpoint.pth"])} are gone; pass --image_size N and '
+                              f'--exact_pipeline or --no-exact_pipeline as the run was trained')
+    return SimpleNamespace(**settings)
+
+
+def normalization(settings, data_dicts):
+    """(mean, std) the run normalized its images with when its files record them, else the dataset's."""
+    return settings.mean or data_dicts['mean'], settings.std or data_dicts['std']
+
+
+# ----------------------------------------------------------------------------- embedding database
+
+def database_file(splits, dataset_root, settings):
+    """The embedding database that evaluate.py and inference.py read: for every split, from
+    splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
+    the working folder, the class keys and the features in float16; with the folder those paths start from
+    and the run's settings (plain values), so that the file describes itself."""
+    database = {'working_dir': os.getcwd(), 'settings': settings}
+    for split, (items, features) in splits.items():
+        database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
+        database[f'{split}_labels'] = [key for _, key in items]
+        database[f'{split}_features'] = features.half()
+    return torch_file(database)
+
+
+def resolve_database(name):
+    """An embedding database given as a path or as a file name under results/."""
+    if os.path.isfile(name):
+        return name
+    candidate = os.path.join(RESULTS_DIR, name)
+    if os.path.isfile(candidate):
+        return candidate
+    raise utils.ReirError(f'embedding database {name} not found (as a path or under {RESULTS_DIR}/); '
+                          f'train.py writes <prefix>_data_base.pth there')
+
+
+def database_problem(splits):
+    """What makes an embedding database's splits {name: (image paths, class keys, features)} unusable (values of the
+    wrong kind, as many feature rows as neither labels nor images, non-finite features, splits of other widths), or
+    None."""
+    widths = set()
+    for name, (images, labels, features) in splits.items():
+        if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
+            return f'{name}_images is not a list of image paths'
+        if not isinstance(labels, list) or not all(isinstance(key, (str, int)) for key in labels):
+            return f'{name}_labels is not a list of class ids'
+        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
+            return f'{name}_features is not an (N, d) tensor of floats'
+        if not len(images) == len(labels) == features.shape[0]:
+            return (f'{name}_features has {features.shape[0]} rows for {len(labels)} labels and {len(images)} '
+                    f'images')
+        if not len(labels):
+            return f'the {name} split is empty'
+        if not utils.all_finite(features):
+            return f'{name}_features holds NaN or infinite values'
+        widths.add(features.shape[1])
+    if len(widths) > 1:
+        return f'its splits have features of different widths ({", ".join(map(str, sorted(widths)))})'
+    return None
+
+
+def load_database(path):
+    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database, refused (naming the
+    file) unless each split is whole (database_problem). Relative image paths are read from the folder the run
+    worked in when they are not found from this one."""
+    database = utils.safe_load(path, 'embedding database')
+    names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
+        if isinstance(database, dict) else []
+    if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
+        raise utils.ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
+    splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
+              for name in names}
+    problem = database_problem(splits)
+    if problem:
+        raise utils.ReirError(f'{path}: {problem}; write it again (evaluate.py or train.py --resume)')
+    origin = database.get('working_dir')
+    first = next((images[0] for images, _, _ in splits.values() if images), None)
+    if isinstance(origin, str) and first is not None and not os.path.exists(first) \
+            and os.path.exists(os.path.join(origin, first)):
+        splits = {name: ([os.path.join(origin, p) for p in images], labels, features)
+                  for name, (images, labels, features) in splits.items()}
+    return splits
+
+
+# ----------------------------------------------------------------------------- checkpoint
+
+def is_state(value):
+    return isinstance(value, dict) and all(isinstance(key, (str, int)) for key in value)
+
+
+def is_model_state(value):
+    """Whether value is a model's state_dict: tensors by name."""
+    return is_state(value) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
+
+
+# what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
+CHECKPOINT_FORMAT = {
+    'model': ('a state_dict of tensors', is_model_state),
+    'optimizer': ('a state_dict', lambda v: is_state(v) and {'state', 'param_groups'} <= set(v)),
+    'scheduler': ('a state_dict', is_state),
+    'scaler': ('a state_dict', is_state),
+    'epoch': ('an epoch number from 1', lambda v: utils.is_int(v) and v >= 1),
+    'step': ('a step count from 0', lambda v: utils.is_int(v) and v >= 0),
+    'running': ('a list of running sums and random states', lambda v: isinstance(v, list) and all(
+        isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
+        and all(utils.is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in v)),
+    'best_recall': ('a number', utils.is_number),
+    'results': ('a list of result rows', lambda v: isinstance(v, list) and all(
+        isinstance(row, dict) and utils.is_int(row.get('epoch')) for row in v)),
+    'args': ('a dict of flags', lambda v: isinstance(v, dict)),
+    'ids': ('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
+            and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)),
+    'train_items': ('a list of (image path, class index) pairs', lambda v: isinstance(v, list) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and utils.is_int(item[1])
+        for item in v)),
+    'held_out': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
+    'elastic_job': ('a torchrun job id', lambda v: isinstance(v, str)),
+    'data_fingerprint': ('a data fingerprint', lambda v: isinstance(v, str)),
+}
+CHECKPOINT_KEYS = tuple(CHECKPOINT_FORMAT)
+
+
+def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
+    """What makes a checkpoint unusable (not a dict, a required key missing, any value not of the kind
+    CHECKPOINT_FORMAT says), or None. Keys of CHECKPOINT_KEY_DEFAULTS may be absent (older checkpoints)."""
+    if not isinstance(checkpoint, dict):
+        return f'not a REIR checkpoint but a {type(checkpoint).__name__}'
+    missing = [key for key in required if key not in checkpoint and key not in CHECKPOINT_KEY_DEFAULTS]
+    if missing:
+        return f'not a REIR checkpoint (missing {", ".join(missing)})'
+    for key, (kind, fits) in CHECKPOINT_FORMAT.items():
+        if key in checkpoint and not fits(checkpoint[key]):
+            return f'its "{key}" is not {kind}'
+    return None
+
+
+def checkpoint_file(trainable, progress):
+    """A run's checkpoint, as a writer for save_together: trainable, the model, optimizer, scheduler and scaler by
+    name, saved by their state_dict, and progress, the rest of CHECKPOINT_FORMAT. A dict that is not exactly what
+    CHECKPOINT_FORMAT says is a bug, refused before anything is written: what is written is what load_checkpoint
+    reads."""
+    checkpoint = {**{name: obj.state_dict() for name, obj in trainable.items()}, **progress}
+    odd = set(checkpoint) ^ set(CHECKPOINT_KEYS)
+    problem = f'keys {sorted(odd)} are not those of CHECKPOINT_FORMAT' if odd else checkpoint_problem(checkpoint)
+    if problem:
+        raise ValueError(f'a checkpoint to write is malformed: {problem}')
+    return torch_file(checkpoint)
+
+
+def load_checkpoint(path):
+    """A run's checkpoint, refused (naming the file and the problem) unless it is whole and every key of
+    CHECKPOINT_FORMAT holds what it should; keys of CHECKPOINT_KEY_DEFAULTS may be absent and take their defaults."""
+    checkpoint = utils.safe_load(path, 'checkpoint')
+    problem = checkpoint_problem(checkpoint)
+    if problem:
+        raise utils.ReirError(f'{path}: {problem}; delete it and start again without --resume')
+    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
+
+
+def peek_checkpoint(path):
+    """A run's checkpoint read memory-mapped (its tensors stay on disk, their checksums unread), for its flags and
+    position; None when it is absent, unreadable, or lacks args and epoch or holds a key of the wrong kind."""
+    try:
+        checkpoint = utils.safe_load(path, 'checkpoint', verify=False, mmap=True)
+    except utils.ReirError:
+        return None
+    if checkpoint_problem(checkpoint, required=('args', 'epoch')):
+        return None
+    return {**CHECKPOINT_KEY_DEFAULTS, **checkpoint}
