@@ -412,10 +412,9 @@ def benchmark_checkpoint(args):
     os.makedirs(args.folder, exist_ok=True)
     row = run_in_worker(checkpoint_case, config, args.folder)
     print(f"ResNet-18, E={config['ensemble_size']}, M=12, layer1 shared: checkpoint {row['size_mib']:,.0f} MiB on "
-          f"disk; "
-          f"written as train.py writes it in {row['atomic_s']:.2f} s ({row['atomic_s'] / row['plain_s']:.2f}x a plain "
-          f"torch.save, {row['plain_s']:.2f} s), {row['atomic_s'] / row['step_s']:.2f} training steps of batch 10 at "
-          f"64 px on the CPU ({row['step_s']:.2f} s)", flush=True)
+          f"disk; written as train.py writes it in {row['atomic_s']:.2f} s ({row['atomic_s'] / row['plain_s']:.2f}x "
+          f"a plain torch.save, {row['plain_s']:.2f} s), {row['atomic_s'] / row['step_s']:.2f} training steps of batch "
+          f"10 at 64 px on the CPU ({row['step_s']:.2f} s)", flush=True)
     write_csv(pd.DataFrame([dict(config, **{key: round(value, 3) for key, value in row.items()},
                                  folder=args.folder, machine=machine_name())]), 'checkpoint')
 

@@ -14,7 +14,6 @@ the input.
 import argparse
 import os
 
-
 import engine
 import run_files
 import utils

@@ -339,7 +339,7 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
     val_data = engine.build_eval_data({'test': held_out}, dataset_root, transform, min_side, batch_size, options) \
         if held_out else None
     database_items = {**test_data[0], **({'val': val_data[0]['test']} if held_out else {})}
-    training_classes = {key: paths for key, paths in data_dicts['train'].items() if key not in held_out}
+    training_classes = {key: images for key, images in data_dicts['train'].items() if key not in held_out}
     train_images = database_loader(training_classes, dataset_root, transform, min_side, batch_size, options) \
         if 'test' in test_data[0] else None
     utils.log(f'{args.data_name}: {len(training_classes)} training classes, {len(train_items)} training images, '
