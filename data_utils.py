@@ -23,17 +23,9 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from run_files import atomic_torch_save, atomic_write
-from utils import (EVAL_SPLITS, UNREADABLE_IMAGE_ERRORS, ReirError, data_dicts_path, dataset_name, positive_int,
-                   run_cli, short_side_size, to_rgb)
+from utils import (EVAL_SPLITS, KNOWN_STATS, UNREADABLE_IMAGE_ERRORS, ReirError, data_dicts_path, dataset_name,
+                   positive_int, run_cli, short_side_size, to_rgb)
 
-# Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
-# theirs computed from the train split.
-KNOWN_STATS = {
-    'car': ([0.4853, 0.4965, 0.4295], [0.2237, 0.2193, 0.2568]),
-    'cub': ([0.4707, 0.4601, 0.4549], [0.2767, 0.2760, 0.2850]),
-    'sop': ([0.5807, 0.5396, 0.5044], [0.2901, 0.2974, 0.3095]),
-    'isc': ([0.8324, 0.8109, 0.8041], [0.2206, 0.2378, 0.2444]),
-}
 DOWNLOADS = {
     'car': 'Cars196: https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz, cars_annos.mat)',
     'cub': 'CUB-200-2011: https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)',

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+import original
 import utils
 from model import Model, PretrainedWeightsUnavailable, embed, time_branch_impls
 
@@ -259,13 +260,24 @@ def build_model(run, pretrained, branch_impl='auto'):
 
 
 def load_model(path, run):
-    """The run's model with the weights of path, on the CPU, in evaluation mode."""
+    """The run's model with the weights of path, a state_dict of this Model or of the original REIR's, on the CPU,
+    in evaluation mode."""
     model = build_model(run, pretrained=False)
+    state = utils.safe_load(path, 'model')
     try:
-        model.load_state_dict(utils.safe_load(path, 'model'))
-    except (RuntimeError, TypeError) as e:
-        raise utils.ReirError(f'{path}: does not fit the model its name describes ({str(e).splitlines()[0]})') from None
+        if original.is_original_state(state):
+            state = original.state_dict_from_original(state, run.share_type)
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise utils.ReirError(f'{path}: does not fit the model {run.prefix} describes ({mismatch(e)})') from None
     return model.eval()
+
+
+def mismatch(error):
+    """The first line of load_state_dict's error that says what differs, shortened."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reason = lines[1] if len(lines) > 1 and lines[0].startswith('Error(s) in loading') else lines[0]
+    return reason if len(reason) <= 160 else reason[:157] + '...'
 
 
 def choose_branch_impl(model, flag, device, batch_size, image_size, amp, training=True):

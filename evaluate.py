@@ -10,6 +10,10 @@ settings come from the file name (the prefix) and, for the image size, input pip
 run's <prefix>_args.json (or its checkpoint); flags override them, and a model is never run with a guessed
 image size or pipeline. Prints the metrics line of train.py and writes <prefix>_eval.csv beside
 the input.
+
+The files the original REIR saved work too: its model state_dict (epochs/<prefix>_model.pth) is mapped onto this
+Model and embeds as the original did (256 pixels, whole images decoded; original.py), and its database is scored
+from its stored features.
 """
 import argparse
 import os
@@ -21,7 +25,11 @@ import utils
 
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Evaluate a trained REIR model or embedding database')
-    parser.add_argument('path', help='results/<prefix>_model.pth or results/<prefix>_data_base.pth')
+    parser.add_argument('path', help='results/<prefix>_model.pth or results/<prefix>_data_base.pth (also the '
+                                     'original REIR\'s epochs/<prefix>_model.pth and results/<prefix>_data_base.pth)')
+    parser.add_argument('--prefix', default=None,
+                        help='the run\'s prefix, for a file whose name does not carry it (<data_name>_<crop_type>_'
+                             '<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>)')
     parser.add_argument('--recalls', default=None, type=utils.recall_list,
                         help='K of Recall@K (default: the run\'s, else 1,2,4,8)')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s, else data)')
@@ -80,7 +88,7 @@ def evaluate_model(path, run, settings, args):
 
 
 def main(args):
-    run, paths, kind = run_files.run_of_file(args.path)
+    run, paths, kind = run_files.run_of_file(args.path, prefix=args.prefix)
     settings = run_files.embedding_settings(paths, {k: getattr(args, k) for k in run_files.EMBEDDING_DEFAULTS},
                                             model_needed=kind == 'model.pth')
     if kind == 'data_base.pth':

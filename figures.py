@@ -2,6 +2,9 @@
 retrieval grids, a query and the images a run ranks first, each framed green (same class as the query) or red
 (another class): inference.py draws one query's row, ablation.py the rows of two runs for the queries they
 disagree on."""
+import hashlib
+import os
+
 import pandas as pd
 from PIL import Image, ImageDraw, ImageOps
 
@@ -55,6 +58,23 @@ def curves_file(results):
 
 
 # ----------------------------------------------------------------------------- retrieval grids
+
+def query_name(query_path):
+    """<file name without extension>-<8 hex digits of its absolute path>: images named alike in different folders
+    (0.jpg of every class) are told apart."""
+    digest = hashlib.sha256(os.path.abspath(query_path).encode()).hexdigest()[:8]
+    return f'{os.path.splitext(os.path.basename(query_path))[0]}-{digest}'
+
+
+def framed(path, same_class=None, width=0, side=256):
+    """An image resized to side x side, framed green (same_class True) or red (False) as the original REIR's
+    inference.py and ablation.py save their retrieved images; unframed where same_class is None (the query)."""
+    image = utils.load_rgb(path).resize((side, side), resample=Image.BILINEAR)
+    if same_class is not None:
+        ImageDraw.Draw(image).rectangle((0, 0, side - 1, side - 1), outline='green' if same_class else 'red',
+                                        width=width)
+    return image
+
 
 def tile(path, caption, frame_colour, font):
     """One image letterboxed into a TILE square, framed, with a caption strip under it."""

@@ -3,26 +3,25 @@
     python inference.py --query_img_name data/cub/images/200.Common_Yellowthroat/x.jpg \
         --data_base cub_uncropped_fixed_unrandom_layer1_resnet18_48_12_data_base.pth --retrieval_num 8
 
-Embeds the query with the run's best model (<prefix>_model.pth beside the database), ranks the database
-split by similarity and writes results/<query name>-<hash of its path>_<prefix>_retrieval.png (two queries of one
-name in other folders get files of their own): the query, then its top K,
+Embeds the query with the run's best model (--model, by default <prefix>_model.pth beside the database), ranks the
+database split by similarity and writes results/<query name>-<hash of its path>_<prefix>_retrieval.png (two queries
+of one name in other folders get files of their own): the query, then its top K,
 each labelled with rank and similarity and framed green (same class) or red (other class) when the
 query's class is known, that is when the query is an image of the database. Runs on the CPU.
+
+A database the original REIR saved works too, with its model (--model epochs/<prefix>_model.pth) or, as the
+original's inference.py, without one for a query that is one of its images: its stored embedding is used.
 """
 import argparse
-import hashlib
 import os
 
 import torch
 from PIL import ImageFont
 
-import engine
 import figures
 import run_files
+import trained
 import utils
-from model import embed
-
-EMBEDDING_FLAGS = ('data_path', 'image_size', 'exact_pipeline')
 
 
 def get_args_parser():
@@ -33,6 +32,9 @@ def get_args_parser():
     parser.add_argument('--data_type', default=None, choices=('train', 'test', 'query', 'gallery'),
                         help='database split to search (default: test, or gallery for query/gallery datasets)')
     parser.add_argument('--retrieval_num', default=8, type=utils.positive_int, help='images to retrieve')
+    parser.add_argument('--model', default=None,
+                        help='the run\'s <prefix>_model.pth (default: beside the database; the original REIR kept it '
+                             'in epochs/)')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s)')
     parser.add_argument('--image_size', default=None, type=utils.positive_int, help='default: the run\'s')
     parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
@@ -50,13 +52,6 @@ def query_class(query_path, database):
     return None
 
 
-def query_name(query_path):
-    """<file name without extension>-<8 hex digits of its absolute path>: images named alike in different folders
-    (0.jpg of every class) are told apart."""
-    digest = hashlib.sha256(os.path.abspath(query_path).encode()).hexdigest()[:8]
-    return f'{os.path.splitext(os.path.basename(query_path))[0]}-{digest}'
-
-
 def retrieve(query_feature, query_label, split, query_path, count):
     """Indices and similarities of the count database images of split (images, labels, features) most similar to
     the query, the query itself excluded, in the order of the metrics (utils.ranking: among equal scores an image of
@@ -69,28 +64,43 @@ def retrieve(query_feature, query_label, split, query_path, count):
     return top, scores[top].tolist()
 
 
+def query_embedding(args, run, database_path, database):
+    """The query's embedding (E*M,): from the run's model (--model, else <prefix>_model.pth beside the database);
+    where there is no model file (an original REIR database alone), the stored one of the query when it is one of
+    the database's images, as the original's inference.py does."""
+    model_path = args.model or run_files.run_of_file(database_path, kinds=('data_base.pth',))[1]['model.pth']
+    if not os.path.isfile(model_path):
+        query = os.path.abspath(args.query_img_name)
+        stored = [features[i] for images, _, features in database.values()
+                  for i, path in enumerate(images) if os.path.abspath(path) == query]
+        if not stored:
+            raise utils.ReirError(f'no model at {model_path} to embed the query with: pass --model <prefix>_model.pth '
+                                  f'(the original REIR kept it in epochs/), or query an image of the database')
+        utils.log(f'no model at {model_path}: the query\'s embedding is the one stored in {database_path}')
+        return stored[0].float()
+    own = run_files.RunName.parse(os.path.basename(model_path).removesuffix('_model.pth'))
+    if own is not None and own != run:
+        raise utils.ReirError(f'{model_path} is the model of {own.prefix}, not of the database\'s run {run.prefix}')
+    model, transform = trained.load_run(model_path, run.prefix, args.image_size, args.exact_pipeline,
+                                        args.data_path)
+    try:
+        query = transform(args.query_img_name)[None]                                 # (1, 3, S, S)
+    except utils.UNREADABLE_IMAGE_ERRORS as e:
+        raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
+    with torch.inference_mode():
+        return model.embedding(query)[0]                                         # (E * M,)
+
+
 def main(args):
     database_path = run_files.resolve_database(args.data_base)
-    run, paths, _ = run_files.run_of_file(database_path, kinds=('data_base.pth',))
-    settings = run_files.embedding_settings(paths, {k: getattr(args, k) for k in EMBEDDING_FLAGS},
-                                            model_needed=True)
+    run, _, _ = run_files.run_of_file(database_path, kinds=('data_base.pth',))
     database = run_files.load_database(database_path)
     split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
     if split not in database:
         raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')
     if not os.path.isfile(args.query_img_name):
         raise utils.ReirError(f'query image {args.query_img_name} not found')
-
-    data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
-    transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
-                                               *run_files.normalization(settings, data_dicts), settings.exact_pipeline)
-    model = engine.load_model(paths['model.pth'], run)
-    try:
-        query = transform(utils.load_rgb(args.query_img_name, min_side))[None]          # (1, 3, S, S)
-    except utils.UNREADABLE_IMAGE_ERRORS as e:
-        raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
-    with torch.inference_mode():
-        query_feature = embed(model(query))[0]                                   # (E * M,)
+    query_feature = query_embedding(args, run, database_path, database)
 
     images, labels, _ = database[split]
     label = query_class(args.query_img_name, database)
@@ -103,7 +113,7 @@ def main(args):
                               f'in, or keep the dataset where it was') from None
 
     output = os.path.join(os.path.dirname(database_path),
-                          f'{query_name(args.query_img_name)}_{run.prefix}_retrieval.png')
+                          f'{figures.query_name(args.query_img_name)}_{run.prefix}_retrieval.png')
     run_files.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
     for rank, (path, similarity, other) in enumerate(results, start=1):
         mark = ' (same class)' if label is not None and other == label else ''

@@ -205,6 +205,10 @@ class Model(nn.Module):
             inputs = inputs * weights.view(1, -1, 1, 1, 1)
         return grouped_branches(self.branches, inputs.flatten(1, 2))  # (B, E*C, H, W) -> (B, E, M)
 
+    def embedding(self, x):
+        """The retrieval embedding of images x (B, 3, S, S): (B, E * M), see embed."""
+        return embed(self(x))
+
 
 def embed(logits):
     """Retrieval embedding: every branch's logits L2-normalized, then concatenated.

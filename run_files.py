@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import original
 import utils
 from model import BACKBONES, SHARE_TYPES
 
@@ -87,15 +88,22 @@ def run_paths(results_dir, run):
             'ids': os.path.join(results_dir, run.ids_name), 'lock': os.path.join(results_dir, f'.{run.prefix}.lock')}
 
 
-def run_of_file(path, kinds=RUN_FILE_KINDS):
-    """(RunName, run_paths, kind) of a file a run wrote, named <prefix>_<kind>."""
+def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None):
+    """(RunName, run_paths, kind) of a file a run wrote, named <prefix>_<kind> (the original REIR named its files so
+    too). prefix: the run's prefix, for a file whose name does not carry it; the paths are then those of that prefix
+    beside the file, with the file itself as its kind."""
     name = os.path.basename(path)
     kind = next((k for k in kinds if name.endswith(f'_{k}')), None)
-    run = RunName.parse(name[:-len(kind) - 1]) if kind else None
+    if kind is None and prefix:
+        raise utils.UsageError(f'{path}: expected a file whose name ends in _{" or _".join(kinds)}')
+    run = RunName.parse(prefix or name[:-len(kind) - 1]) if kind else None
+    if run is None and prefix:
+        raise utils.UsageError(f'--prefix {prefix}: not a run\'s prefix (<data_name>_<crop_type>_<label_type>_'
+                               f'<random|unrandom>_<share_type>_<model_type>_<E>_<M>)')
     if run is None:
         raise utils.UsageError(f'{path}: expected a file named <prefix>_{" or <prefix>_".join(kinds)}, with the '
-                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>)')
-    return run, run_paths(os.path.dirname(path), run), kind
+                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>), or pass --prefix')
+    return run, {**run_paths(os.path.dirname(path), run), kind: path}, kind
 
 
 # ----------------------------------------------------------------------------- safe writes
@@ -356,7 +364,8 @@ def settings_problem(settings):
 
 def run_settings(paths):
     """The flags of the run whose files are paths (run_paths), from <prefix>_args.json (written with its model)
-    or else its checkpoint; None when neither exists. A file that exists but does not hold the settings in the
+    or else its checkpoint; where neither exists, those the original REIR embedded with when the model is one it
+    saved (original.ORIGINAL_SETTINGS), else None. A file that exists but does not hold the settings in the
     form SETTINGS_FORMAT says is refused, naming it."""
     path = paths['args.json']
     if os.path.isfile(path):
@@ -370,12 +379,20 @@ def run_settings(paths):
         path = paths['checkpoint.pth']
         checkpoint = peek_checkpoint(path)
         if checkpoint is None:
-            return None
+            return dict(original.ORIGINAL_SETTINGS) if is_original_model(paths['model.pth']) else None
         saved = checkpoint['args']
     problem = settings_problem(saved)
     if problem:
         raise utils.ReirError(f'{path}: {problem}; write the file again or delete it')
     return saved
+
+
+def is_original_model(path):
+    """Whether path is a model state_dict the original REIR saved (read memory-mapped; False when unreadable)."""
+    try:
+        return original.is_original_state(utils.safe_load(path, 'model', verify=False, mmap=True))
+    except utils.ReirError:
+        return False
 
 
 def embedding_settings(paths, overrides, model_needed):
@@ -456,10 +473,13 @@ def database_problem(splits):
 
 
 def load_database(path):
-    """{split: (image paths, class keys, (N, E*M) float16 features)} of an embedding database, refused (naming the
-    file) unless each split is whole (database_problem). Relative image paths are read from the folder the run
+    """{split: (image paths, class keys, (N, E*M) features)} of an embedding database, this repository's or the
+    original REIR's (original.database_from_original), refused (naming the file) unless each split is whole
+    (database_problem). Relative image paths are read from the folder the run
     worked in when they are not found from this one."""
     database = utils.safe_load(path, 'embedding database')
+    if original.is_original_database(database):
+        database = original.database_from_original(database)
     names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
         if isinstance(database, dict) else []
     if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):

@@ -4,15 +4,21 @@
     python study.py --name ensemble --vary ensemble_size=1,4,12,48 --seeds 1,2,3 -- --data_name cub --val_classes 20 \
         --label_type random
     python study.py --name m --vary meta_class_size=2,4,12 --vary share_type=layer1,layer3 --seeds 1,2,3 -- ...
+    python study.py --name original --recipes all --seeds 1
 
-The flags after `--` go to every run. Every run is an ordinary `python train.py` process writing into its own
+--recipes runs whole configurations, the original REIR's recipes (recipes.py), for the datasets prepared under
+--data_path (the others are skipped with a line each), beside the grid of --vary; the summary then gives the
+original's published Recall@K beside each row. The flags after `--` go to every run (after a recipe's, so that
+they override it). Every run is an ordinary `python train.py` process writing into its own
 folder, results/study_<name>/<flag>=<value>_..._seed=<seed>/; the runs go through submitit, as local processes
 (--slots at a time, one GPU each where there are GPUs) or as a Slurm job array (--cluster slurm). A run whose
 results and model are complete is skipped, whatever happened to its checkpoint, and one that was interrupted is
 resumed, so a study can be stopped (Ctrl-C, kill) and started again with the same command; more seeds or values can
 be added the same way. A run whose files can neither be summarized nor continued is named and left as it is, unless
 --retrain_damaged. Writes results/study_<name>.csv (a row per configuration) and results/study_<name>.png (the first
-metric against the first varied flag).
+metric against the first varied flag). Each row says how its runs selected their epoch (selected_by: val_recall@K,
+on held-out training classes, or test_recall@K, on the test split, whose numbers are optimistic), and a study
+without --val_classes says so.
 """
 import argparse
 import itertools
@@ -34,6 +40,7 @@ from tqdm import tqdm
 
 import data_utils
 import figures
+import recipes
 import resume
 import run_files
 import train
@@ -50,11 +57,14 @@ STOP_SECONDS = 60  # how long a stopped run may take to end (a step and a checkp
 def get_args_parser():
     parser = argparse.ArgumentParser(
         description='Run train.py over a grid of flags and seeds and summarize it',
-        usage='python study.py --name NAME --vary FLAG=V1,V2,... [--vary ...] --seeds 1,2,3 [options] -- '
+        usage='python study.py --name NAME [--recipes NAMES] [--vary FLAG=V1,V2,... ...] --seeds 1,2,3 [options] -- '
               '<train.py flags>')
     parser.add_argument('--name', required=True, type=study_name, help='the study: results/study_<name>')
-    parser.add_argument('--vary', required=True, action='append', type=varied_flag, metavar='FLAG=V1,V2,...',
+    parser.add_argument('--vary', default=[], action='append', type=varied_flag, metavar='FLAG=V1,V2,...',
                         help='a train.py flag and its values (repeat for a grid); switches take true/false')
+    parser.add_argument('--recipes', default=None, type=recipe_list, metavar='NAMES',
+                        help=f'the original REIR\'s configurations to run, comma-separated, or all: '
+                             f'{", ".join(recipes.RECIPES)}; those whose dataset is not prepared are skipped')
     parser.add_argument('--seeds', required=True, type=seed_list, help='comma-separated --seed values')
     parser.add_argument('--results_dir', default=run_files.RESULTS_DIR, help='where results/study_<name> goes')
     parser.add_argument('--cluster', default='local', choices=('local', 'slurm'),
@@ -85,6 +95,16 @@ def seed_list(text):
     if len(set(seeds)) < len(seeds):
         raise argparse.ArgumentTypeError(f'{text!r} names a seed twice')
     return seeds
+
+
+def recipe_list(text):
+    names = list(recipes.RECIPES) if text == 'all' else [name.strip() for name in text.split(',') if name.strip()]
+    unknown = [name for name in names if name not in recipes.RECIPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f'{text!r}: the recipes are {", ".join(recipes.RECIPES)} (or all)')
+    if len(set(names)) < len(names):
+        raise argparse.ArgumentTypeError(f'{text!r} names a recipe twice')
+    return names
 
 
 def varied_flag(text):
@@ -118,6 +138,13 @@ def split_command_line(argv):
         return argv, []
     index = argv.index('--')
     return argv[:index], argv[index + 1:]
+
+
+def study_axes(args):
+    """The study's axes, (name, values): 'recipe' and the recipes' names first, then the varied flags."""
+    if not args.recipes and not args.vary:
+        raise utils.UsageError('give the study something to run: --vary FLAG=V1,V2,... or --recipes NAMES')
+    return ([('recipe', args.recipes)] if args.recipes else []) + args.vary
 
 
 def check_varied_flags(varied, train_flags):
@@ -155,8 +182,13 @@ def check_distinct(flag, values, defaults):
 
 
 def run_flags(config, seed, folder, train_flags, defaults):
-    flags = list(train_flags)
+    """A run's train.py flags: its recipe's, then those after --, then its varied flags (the last of a flag given
+    twice counts), then the study's own."""
+    recipe = dict(config).get('recipe')
+    flags = list(recipes.RECIPES[recipe].flags if recipe else ()) + list(train_flags)
     for flag, value in config:
+        if flag == 'recipe':
+            continue
         if isinstance(defaults[flag], bool):
             flags += [f'--{flag}'] if SWITCH_VALUES[value.lower()] else []
         else:
@@ -178,12 +210,14 @@ def parse_train_flags(flags):
 
 
 def grid(args, train_flags):
-    """Every (configuration, seed) of the study as a Run, configurations in the order of the --vary values."""
+    """Every (configuration, seed) of the study as a Run, configurations in the order of the recipes and the --vary
+    values."""
+    axes = study_axes(args)
     defaults = check_varied_flags(args.vary, train_flags)
     study_dir = os.path.join(args.results_dir, f'study_{args.name}')
     runs = []
-    for values in itertools.product(*(values for _, values in args.vary)):
-        config = tuple(zip((flag for flag, _ in args.vary), values))
+    for values in itertools.product(*(values for _, values in axes)):
+        config = tuple(zip((flag for flag, _ in axes), values))
         for seed in args.seeds:
             folder = os.path.join(study_dir, '_'.join(f'{flag}={value}' for flag, value in config) + f'_seed={seed}')
             flags = run_flags(config, seed, folder, train_flags, defaults)
@@ -363,9 +397,12 @@ def run_slurm(runs, states, executor, gpus_per_run, progress):
 # ----------------------------------------------------------------------------- the summary
 
 def selected_metrics(run):
-    """The test metrics of a finished run at its selected epoch (run_files.selected_row)."""
+    """(the test metrics of a finished run at its selected epoch, the column that selected it: val_recall@K on
+    held-out classes or test_recall@K on the test split; run_files.selected_row)."""
     rows = run_files.read_results(run.paths['results.csv'])
-    return {name: value for name, value in run_files.selected_row(rows).items() if name.startswith('test_')}
+    chosen = run_files.selected_row(rows)
+    return {name: value for name, value in chosen.items() if name.startswith('test_')}, \
+        run_files.selection_column(list(chosen))
 
 
 def summary_statistics(values):
@@ -379,9 +416,10 @@ def summary_statistics(values):
     return mean, std, stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
 
 
-def summarize(runs, metrics):
-    """A row per configuration: its flags, the seeds of its finished runs and <metric>_mean, _std, _ci95 for every
-    test metric. metrics: {run index: test metrics} of the finished runs."""
+def summarize(runs, metrics, selections):
+    """A row per configuration: its flags, the seeds of its finished runs, the column they were selected by,
+    <metric>_mean, _std, _ci95 for every test metric and, for a recipe, the original's published_recall@K.
+    metrics: {run index: test metrics} of the finished runs; selections: {run index: its selection column}."""
     rows = []
     for config, members in itertools.groupby(range(len(runs)), key=lambda i: runs[i].config):
         done = [i for i in members if i in metrics]
@@ -389,18 +427,33 @@ def summarize(runs, metrics):
             continue
         row = dict(config)
         row['seeds'] = ','.join(str(runs[i].seed) for i in done)
+        row['selected_by'] = ','.join(sorted({selections[i] for i in done}))
         for name in metrics[done[0]]:
             mean, std, ci95 = summary_statistics([metrics[i][name] for i in done])
             row.update({f'{name}_mean': mean, f'{name}_std': std, f'{name}_ci95': ci95})
+        if 'recipe' in row:
+            row.update(recipes.published_metrics(row['recipe'], runs[done[0]].args.model_type))
         rows.append(row)
     return rows
 
 
+def selection_words(rows):
+    """How the summarized runs selected their epochs, in words."""
+    columns = {column for row in rows for column in row['selected_by'].split(',')}
+    if all(column.startswith('val_') for column in columns):
+        return 'selected on held-out classes'
+    if all(column.startswith('test_') for column in columns):
+        return 'selected on the test split (optimistic)'
+    return 'some selected on the test split (optimistic)'
+
+
 def plot_file(rows, varied, name):
-    """The first metric against the first varied flag, with 95% confidence intervals; a line per value of the
-    other varied flags."""
+    """The first metric against the first axis of the study (study_axes), with 95% confidence intervals, a line per
+    value of the other axes, the original's published number as a star where there is one; the title says how the
+    runs were selected."""
     metric = next(column for column in rows[0] if column.endswith('_mean')).removesuffix('_mean')
     x_flag, x_values = varied[0]
+    x_values = [value for value in x_values if any(row[x_flag] == value for row in rows)]  # skipped recipes go
     others = [flag for flag, _ in varied[1:]]
 
     def draw(axis):
@@ -412,12 +465,17 @@ def plot_file(rows, varied, name):
             axis.errorbar([x_values.index(row[x_flag]) for row in members], [row[f'{metric}_mean'] for row in members],
                           yerr=[0 if math.isnan(ci) else ci for ci in intervals], marker='o', capsize=4,
                           label=', '.join(f'{flag}={value}' for flag, value in zip(others, key)) or None)
+        published = metric.replace('test_', 'published_')
+        shown = [row for row in rows if not math.isnan(row.get(published, math.nan))]
+        if shown:
+            axis.plot([x_values.index(row[x_flag]) for row in shown], [row[published] for row in shown], 'k*',
+                      markersize=10, label='published by the original REIR')
         axis.set_xticks(range(len(x_values)), x_values)
         axis.set_xlabel(x_flag)
         axis.set_ylabel(f'{metric.replace("_", " ")} (%)')
-        axis.set_title(f'study {name}: mean and 95% CI over seeds')
+        axis.set_title(f'study {name}: mean and 95% CI over seeds, {selection_words(rows)}', fontsize='medium')
         axis.grid(alpha=0.3)
-        if others:
+        if others or shown:
             axis.legend(fontsize='small')
     return figures.figure_file(draw, (7, 4.5), dpi=100)
 
@@ -441,6 +499,26 @@ def default_resources(args):
         raise utils.UsageError(f'--slots {slots} of {gpus_per_run} GPUs need {slots * gpus_per_run}; this machine has '
                                f'{visible}')
     return gpus_per_run, slots
+
+
+def prepared_runs(runs):
+    """The runs whose dataset is there to train on: a recipe whose dataset is not prepared under its --data_path is
+    left out, with one line (the demo, which is drawn when missing, is always there)."""
+    kept, skipped = [], {}
+    for run in runs:
+        recipe = dict(run.config).get('recipe')
+        path = utils.data_dicts_path(run.args.data_path, run.args.data_name, run.args.crop_type)
+        if recipe and run.args.data_name != 'demo' and not os.path.isfile(path):
+            skipped.setdefault(recipe, (path, run.args))
+        else:
+            kept.append(run)
+    for recipe, (path, args) in skipped.items():
+        utils.warn(f'recipe {recipe} skipped: {path} is not there (download {args.data_name} into '
+                   f'{os.path.join(args.data_path, args.data_name)}/ and run python data_utils.py --data_path '
+                   f'{args.data_path} --data_name {args.data_name})')
+    if not kept:
+        raise utils.ReirError(f'no dataset of the recipes is prepared under {runs[0].args.data_path}/: nothing to run')
+    return kept
 
 
 def prepare_data(runs):
@@ -469,6 +547,7 @@ def main(args, train_flags):
 
 def run_study(args, train_flags):
     study_dir, runs = grid(args, train_flags)
+    runs = prepared_runs(runs)
     gpus_per_run, slots = default_resources(args)
     states, problems = zip(*(run_state(run) for run in runs))
     for run, state, problem in zip(runs, states, problems):
@@ -497,23 +576,29 @@ def run_study(args, train_flags):
                                    progress)
     for index, error in failed.items():
         utils.warn(f'run {os.path.basename(runs[index].folder)}: {error}')
-    metrics, missing = {}, []
+    metrics, selections, missing = {}, {}, []
     for index, run in enumerate(runs):
         state, problem = run_state(run)
         if state == 'finished':
-            metrics[index] = selected_metrics(run)
+            metrics[index], selections[index] = selected_metrics(run)
         elif index not in failed:
             missing.append(run)
             if index in todo:  # its train.py ended without finishing it
                 utils.warn(f'run {os.path.basename(run.folder)} did not finish: {problem}')
     if not metrics:
         raise utils.ReirError(f'no run of study {args.name} finished; their logs are in {study_dir}/.submitit/')
-    rows = summarize(runs, metrics)
+    rows = summarize(runs, metrics, selections)
     csv_path = os.path.join(args.results_dir, f'study_{args.name}.csv')
     png_path = os.path.join(args.results_dir, f'study_{args.name}.png')
-    run_files.save_together({csv_path: run_files.csv_file(rows), png_path: plot_file(rows, args.vary, args.name)})
+    run_files.save_together({csv_path: run_files.csv_file(rows),
+                             png_path: plot_file(rows, study_axes(args), args.name)})
     print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}'))
     utils.log(f'-> {csv_path}, {png_path}')
+    on_test = sum(selection.startswith('test_') for selection in selections.values())
+    if on_test:
+        utils.warn(f'{"every run" if on_test == len(selections) else f"{on_test} of {len(selections)} runs"} of '
+                   f'study {args.name} selected its epoch on the test split (no --val_classes): those numbers are '
+                   f'optimistic, as the original REIR\'s are; --val_classes N selects on N held-out training classes')
     if failed or missing:
         hint = ', and --retrain_damaged for the damaged ones' if damaged and not args.retrain_damaged else ''
         raise utils.ReirError(f'{len(failed) + len(missing)} of {len(runs)} runs failed or did not finish (above); the '

@@ -253,17 +253,17 @@ def record_epoch(results, epoch, stats, metrics, val_metrics, args):
 
 def best_files(model, settings, paths, database_items, features, train_images, dataset_root, device, amp,
                stop_requested=None):
-    """The files of a best epoch, as writers for run_files.save_together: the model, its embedding database (the
-    evaluation splits' features, with the held-out classes as 'val', and for self-retrieval datasets those of
-    every image of the training classes, each process embedding its shard; unreadable images are left out) and
-    the run's run_files.recorded_settings, which say how to embed. stop_requested: see engine.extract_features."""
+    """The files of a best epoch, as writers for run_files.save_together: the model, its embedding database and
+    the run's run_files.recorded_settings, which say how to embed. The database holds the evaluation splits'
+    features, the held-out classes' as 'val', and those of every image of the training classes, of query/gallery
+    datasets too, as the original's did; each process embeds its shard, unreadable images are left out.
+    stop_requested: see engine.extract_features."""
     database = {split: (items, features[split]) for split, items in database_items.items()}
-    if train_images is not None:
-        train_features, readable = engine.extract_features(model, train_images, device, amp, stop_requested)
-        if not readable.all():
-            utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
-        items = [item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok]
-        database['train'] = (items, train_features[readable])
+    train_features, readable = engine.extract_features(model, train_images, device, amp, stop_requested)
+    if not readable.all():
+        utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
+    items = [item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok]
+    database['train'] = (items, train_features[readable])
     return {paths['model.pth']: run_files.torch_file(engine.unwrap(model).state_dict()),
             paths['data_base.pth']: run_files.database_file(database, dataset_root, settings),
             paths['args.json']: run_files.json_file(settings)}
@@ -340,8 +340,7 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
         if held_out else None
     database_items = {**test_data[0], **({'val': val_data[0]['test']} if held_out else {})}
     training_classes = {key: images for key, images in data_dicts['train'].items() if key not in held_out}
-    train_images = database_loader(training_classes, dataset_root, transform, min_side, batch_size, options) \
-        if 'test' in test_data[0] else None
+    train_images = database_loader(training_classes, dataset_root, transform, min_side, batch_size, options)
     utils.log(f'{args.data_name}: {len(training_classes)} training classes, {len(train_items)} training images, '
               + ', '.join(f'{len(items)} {split} images' for split, items in test_data[0].items())
               + (f', {len(held_out)} held-out validation classes of {len(database_items["val"])} images'

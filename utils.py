@@ -26,6 +26,14 @@ from torchvision import transforms
 CROP_TYPES = ('uncropped', 'cropped')
 LABEL_TYPES = ('fixed', 'random')
 MAX_IMAGES_PER_CLASS = 300  # DREML/REIR cap on training images per class, keeps SOP epochs bounded
+# Per-channel RGB statistics of the official datasets (as in the original REIR); other datasets get
+# theirs computed from the train split.
+KNOWN_STATS = {
+    'car': ([0.4853, 0.4965, 0.4295], [0.2237, 0.2193, 0.2568]),
+    'cub': ([0.4707, 0.4601, 0.4549], [0.2767, 0.2760, 0.2850]),
+    'sop': ([0.5807, 0.5396, 0.5044], [0.2901, 0.2974, 0.3095]),
+    'isc': ([0.8324, 0.8109, 0.8041], [0.2206, 0.2378, 0.2444]),
+}
 EVAL_SPLITS = (('test',), ('query', 'gallery'))  # a dataset evaluates by self-retrieval or query/gallery
 EXIF_ORIENTATION = 0x0112
 # what PIL raises for a file that is not a readable image (SyntaxError and ValueError for some broken headers)

@@ -10,7 +10,7 @@ from PIL import Image
 import figures
 import run_files
 import utils
-from conftest import assert_one_line_error, run_main
+from conftest import assert_one_line_error, prefix, run_main
 
 
 def oracle_same_class_in_top_k(features, labels, k):
@@ -82,7 +82,11 @@ def test_ablation_counts_and_draws_where_the_runs_differ(prepared, tmp_path):
 def test_ablation_refuses_databases_of_different_images(prepared, tmp_path):
     better, worse = databases(prepared, tmp_path)
     database = torch.load(worse, weights_only=True)
-    database['test_images'] = database['test_images'][::-1]
+    database['test_images'] = database['test_images'][::-1]  # the images in another order, their classes not
+    torch.save(database, worse)
+    assert_one_line_error(run_main('ablation', '--better_data_base', better, '--worse_data_base', worse,
+                                   '--results_dir', tmp_path), 1, 'hold the same images in other classes')
+    database['test_images'] = [path.replace('.jpg', '.png') for path in database['test_images']]
     torch.save(database, worse)
     assert_one_line_error(run_main('ablation', '--better_data_base', better, '--worse_data_base', worse,
                                    '--results_dir', tmp_path), 1, 'hold different query images')
@@ -104,3 +108,75 @@ def test_each_comparison_keeps_its_own_files_and_no_stale_picture(prepared, tmp_
     assert sorted(os.listdir(out)) == ['ablation_perfect_vs_confused_test_top2.csv',
                                        'ablation_perfect_vs_confused_test_top4.csv',
                                        'ablation_perfect_vs_confused_test_top4.png']
+
+
+def test_the_original_numbers_by_hand(prepared, tmp_path):
+    """Top 4 of 11. AR@K counts only the queries with a same-class image in the top K: 'confused' finds 3 of 4 for
+    its 4 class-2 queries and nothing for the 8 others, so its AR@4 is 75%, as 'perfect's (3 of 4 for all 12).
+    'partial' separates class 0 and merges 1 with 2: it wins the 4 class-0 queries, loses the 4 class-2 ones and
+    ties the 4 class-1 ones against 'confused' (GE Rate 8 / 12, Better Ratio 4 / 4)."""
+    perfect, confused = databases(prepared, tmp_path)
+    database = torch.load(perfect, weights_only=True)
+    features = database['test_features'].float()
+    database['test_features'] = torch.stack([features[:, 0], features[:, 1] + features[:, 2]], 1).half()
+    partial = tmp_path / 'partial' / perfect.name
+    partial.parent.mkdir()
+    torch.save(database, partial)
+    for better, worse, line in (
+            (perfect, confused, 'better data base AR@4:75.00%----worse data base AR@4:75.00%, GE Rate@4:100.00%, '
+                                'Better Ratio@4:inf'),
+            (confused, perfect, 'better data base AR@4:75.00%----worse data base AR@4:75.00%, GE Rate@4:33.33%, '
+                                'Better Ratio@4:0.00'),
+            (partial, confused, 'better data base AR@4:75.00%----worse data base AR@4:75.00%, GE Rate@4:66.67%, '
+                                'Better Ratio@4:1.00')):
+        result = run_main('ablation', '--better_data_base', better, '--worse_data_base', worse, '--retrieval_num', 4,
+                          '--examples', 0, '--results_dir', tmp_path / 'out')
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[0] == line
+
+
+def dominant_colour(image):
+    """'green' or 'red': the strongest channel of the frame's corner pixel."""
+    r, g, _ = image.getpixel((1, 1))
+    return 'green' if g > r else 'red'
+
+
+def test_save_results_writes_the_original_folders(prepared, tmp_path):
+    """For each of the 8 queries 'perfect' wins: query_img.jpg, and the top 4 of each run named by rank and cosine
+    similarity, 256 x 256, framed green (same class) or red: 'perfect' ranks the 3 same-class images (similarity 1)
+    first, 'confused' 4 other-class images of similarity 1 (ties: other class first)."""
+    perfect, confused = databases(prepared, tmp_path)
+    out = tmp_path / 'out'
+    flags = ['--better_data_base', perfect, '--worse_data_base', confused, '--retrieval_num', 4, '--results_dir', out,
+             '--save_results']
+    result = run_main('ablation', *flags)
+    assert result.returncode == 0, result.stderr
+    folder = out / 'perfect----confused'
+    assert f'-> {folder}/ (8 queries the better run wins)' in result.stdout
+    rows = pd.read_csv(out / 'ablation_perfect_vs_confused_test_top4.csv')
+    wins = rows[rows['winner'] == 'better']['query'].tolist()
+    assert sorted(os.listdir(folder)) == sorted(figures.query_name(query) for query in wins)
+    query_dir = folder / figures.query_name(wins[0])
+    assert sorted(os.listdir(query_dir)) == ['better', 'query_img.jpg', 'worse']
+    expected = {'better': [('1.0000', 'green')] * 3 + [('0.0000', 'red')], 'worse': [('1.0000', 'red')] * 4}
+    for run, images in expected.items():
+        assert sorted(os.listdir(query_dir / run)) == [f'retrieval_img_{rank}_{similarity}.jpg'
+                                                       for rank, (similarity, _) in enumerate(images, start=1)]
+        for rank, (similarity, colour) in enumerate(images, start=1):
+            with Image.open(query_dir / run / f'retrieval_img_{rank}_{similarity}.jpg') as image:
+                assert image.size == (256, 256) and dominant_colour(image) == colour
+    (folder / 'stale').mkdir()  # a later comparison of the same runs replaces the folder whole
+    assert run_main('ablation', *flags).returncode == 0
+    assert 'stale' not in os.listdir(folder) and len(os.listdir(folder)) == 8
+    assert not [name for name in os.listdir(out) if name.startswith('.')]
+
+
+def test_a_query_gallery_database_holds_the_train_split(trained, tmp_path):
+    """As the original's In-shop databases: ablation.py --data_type train compares within the training classes."""
+    database = run_files.load_database(str(trained / 'results' / f'{prefix("shop")}_data_base.pth'))
+    assert sorted(database) == ['gallery', 'query', 'train'] and len(database['train'][0]) == 12
+    path = trained / 'results' / f'{prefix("shop")}_data_base.pth'
+    result = run_main('ablation', '--better_data_base', path, '--worse_data_base', path, '--data_type', 'train',
+                      '--results_dir', tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert 'train: 12 queries, top 8' in result.stdout and 'GE Rate@8:100.00%' in result.stdout

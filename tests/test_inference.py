@@ -16,7 +16,7 @@ def test_retrieval_grid_for_a_database_image(trained):
     database = trained / 'results' / f'{prefix()}_data_base.pth'
     result = run_main('inference', '--query_img_name', query, '--data_base', database, '--retrieval_num', '5')
     assert result.returncode == 0, result.stderr
-    output = trained / 'results' / f'{inference.query_name(str(query))}_{prefix()}_retrieval.png'
+    output = trained / 'results' / f'{figures.query_name(str(query))}_{prefix()}_retrieval.png'
     with Image.open(output) as grid:
         assert grid.size == (6 * figures.TILE, figures.TILE + figures.CAPTION)
         grid = grid.convert('RGB')
@@ -33,7 +33,7 @@ def test_query_from_outside_the_dataset_has_no_frames(trained, tmp_path):
     result = run_main('inference', '--query_img_name', query, '--data_base',
                       trained / 'results' / f'{prefix()}_data_base.pth', '--data_type', 'train')
     assert result.returncode == 0, result.stderr
-    with Image.open(trained / 'results' / f'{inference.query_name(str(query))}_{prefix()}_retrieval.png') as grid:
+    with Image.open(trained / 'results' / f'{figures.query_name(str(query))}_{prefix()}_retrieval.png') as grid:
         assert grid.width == 9 * figures.TILE
         assert grid.convert('RGB').getpixel((figures.TILE + 1, 1)) == figures.WHITE
 
@@ -95,7 +95,7 @@ def test_queries_of_one_name_in_two_folders_get_a_grid_each(trained, tmp_path):
     for query in queries:
         assert run_main('inference', '--query_img_name', query, '--data_base', database).returncode == 0
     grids = sorted(name for name in os.listdir(tmp_path) if name.endswith('_retrieval.png'))
-    assert grids == sorted(f'{inference.query_name(str(query))}_{prefix()}_retrieval.png' for query in queries)
+    assert grids == sorted(f'{figures.query_name(str(query))}_{prefix()}_retrieval.png' for query in queries)
     assert len(set(grids)) == 2 and all(name.startswith('0-') for name in grids)
 
 

@@ -7,10 +7,12 @@ import pytest
 
 from conftest import REPO
 
-# the library, each module above the ones it may import: the network; datasets, ids and metrics; a run's files;
-# figures; training and evaluation; continuing a run
-LIBRARY = ('model', 'utils', 'run_files', 'figures', 'engine', 'resume')
-SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation'}
+# the library, each module above the ones it may import: the network; datasets, ids and metrics; the original REIR's
+# files; a run's files; figures; training and evaluation; continuing a run; the original's recipes; loading a trained
+# run
+LIBRARY = ('model', 'utils', 'original', 'run_files', 'figures', 'engine', 'resume', 'recipes', 'trained')
+# the scripts, and hubconf.py, torch.hub's entry points, which stand on the library as they do
+SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation', 'hubconf'}
 OWN_JOBS = {('train', 'data_utils'),       # train.py draws the demo dataset when it is missing
             ('benchmark', 'data_utils'),   # benchmark.py data prepares short-side copies
             ('study', 'data_utils'),       # study.py draws the demo once, before its runs start side by side

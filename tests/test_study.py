@@ -2,6 +2,7 @@
 resumed when interrupted, summarized over seeds."""
 import math
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -11,8 +12,10 @@ import pandas as pd
 import pytest
 import torch
 
-import study
+import data_utils
+import recipes
 import run_files
+import study
 import train
 from conftest import (REPO, TINY, assert_one_line_error, file_digests, interrupt_in_epoch, run_as_command, run_main,
                       written_files)
@@ -58,13 +61,17 @@ def test_summary_rows_group_the_seeds_of_each_configuration():
     metrics = {i: {'test_recall@1': value, 'test_map@r': value / 10}
                for i, value in enumerate([10.0, 20.0, 30.0, 40.0, 50.0, 99.0])}
     del metrics[5]  # a run that failed
-    rows = study.summarize(runs, metrics)
+    selections = {i: 'val_recall@1' for i in metrics}
+    rows = study.summarize(runs, metrics, selections)
     assert [(row['ensemble_size'], row['seeds']) for row in rows] == [('1', '1,2,3'), ('4', '1,2')]
     assert rows[0]['test_recall@1_mean'] == 20.0 and rows[0]['test_recall@1_std'] == 10.0
     assert rows[1]['test_map@r_mean'] == pytest.approx(4.5) and rows[1]['test_map@r_std'] == pytest.approx(
         math.sqrt(0.5))
-    assert list(rows[0]) == ['ensemble_size', 'seeds'] + [f'{m}_{s}' for m in ('test_recall@1', 'test_map@r')
-                                                         for s in ('mean', 'std', 'ci95')]
+    assert list(rows[0]) == ['ensemble_size', 'seeds', 'selected_by'] + [
+        f'{m}_{s}' for m in ('test_recall@1', 'test_map@r') for s in ('mean', 'std', 'ci95')]
+    assert rows[0]['selected_by'] == 'val_recall@1'
+    selections[4] = 'test_recall@1'  # a configuration whose runs selected differently says both
+    assert study.summarize(runs, metrics, selections)[1]['selected_by'] == 'test_recall@1,val_recall@1'
 
 
 @pytest.mark.slow
@@ -93,6 +100,8 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
 
     summary = pd.read_csv(results / 'study_grid.csv', dtype={'seeds': str}).set_index('ensemble_size')
     assert summary.index.tolist() == [2, 3] and summary['seeds'].tolist() == ['1,2', '1,2']
+    assert summary['selected_by'].tolist() == ['val_recall@1'] * 2  # --val_classes: selected on held-out classes
+    assert 'selected its epoch on the test split' not in result.stderr
     for ensemble_size in (2, 3):
         selected = [selected_test_metrics(runs[str(ensemble_size), seed]) for seed in (1, 2)]
         for metric in ('test_recall@1', 'test_map@r'):
@@ -244,3 +253,105 @@ def test_slurm_without_slurm_is_one_line(prepared, tmp_path, monkeypatch):
     result = run_as_command('study.py', *study_command(prepared, tmp_path / 'results', '--cluster', 'slurm'))
     assert_one_line_error(result, 1, '--cluster slurm: this machine has no sbatch')
     assert not (tmp_path / 'results').exists()
+
+
+# ----------------------------------------------------------------------------- the original's recipes
+
+def readme_recipe_command():
+    """The README's command that runs the original's table, as study.py's arguments."""
+    lines = [line for line in open(os.path.join(REPO, 'README.md')).read().splitlines()
+             if line.startswith('python study.py') and '--recipes' in line]
+    assert len(lines) == 1, lines
+    return shlex.split(lines[0])[2:]
+
+
+# the tiny model for one epoch, over the recipe's own flags
+EPOCHS = TINY.index('--num_epochs')
+RECIPE_OVERRIDES = [*TINY[:EPOCHS], '--num_epochs', '1', *TINY[EPOCHS + 2:]]
+
+
+@pytest.fixture
+def demo_as_cub(tmp_path, monkeypatch):
+    """A small demo (8 classes of 6 images) standing where CUB-200-2011 is prepared: a folder holding data dicts."""
+    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 8)
+    monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 6)
+    data = tmp_path / 'data'
+    data_utils.prepare(str(data), 'demo', num_workers=1)
+    os.rename(data / 'demo', data / 'cub')
+    return data
+
+
+def recipe_command(data, results):
+    return [*readme_recipe_command(), '--results_dir', str(results), '--', '--data_path', str(data),
+            *RECIPE_OVERRIDES]
+
+
+def test_recipes_give_whole_configurations_and_a_grid_crosses_them():
+    command = ['--name', 'r', '--recipes', 'sop,cub', '--vary', 'model_type=resnet18,resnet50', '--seeds', '1', '--',
+               '--num_epochs', '1']
+    runs = study_runs(command)
+    assert [run.config for run in runs] == [(('recipe', r), ('model_type', m)) for r in ('sop', 'cub')
+                                            for m in ('resnet18', 'resnet50')]
+    sop = runs[1]
+    assert os.path.basename(sop.folder) == 'recipe=sop_model_type=resnet50_seed=1'
+    assert (sop.args.data_name, sop.args.meta_class_size, sop.args.recalls, sop.args.model_type) == \
+        ('sop', 512, [1, 10, 100, 1000], 'resnet50')
+    assert sop.args.num_epochs == 1  # the flags after -- override the recipe's 40
+    assert recipes.published_metrics('sop', 'resnet50') == {
+        'published_recall@1': 85.3, 'published_recall@10': 90.7, 'published_recall@100': 93.9,
+        'published_recall@1000': 96.8}
+    assert_one_line_error(run_as_command('study.py', '--name', 'r', '--seeds', '1'), 2, '--vary', '--recipes')
+    result = run_as_command('study.py', '--name', 'r', '--recipes', 'cars', '--seeds', '1')  # argparse's own error
+    assert result.returncode == 2 and "'cars': the recipes are car, car_cropped, cub" in result.stderr
+
+
+def test_the_readme_recipe_command_skips_absent_datasets_and_sets_the_published_numbers_beside(
+        demo_as_cub, tmp_path):
+    """The README's command with the tiny model over the recipes: only cub is prepared (the demo standing in for
+    it), so its run goes and the five others are skipped with a line each. Its run trained beforehand, so that the
+    study only summarizes: its test-selected number, the original's published one beside it, and the line that
+    says it is test-selected."""
+    results = tmp_path / 'results'
+    command = recipe_command(demo_as_cub, results)
+    own, passed = study.split_command_line(command)
+    runs = study.prepared_runs(study.grid(study.get_args_parser().parse_args(own), passed)[1])
+    assert [dict(run.config)['recipe'] for run in runs] == ['cub']
+    assert run_main('train', *runs[0].flags).returncode == 0
+
+    result = run_as_command('study.py', *command)
+    assert result.returncode == 0, result.stderr
+    skipped = [line for line in result.stderr.splitlines() if ' skipped: ' in line]
+    assert [line.split()[2] for line in skipped] == ['car', 'car_cropped', 'cub_cropped', 'sop', 'isc']
+    assert 'cropped_data_dicts.pth is not there' in skipped[2]
+    assert result.stderr.splitlines()[-1] == (
+        'warning: every run of study original selected its epoch on the test split (no --val_classes): those '
+        'numbers are optimistic, as the original REIR\'s are; --val_classes N selects on N held-out training classes')
+    summary = pd.read_csv(results / 'study_original.csv')
+    row = summary.iloc[0]
+    best = pd.read_csv(runs[0].paths['results.csv'])['test_recall@1'].max()
+    assert (row['recipe'], row['selected_by'], row['published_recall@1'], row['published_recall@8']) == \
+        ('cub', 'test_recall@1', 82.0, 95.6)
+    assert row['test_recall@1_mean'] == pytest.approx(best)
+
+
+@pytest.mark.slow
+def test_the_readme_recipe_command_trains_through_the_study(demo_as_cub, tmp_path):
+    results = tmp_path / 'results'
+    result = run_as_command('study.py', *recipe_command(demo_as_cub, results))
+    assert result.returncode == 0, result.stderr
+    assert '0 finished, 0 to resume, 1 to start' in result.stdout
+    assert pd.read_csv(results / 'study_original.csv')['recipe'].tolist() == ['cub']
+
+
+def test_the_readme_gives_the_recipes_and_published_numbers_of_recipes_py():
+    """README.md teaches the recipes as train.py commands and a table; recipes.py is what study.py runs: they agree."""
+    text = open(os.path.join(REPO, 'README.md')).read()
+    commands = [shlex.split(line)[2:] for line in text.splitlines()
+                if line.startswith('python train.py --data_name') and '--recalls' in line]
+    assert commands == [list(recipe.flags) for recipe in recipes.RECIPES.values()]
+    rows = {cells[1]: cells[2:] for cells in ([cell.strip() for cell in line.strip('|').split('|')]
+                                              for line in text.splitlines() if line.startswith('|')) if len(cells) == 4}
+    for name, recipe in recipes.RECIPES.items():
+        ks, numbers = rows[f'`{name}`']
+        assert [int(k) for k in ks.split(', ')] == recipe.recalls
+        assert tuple(float(n) for n in numbers.split(', ')) == recipe.published['resnet18']

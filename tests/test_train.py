@@ -54,8 +54,9 @@ def test_query_gallery_dataset_end_to_end(trained):
     assert list(frame.columns)[3:] == ['test_recall@1', 'test_recall@8', 'test_map@r', 'test_r_precision']
     assert (frame['test_recall@8'] == 100.0).all()  # every query has a same-class item among the 8 gallery images
     database = torch.load(trained / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
-    assert set(database) == {f'{s}_{k}' for s in ('query', 'gallery') for k in ('images', 'labels', 'features')} \
-        | {'working_dir', 'settings'}
+    # the train split too, as the original's In-shop databases
+    assert set(database) == {f'{s}_{k}' for s in ('train', 'query', 'gallery')
+                             for k in ('images', 'labels', 'features')} | {'working_dir', 'settings'}
     assert database['settings']['image_size'] == int(TINY[TINY.index('--image_size') + 1])
 
 

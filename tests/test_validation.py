@@ -177,7 +177,8 @@ def test_a_query_gallery_dataset_validates_by_self_retrieval(tmp_path):
     result = run_train(tmp_path, *VAL, '--num_epochs', '1', name='shop6')
     assert result.returncode == 0, result.stderr
     database = torch.load(tmp_path / 'results' / f'{prefix("shop6")}_data_base.pth', weights_only=True)
-    assert {key.rsplit('_', 1)[0] for key in database if key.endswith('_features')} == {'query', 'gallery', 'val'}
+    assert {key.rsplit('_', 1)[0] for key in database if key.endswith('_features')} == {'train', 'query', 'gallery',
+                                                                                        'val'}
     assert len(database['val_images']) == 8 and len(set(database['val_labels'])) == 2
     frame = pd.read_csv(tmp_path / 'results' / f'{prefix("shop6")}_results.csv')
     assert frame[['test_recall@1', 'val_recall@1']].notna().all().all()

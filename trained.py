@@ -1,0 +1,72 @@
+"""One call from a trained run's files to a model that embeds images: runs of this repository and models the
+original REIR saved alike.
+
+    import trained
+    model, transform = trained.load_run('results/cub_uncropped_fixed_unrandom_layer1_resnet18_48_12_model.pth')
+    with torch.no_grad():
+        embedding = model.embedding(transform('bird.jpg')[None])    # (1, E*M)
+
+hubconf.py offers the same call to torch.hub.load.
+"""
+import os
+
+import engine
+import run_files
+import utils
+
+
+class Preprocess:
+    """A run's evaluation transform, from an image path or a PIL image to a (3, S, S) tensor. A path is decoded as
+    the run decoded its images (utils.load_rgb: reduced-scale JPEG decoding and EXIF orientation, unless the run
+    used --exact_pipeline)."""
+
+    def __init__(self, transform, min_side):
+        self.transform, self.min_side = transform, min_side
+
+    def __call__(self, image):
+        if isinstance(image, (str, os.PathLike)):
+            image = utils.load_rgb(image, self.min_side)
+        else:
+            image = utils.to_rgb(image)
+        return self.transform(image)
+
+    def __repr__(self):
+        return f'Preprocess(min_side={self.min_side}, {self.transform})'
+
+
+def model_file(run):
+    """The model file of a run given as that file or as its path without the kind (results/<prefix>)."""
+    run = os.fspath(run)
+    if os.path.isfile(run) or run.endswith('_model.pth'):
+        return run
+    return f'{run}_model.pth'
+
+
+def run_normalization(run, settings):
+    """(mean, std) the run normalized its images with: recorded with the run, else the known statistics of its
+    dataset (those the original REIR used), else those of the dataset prepared under the run's data path."""
+    if settings.mean is not None:
+        return settings.mean, settings.std
+    if run.data_name in utils.KNOWN_STATS:
+        return utils.KNOWN_STATS[run.data_name]
+    data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
+    return data_dicts['mean'], data_dicts['std']
+
+
+def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=None, device='cpu'):
+    """(model, transform) of a trained run: the Model in evaluation mode on device, and the Preprocess that gives
+    it images as the run's evaluation did.
+
+    run: its <prefix>_model.pth, this repository's or the original REIR's (epochs/<prefix>_model.pth), or
+    results/<prefix>. The settings come from the prefix (or prefix, for a file named otherwise) and the run's
+    <prefix>_args.json or checkpoint beside the model; a model the original saved embeds as the original did
+    (256 pixels, whole images decoded). image_size and exact_pipeline override them; a run whose files no longer
+    say them needs them."""
+    path = model_file(run)
+    name, paths, _ = run_files.run_of_file(path, kinds=('model.pth',), prefix=prefix)
+    overrides = dict(image_size=image_size, exact_pipeline=exact_pipeline, data_path=data_path)
+    settings = run_files.embedding_settings(paths, overrides, model_needed=True)
+    transform, min_side = utils.input_pipeline(name.crop_type, False, settings.image_size,
+                                               *run_normalization(name, settings), settings.exact_pipeline)
+    model = engine.load_model(path, name).to(device)
+    return model, Preprocess(transform, min_side)
