@@ -81,9 +81,12 @@ def comparable(task, reference, paths):
     gallery_order = query_order if gallery is None else matching(reference[4], gallery_images, 'gallery', paths)
     named = reference[1] + reference[5]
     renamed = [labels[i] for i in query_order] + [gallery_labels[i] for i in gallery_order]
-    pairs = set(zip(named, renamed))
-    same_naming = {type(key) for key in named} == {type(key) for key in renamed}  # class keys, or the original's
-    if named != renamed if same_naming else not len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}):
+    if {type(key) for key in named} == {type(key) for key in renamed}:  # both class keys, or both numbers
+        same_classes = named == renamed
+    else:
+        pairs = set(zip(named, renamed))
+        same_classes = len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs})
+    if not same_classes:
         raise utils.ReirError(f'{paths[0]} and {paths[1]} hold the same images in other classes: compare two runs of '
                               f'one dataset')
     return (reference[0], reference[1], features[query_order],
@@ -170,6 +173,7 @@ def save_results(tasks, counts, k, folder):
     original's mean over the members), 256 x 256 and framed green or red as the original's were (5 and 8 pixels).
     The folder is written beside its place and then put there whole, replacing an earlier one of these two runs."""
     wins = torch.nonzero(counts[0] > counts[1]).flatten().tolist()
+    norms = [(task[2] if task[3] is None else task[3]).float().norm(dim=1) for task in tasks]  # (N,) of each run
     parent = os.path.dirname(folder) or '.'
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
@@ -179,14 +183,15 @@ def save_results(tasks, counts, k, folder):
             query_dir = os.path.join(staging, figures.query_name(query_path))
             os.makedirs(query_dir)
             figures.framed(query_path).save(os.path.join(query_dir, 'query_img.jpg'))
-            for run, task, width in zip(RUNS, tasks, (5, 8)):
+            for run, task, gallery_norms, width in zip(RUNS, tasks, norms, (5, 8)):
                 os.mkdir(os.path.join(query_dir, run))
-                gallery = task[2] if task[3] is None else task[3]
-                norms = gallery.float().norm(dim=1) * task[2][query].float().norm()     # (N,)
+                query_norm = task[2][query].float().norm().item()
                 indices, scores = top_images(task, query, k)
                 for rank, (i, score) in enumerate(zip(indices, scores), start=1):
+                    norm = query_norm * gallery_norms[i].item()
+                    cosine = score / norm if norm else 0.0  # an all-zero embedding (a collapsed model)
                     image = figures.framed(task[4][i], task[5][i] == query_label, width)
-                    image.save(os.path.join(query_dir, run, f'retrieval_img_{rank}_{score / norms[i].item():.4f}.jpg'))
+                    image.save(os.path.join(query_dir, run, f'retrieval_img_{rank}_{cosine:.4f}.jpg'))
         replace_folder(staging, folder)
     except utils.UNREADABLE_IMAGE_ERRORS as e:
         raise utils.ReirError(f'cannot save the retrieved images ({e}): run from the folder the databases were '

@@ -168,24 +168,31 @@ def three_numbers(values):
 def safe_load(path, what='file', verify=True, mmap=False):
     """torch.load with weights_only=True: tensors and plain containers only, never code. With verify, the zip
     archive's checksums are verified first, so that flipped bits or a truncation are refused, not loaded (it reads
-    the whole file); with mmap, tensors stay on disk until used."""
+    the whole file); with mmap, tensors stay on disk until used. A file in torch.save's format from before PyTorch
+    1.6, not a zip archive (the original REIR's models), is read whole, checked by the unpickler alone."""
     if not os.path.isfile(path):
         raise ReirError(f'{what} not found: {path}')
     damaged = f'{path}: {what} is corrupt or truncated'
-    try:
-        with zipfile.ZipFile(path) as archive:  # torch.save writes zip archives; anything else is damaged
-            bad_member = archive.testzip() if verify else None
-    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
-        raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
+    with open(path, 'rb') as f:
+        legacy = f.read(2) != b'PK'  # torch.save has written zip archives since PyTorch 1.6
+    bad_member = None
+    if not legacy:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                bad_member = archive.testzip() if verify else None
+        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+            raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
     if bad_member is not None:
         raise ReirError(f'{damaged} (checksum mismatch in {bad_member}); delete it or write it again')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and not legacy)
     except pickle.UnpicklingError as e:
+        if 'Weights only load failed' not in str(e) or 'Unsupported operand' in str(e):  # bytes that are no pickle
+            raise ReirError(f'{damaged} (UnpicklingError); delete it or write it again') from None
         lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
         reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
         raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError, KeyError) as e:
         raise ReirError(f'{damaged} ({type(e).__name__}); delete it or write it again') from None
 
 

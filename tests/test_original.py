@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import engine
+import original
 import run_files
 import trained
 import utils
 from conftest import REPO, assert_one_line_error, prefix, run_main
-from model import BACKBONES, STAGES
+from model import BACKBONES, STAGES, Model
 
 STEM = ('conv1', 'bn1', 'relu', 'maxpool')
 LAYERS = ('layer1', 'layer2', 'layer3', 'layer4')
@@ -63,13 +64,14 @@ class OriginalModel(nn.Module):
 
 
 def original_model_file(folder, share_type='layer1', name='tiny', E=2, M=2, model_type='resnet18'):
-    """epochs/<prefix>_model.pth as the original saved it, and the network."""
+    """epochs/<prefix>_model.pth as the original saved it, with PyTorch 1.3 (torch.save's format before 1.6, not a
+    zip archive), and the network."""
     torch.manual_seed(0)
     network = OriginalModel(M, E, share_type, model_type).eval()
     run = run_files.RunName(name, 'uncropped', 'fixed', False, share_type, model_type, E, M)
     path = folder / 'epochs' / f'{run.prefix}_model.pth'
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(network.state_dict(), path)
+    torch.save(network.state_dict(), path, _use_new_zipfile_serialization=False)
     return path, network, run
 
 
@@ -166,7 +168,7 @@ def original_database(folder, network, data_path, name):
         database[f'gallery_{kind}'] = database[f'test_{kind}']
     path = folder / name / 'results' / f'{prefix(share="layer1")}_data_base.pth'
     path.parent.mkdir(parents=True)
-    torch.save(database, path)
+    torch.save(database, path, _use_new_zipfile_serialization=False)  # as PyTorch 1.3 wrote it
     return path, database
 
 
@@ -252,3 +254,15 @@ def test_torch_hub_gives_a_run_as_its_database_embedded_it(trained, tmp_path, mo
         embedding = model.embedding(transform(os.path.join(trained, images[0]))[None])
     assert not model.training and embedding.shape == (1, 4)
     assert torch.allclose(embedding[0], features[0].float(), atol=2e-3)  # the database holds float16
+
+
+def test_the_original_cars196_model_maps_key_for_key_onto_this_model():
+    """At full size, on the meta device (shapes, no memory): the original's Cars196 model, ResNet-18, E = 48, M = 12,
+    layer1 shared, whose 529,365,376 parameters its README gives, maps onto this Model key for key, shape for shape."""
+    with torch.device('meta'):
+        network = OriginalModel(12, 48, 'layer1')
+        model = Model(12, 48, 'layer1', pretrained=False)
+    assert sum(p.numel() for p in network.parameters()) == 529_365_376
+    mapped = original.state_dict_from_original(network.state_dict(), 'layer1')
+    assert {key: value.shape for key, value in mapped.items()} == \
+        {key: value.shape for key, value in model.state_dict().items()}

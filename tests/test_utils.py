@@ -223,6 +223,26 @@ def test_safe_load_reports_truncated_files(tmp_path):
         utils.safe_load(str(path))
 
 
+def test_safe_load_reads_the_format_before_pytorch_1_6_and_refuses_what_it_should(tmp_path, capsys):
+    """The original REIR saved its models with PyTorch 1.3: not zip archives. They load; code, garbage and a
+    truncation in that format are refused as in the zip format."""
+    path = tmp_path / 'old.pth'
+    torch.save({'w': torch.arange(4.0)}, path, _use_new_zipfile_serialization=False)
+    assert torch.equal(utils.safe_load(str(path), 'model', mmap=True)['w'], torch.arange(4.0))
+    torch.save({'model': CodeOnLoad(print, 'code ran')}, path, _use_new_zipfile_serialization=False)
+    with pytest.raises(utils.ReirError, match='refused to load model, which could run code'):
+        utils.safe_load(str(path), 'model')
+    assert 'code ran' not in capsys.readouterr().out
+    for content in (b'hello world, not a pickle' * 4, b'\x80\x02garbage'):
+        path.write_bytes(content)
+        with pytest.raises(utils.ReirError, match='corrupt or truncated'):
+            utils.safe_load(str(path), 'model')
+    torch.save({'w': torch.zeros(1000)}, path, _use_new_zipfile_serialization=False)
+    path.write_bytes(path.read_bytes()[:2000])
+    with pytest.raises(utils.ReirError, match='corrupt or truncated'):
+        utils.safe_load(str(path), 'model')
+
+
 def test_safe_load_refuses_flipped_bits(tmp_path):
     """4 KB flipped inside a tensor's bytes still unpickle; the zip checksums catch them."""
     path = tmp_path / 'model.pth'
