@@ -2,6 +2,7 @@
 those before it in LIBRARY), and a script imports another script only to run that script's own job."""
 import ast
 import os
+import re
 
 import pytest
 
@@ -49,3 +50,18 @@ def test_a_library_module_imports_only_the_modules_below_it(module):
 @pytest.mark.parametrize('script', sorted(SCRIPTS))
 def test_a_script_imports_another_only_for_its_own_job(script):
     assert {(script, other) for other in repository_imports(script) & SCRIPTS} <= OWN_JOBS
+
+
+def test_every_link_between_the_documents_finds_its_heading():
+    """README.md, REFERENCE.md and BENCHMARKS.md link to each other's sections by GitHub's anchors."""
+    documents = ('README.md', 'REFERENCE.md', 'BENCHMARKS.md')
+    anchors = {}
+    for name in documents:
+        headings = re.findall(r'^#+ (.+)$', open(os.path.join(REPO, name)).read(), flags=re.MULTILINE)
+        anchors[name] = {re.sub(r'[^\w\- ]', '', heading.lower()).replace(' ', '-') for heading in headings}
+    links = [(name, target or name, anchor) for name in documents
+             for target, anchor in re.findall(r'\]\(((?:README|REFERENCE|BENCHMARKS)\.md)?#([\w-]+)\)',
+                                              open(os.path.join(REPO, name)).read())]
+    assert len(links) >= 5
+    for name, target, anchor in links:
+        assert anchor in anchors[target], f'{name} links to {target}#{anchor}'
