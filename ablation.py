@@ -32,6 +32,7 @@ from scipy import stats
 from tqdm import tqdm
 
 import figures
+import original
 import run_files
 import utils
 
@@ -70,15 +71,19 @@ def retrieval_task(database, path, data_type):
 
 def comparable(task, reference, paths):
     """task, the second database's, in the order of reference, the first's: as it is when both name the same images
-    with the same classes; else its images matched to the reference's by file name (the original REIR's copies
-    under data/<name>/uncropped/ are named by the file name, In-shop's by the item folder and the file name joined
-    by '_'), and its classes checked to be the reference's: the same class keys, or, against the original's
-    numbers (it numbered the classes of each split from 0), the same grouping of the images."""
+    with the same classes; else its images matched to the reference's by name (original.image_order: the original
+    REIR's databases name its copies of the images), and its classes checked to be the reference's: the same class
+    keys, or, against the original's numbers (it numbered the classes of each split from 0), the same grouping of the
+    images."""
     images, labels, features, gallery, gallery_images, gallery_labels = task
     if (images, labels, gallery_images, gallery_labels) == (reference[0], reference[1], reference[4], reference[5]):
         return task
-    query_order = matching(reference[0], images, 'query', paths)
-    gallery_order = query_order if gallery is None else matching(reference[4], gallery_images, 'gallery', paths)
+    query_order = original.image_order(reference[0], images)
+    gallery_order = query_order if gallery is None else original.image_order(reference[4], gallery_images)
+    for order, what in ((query_order, 'query'), (gallery_order, 'gallery')):
+        if order is None:
+            raise utils.ReirError(f'{paths[0]} and {paths[1]} hold different {what} images: compare two runs of one '
+                                  f'dataset and split')
     named = reference[1] + reference[5]
     renamed = [labels[i] for i in query_order] + [gallery_labels[i] for i in gallery_order]
     if {type(key) for key in named} == {type(key) for key in renamed}:  # both class keys, or both numbers
@@ -91,29 +96,6 @@ def comparable(task, reference, paths):
                               f'one dataset')
     return (reference[0], reference[1], features[query_order],
             None if gallery is None else gallery[gallery_order], reference[4], reference[5])
-
-
-def matching(reference, images, what, paths):
-    """For every reference image, the index of the image of the same name among images (see comparable)."""
-    def names(path):
-        return os.path.basename(path), f'{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}'
-    index, seen_twice = {}, set()
-    for i, path in enumerate(images):
-        for name in set(names(path)):
-            if name in index:
-                seen_twice.add(name)
-            index[name] = i
-    order = []
-    for path in reference:
-        found = {index[name] for name in names(path) if name in index and name not in seen_twice}
-        if len(found) != 1 or len(reference) != len(images):
-            raise utils.ReirError(f'{paths[0]} and {paths[1]} hold different {what} images: compare two runs of one '
-                                  f'dataset and split')
-        order.append(found.pop())
-    if len(set(order)) != len(order):
-        raise utils.ReirError(f'{paths[0]} and {paths[1]} hold different {what} images: compare two runs of one '
-                              f'dataset and split')
-    return order
 
 
 def top_images(task, query, k):

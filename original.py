@@ -4,6 +4,7 @@ Its epochs/<prefix>_model.pth is the state_dict of its Model, whose modules have
 its results/<prefix>_data_base.pth keeps the members' outputs apart, (N, E, M), and names the query split of
 In-shop 'test'. Both carry the prefix this repository gives a run, so the prefix says the settings.
 """
+import os
 import re
 
 import torch
@@ -77,3 +78,24 @@ def database_from_original(database):
         splits.pop('gallery', None)
     return {f'{split}_{kind}': value for split, values in splits.items()
             for kind, value in zip(('images', 'labels', 'features'), values)}
+
+
+def image_order(reference, images):
+    """For every reference image, the index of the same image among images, or None when they are not the same
+    images. An image is known by its file name, or by its folder and file name joined by '_': the original's copies
+    under data/<name>/uncropped/ are named by the file name, In-shop's by the item folder and the file name."""
+    def names(path):
+        return os.path.basename(path), f'{os.path.basename(os.path.dirname(path))}_{os.path.basename(path)}'
+    index, seen_twice = {}, set()
+    for i, path in enumerate(images):
+        for name in set(names(path)):
+            if name in index:
+                seen_twice.add(name)
+            index[name] = i
+    order = []
+    for path in reference:
+        found = {index[name] for name in names(path) if name in index and name not in seen_twice}
+        if len(found) != 1:
+            return None
+        order.append(found.pop())
+    return order if len(reference) == len(images) == len(set(order)) else None

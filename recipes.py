@@ -19,9 +19,6 @@ class Recipe:
     def recalls(self):
         return [int(k) for k in self.flags[self.flags.index('--recalls') + 1].split(',')]
 
-    def flag(self, name):
-        return self.flags[self.flags.index(f'--{name}') + 1]
-
 
 def recipe(data_name, crop_type, meta_class_size, num_epochs, recalls, title, published):
     flags = ('--data_name', data_name, '--crop_type', crop_type, '--ensemble_size', '48', '--meta_class_size',

@@ -513,7 +513,7 @@ def prepared_runs(runs):
         else:
             kept.append(run)
     for recipe, (path, args) in skipped.items():
-        utils.warn(f'recipe {recipe} skipped: {path} is not there (download {args.data_name} into '
+        utils.warn(f'recipe {recipe} ({recipes.RECIPES[recipe].title}) skipped: {path} is not there (download {args.data_name} into '
                    f'{os.path.join(args.data_path, args.data_name)}/ and run python data_utils.py --data_path '
                    f'{args.data_path} --data_name {args.data_name})')
     if not kept:
