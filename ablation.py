@@ -64,7 +64,9 @@ def retrieval_task(database, path, data_type):
         (images, labels, features), gallery = database['query'], database['gallery']
         return images, labels, features, gallery[2], gallery[0], gallery[1]
     if data_type not in database:
-        raise utils.ReirError(f'{path} has no {data_type} split; it holds {", ".join(sorted(database))}')
+        unfinished = ' (a run adds its training images after its last epoch: finish it with --resume)' \
+            if data_type == 'train' else ''
+        raise utils.ReirError(f'{path} has no {data_type} split{unfinished}; it holds {", ".join(sorted(database))}')
     images, labels, features = database[data_type]
     return images, labels, features, None, images, labels
 

@@ -4,6 +4,7 @@
     python benchmark.py branches [--quick]   # grouped branch engine vs the per-branch loop
     python benchmark.py data [--quick]       # the training input pipeline vs PIL + the original transforms
     python benchmark.py checkpoint [--quick] # train.py's checkpoint write (atomic, fsynced) vs a plain torch.save
+    python benchmark.py step [--quick]       # a training step's time by phase, and an epoch's beyond compute
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
@@ -26,7 +27,7 @@ import engine
 import resume
 import run_files
 import utils
-from model import Model
+from model import BRANCH_IMPLS, Model
 
 SOP_TEST_IMAGES, SOP_TEST_CLASSES = 60_502, 11_316
 EVAL_RANKS = (1, 10, 100, 1000)
@@ -419,6 +420,233 @@ def benchmark_checkpoint(args):
                                  folder=args.folder, machine=machine_name())]), 'checkpoint')
 
 
+# ----------------------------------------------------------------------------- step profile
+
+# the datasets an epoch's shares are reckoned for: (training list, test images), the database being the training list
+EPOCH_SIZES = {'cub': (5_864, 5_924), 'car': (8_054, 8_131)}
+STEP_COLUMNS = ['device', 'model_type', 'share_type', 'ensemble_size', 'meta_class_size', 'image_size', 'batch_size',
+                'eval_batch_size', 'amp', 'compile', 'branch_impl', 'num_workers', 'steps', 'step_ms',
+                'data_wait_ms', 'forward_backward_ms', 'optimizer_ms', 'ops_per_step', 'kernels_per_step',
+                'gpu_idle_pct', 'checkpoint_mib', 'checkpoint_write_s', 'checkpoint_copy_s', 'step_ms_during_write',
+                'embed_images_per_s_train_batch', 'embed_images_per_s_eval_batch']
+
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def profile_loaders(config, folder):
+    """A training loader (train.py's reader, sampler and loader settings) over generated photo-like JPEGs, enough for
+    the profile's steps, and an evaluation loader of the same images."""
+    size = config['image_size']
+    count = config['batch_size'] * (config['steps'] + 2)
+    rng = np.random.default_rng(0)
+    paths = [photo(os.path.join(folder, f'{i:05d}.jpg'), int(rng.integers(2 * size, 3 * size)),
+                   int(rng.integers(int(1.5 * size), 2 * size)), rng) for i in range(count)]
+    mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+    device = torch.device(config['device'])
+    options = engine.loader_options(config['num_workers'], 0, device)
+    items = [(path, 0) for path in paths]
+    targets = [torch.randint(config['meta_class_size'], (config['ensemble_size'],)) for _ in paths]
+    transform, min_side = utils.input_pipeline('uncropped', True, size, mean, std, False)
+    reader = utils.TrainReader('', items, targets, transform, min_side)
+    train_loader = torch.utils.data.DataLoader(reader, batch_size=config['batch_size'], drop_last=True,
+                                               sampler=engine.SeededSampler(len(reader), 0), **options)
+    transform, min_side = utils.input_pipeline('uncropped', False, size, mean, std, False)
+    eval_reader = utils.EvalReader('', items, [0] * len(items), transform, min_side)
+    return train_loader, lambda batch: engine.eval_loader(eval_reader, batch, options)
+
+
+def profiled_steps(model, optimizer, scaler, batches, config):
+    """Per step, as train.py's loop runs it: milliseconds waiting for data, in forward and backward, in the
+    optimizer (the device synchronized between them, so that each phase is timed alone), and with no
+    synchronization (the step as it runs)."""
+    device, amp = torch.device(config['device']), config['amp']
+    layout = engine.memory_format(device, amp)
+    wait = forward_backward = step = 0.0
+    start = time.perf_counter()
+    for _ in range(config['steps']):
+        images, labels, _ = next(batches)
+        loaded = time.perf_counter()
+        images = images.to(device, non_blocking=True, memory_format=layout)
+        engine.forward_backward(model, images, labels.to(device, non_blocking=True), optimizer, scaler, amp)
+        synchronize(device)
+        backward = time.perf_counter()
+        engine.optimizer_step(optimizer, scaler)
+        synchronize(device)
+        wait, forward_backward, step = (wait + loaded - start, forward_backward + backward - loaded,
+                                        step + time.perf_counter() - backward)
+        start = time.perf_counter()
+    return {name: round(1000 * value / config['steps'], 2)
+            for name, value in (('data_wait_ms', wait), ('forward_backward_ms', forward_backward),
+                                ('optimizer_ms', step))}
+
+
+def run_steps(model, optimizer, scaler, batches, config, steps):
+    """Milliseconds per step of steps training steps as train.py runs them (engine.train_step, nothing read back)."""
+    device, amp = torch.device(config['device']), config['amp']
+    layout = engine.memory_format(device, amp)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        images, labels, _ = next(batches)
+        engine.train_step(model, images.to(device, non_blocking=True, memory_format=layout),
+                          labels.to(device, non_blocking=True), optimizer, scaler, amp)
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def operations_per_step(model, optimizer, scaler, batches, config):
+    """(operators dispatched, CUDA kernel launches, percent of the time the GPU was idle) of one profiled training
+    step; the last two None on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    device = torch.device(config['device'])
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    synchronize(device)
+    with profile(activities=activities) as profiler:
+        start = time.perf_counter()
+        run_steps(model, optimizer, scaler, batches, config, 1)
+        wall = time.perf_counter() - start
+    events = profiler.events()
+    # the operators called from Python or autograd, not those they call in turn
+    operations = sum(1 for event in events if event.name.startswith('aten::')
+                     and not (event.cpu_parent is not None and event.cpu_parent.name.startswith('aten::')))
+    if device.type != 'cuda':
+        return operations, None, None
+    launches = sum(1 for event in events if event.name.startswith('cudaLaunchKernel'))
+    busy = sum(event.self_device_time_total for event in profiler.key_averages()) / 1e6
+    return operations, launches, round(100 * max(0.0, 1 - busy / wall), 1)
+
+
+def checkpoint_in_flight(model, optimizer, scaler, batches, config, folder):
+    """The run's checkpoint: its size, the seconds of a write as train.py wrote it before (in the loop), the seconds
+    the loop now spends on it (the host copy; the write goes on in the background), and the step time while that
+    write is in flight."""
+    trainable = dict(model=model, optimizer=optimizer, scaler=scaler,
+                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
+    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': resume.rng_states([])}],
+                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[], data_fingerprint='0' * 16,
+                    ids=torch.randint(12, (config['ensemble_size'], 100)), train_items=[('a.jpg', 0)])
+    path = os.path.join(folder, 'checkpoint.pth')
+    start = time.perf_counter()
+    run_files.save_together({path: run_files.checkpoint_file(trainable, progress)})
+    write = time.perf_counter() - start
+    size = os.path.getsize(path) / 2 ** 20
+    with run_files.BackgroundWrites() as writes:
+        start = time.perf_counter()
+        writer = run_files.checkpoint_file(trainable, progress)
+        copy = time.perf_counter() - start
+        writes.submit({path: writer})
+        steps, start = 0, time.perf_counter()
+        while writes.thread.is_alive() and steps < config['steps']:
+            run_steps(model, optimizer, scaler, batches, config, 1)
+            steps += 1
+        during = 1000 * (time.perf_counter() - start) / max(steps, 1)
+    return dict(checkpoint_mib=round(size, 1), checkpoint_write_s=round(write, 3), checkpoint_copy_s=round(copy, 3),
+                step_ms_during_write=round(during, 2))
+
+
+def embedding_speed(model, eval_loader, config, batch_size):
+    """Images per second of engine.extract_features at a batch size (the best of two passes)."""
+    device = torch.device(config['device'])
+    loader = eval_loader(batch_size)
+    best = float('inf')
+    for _ in range(2):
+        synchronize(device)
+        start = time.perf_counter()
+        engine.extract_features(model, loader, device, config['amp'])
+        best = min(best, time.perf_counter() - start)
+    return round(len(loader.dataset) / best, 2)
+
+
+def step_profile(config, folder, queue):
+    device = torch.device(config['device'])
+    torch.manual_seed(0)
+    model = Model(config['meta_class_size'], config['ensemble_size'], config['share_type'], config['model_type'],
+                  pretrained=False)
+    model = engine.place_model(model, device, [device.index or 0] if device.type == 'cuda' else [],
+                               config['branch_impl'], config['batch_size'], config['image_size'], config['amp'],
+                               compile=config['compile'])
+    optimizer = engine.adam(model.parameters(), 1e-4, device)
+    scaler = engine.grad_scaler(device, config['amp'])
+    train_loader, eval_loader = profile_loaders(config, folder)
+
+    def batches():
+        while True:
+            yield from train_loader
+    stream = batches()
+    model.train()
+    run_steps(model, optimizer, scaler, stream, config, 2)  # warm-up: workers, allocations, cuDNN's choices
+    row = dict(step_ms=round(run_steps(model, optimizer, scaler, stream, config, config['steps']), 2))
+    row.update(profiled_steps(model, optimizer, scaler, stream, config))
+    row['ops_per_step'], row['kernels_per_step'], row['gpu_idle_pct'] = operations_per_step(
+        model, optimizer, scaler, stream, config)
+    row.update(checkpoint_in_flight(model, optimizer, scaler, stream, config, folder))
+    row['embed_images_per_s_train_batch'] = embedding_speed(model, eval_loader, config, config['batch_size'])
+    row['embed_images_per_s_eval_batch'] = embedding_speed(model, eval_loader, config, config['eval_batch_size'])
+    queue.put(row)
+
+
+def epoch_budget(row, config, dataset):
+    """Seconds of an epoch of dataset, reckoned from the profile: before this profile's changes (evaluation in
+    training batches, the database embedded at every best epoch, the checkpoint written in the loop), and now (the
+    database once per run, the checkpoint's host copy only)."""
+    train_images, test_images = EPOCH_SIZES[dataset]
+    steps = train_images // config['batch_size']
+    training = steps * row['step_ms'] / 1000
+    before = {'training': training, 'evaluation': test_images / row['embed_images_per_s_train_batch'],
+              'database': train_images / row['embed_images_per_s_train_batch'],
+              'checkpoint': row['checkpoint_write_s']}
+    now = {'training': training, 'evaluation': test_images / row['embed_images_per_s_eval_batch'], 'database': 0.0,
+           'checkpoint': row['checkpoint_copy_s']}
+    return before, now
+
+
+def benchmark_step(args):
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        print('error: --device cuda, but CUDA is not available', file=sys.stderr)
+        sys.exit(1)
+    if args.quick:  # the README demo's model
+        config = dict(model_type='resnet18', share_type='layer4', ensemble_size=12, meta_class_size=12,
+                      image_size=64, batch_size=32, steps=6)
+    else:  # the default run's
+        config = dict(model_type='resnet18', share_type='layer1', ensemble_size=48, meta_class_size=12,
+                      image_size=256, batch_size=10, steps=20)
+    config.update({key: value for key, value in vars(args).items() if key in config and value is not None})
+    config.update(device=args.device, amp=args.amp, compile=args.compile, branch_impl=args.branch_impl,
+                  eval_batch_size=args.eval_batch_size, num_workers=args.num_workers)
+    import tempfile
+    os.makedirs(args.folder, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=args.folder) as folder:
+        row = run_in_worker(step_profile, config, folder)
+    row = {**config, **row}
+    print(f"{config['device']} {config['model_type']} {config['share_type']} E={config['ensemble_size']} "
+          f"M={config['meta_class_size']} {config['image_size']} px, batch {config['batch_size']}, evaluation batch "
+          f"{config['eval_batch_size']}, amp={config['amp']}, compile={config['compile']}:")
+    print(f"  step {row['step_ms']:.1f} ms as train.py runs it; timed alone: data wait {row['data_wait_ms']:.1f} ms, "
+          f"forward+backward {row['forward_backward_ms']:.1f} ms, optimizer {row['optimizer_ms']:.1f} ms")
+    launches = '' if row['kernels_per_step'] is None else \
+        f", {row['kernels_per_step']} CUDA kernel launches, the GPU idle {row['gpu_idle_pct']}% of the step"
+    print(f"  {row['ops_per_step']} operations per step{launches}")
+    print(f"  checkpoint {row['checkpoint_mib']:,.0f} MiB: written in the loop {row['checkpoint_write_s']:.2f} s; now "
+          f"{row['checkpoint_copy_s']:.2f} s of host copy, then steps of {row['step_ms_during_write']:.1f} ms while it "
+          f"is written ({row['step_ms_during_write'] / row['step_ms']:.2f}x)")
+    print(f"  embedding: {row['embed_images_per_s_train_batch']:.1f} images/s in batches of {config['batch_size']}, "
+          f"{row['embed_images_per_s_eval_batch']:.1f} in batches of {config['eval_batch_size']}")
+    for dataset in EPOCH_SIZES:
+        before, now = epoch_budget(row, config, dataset)
+        shares = '; '.join(f'{name} {before[name]:.1f} -> {now[name]:.1f} s' for name in before)
+        total_before, total_now = sum(before.values()), sum(now.values())
+        print(f"  a {dataset} epoch: {total_before:.1f} s before, {total_now:.1f} s now "
+              f"({total_now / total_before:.2f}x; "
+              f"beyond training {total_before - before['training']:.1f} -> {total_now - now['training']:.1f} s): "
+              f"{shares}")
+    frame = pd.DataFrame([row], columns=STEP_COLUMNS)
+    frame['machine'] = machine_name() if args.device == 'cpu' else torch.cuda.get_device_name()
+    write_csv(frame, 'step')
+
+
 # ----------------------------------------------------------------------------- common
 
 def machine_name():
@@ -459,6 +687,22 @@ def get_args_parser():
     checkpoint.add_argument('--folder', default=run_files.RESULTS_DIR,
                             help='where to write (the disk a run writes to: its --results_dir)')
     checkpoint.set_defaults(run=benchmark_checkpoint)
+    step = commands.add_parser('step', help='where a training step\'s time goes, and an epoch\'s beyond compute')
+    step.add_argument('--quick', action='store_true',
+                      help='the README demo\'s model (layer4, E=12, 64 px, batch 32), 6 steps; default: the default '
+                           'run\'s (layer1, E=48, 256 px, batch 10), 20 steps')
+    step.add_argument('--device', default='cpu', choices=('cpu', 'cuda'))
+    for flag in ('model_type', 'share_type'):
+        step.add_argument(f'--{flag}')
+    for flag in ('ensemble_size', 'meta_class_size', 'image_size', 'batch_size', 'steps'):
+        step.add_argument(f'--{flag}', type=utils.positive_int)
+    step.add_argument('--eval_batch_size', default=engine.EVAL_BATCH_SIZE, type=utils.positive_int)
+    step.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
+    step.add_argument('--branch_impl', default='auto', choices=BRANCH_IMPLS)
+    step.add_argument('--amp', action='store_true')
+    step.add_argument('--compile', action='store_true')
+    step.add_argument('--folder', default=run_files.RESULTS_DIR, help='where the checkpoint is written')
+    step.set_defaults(run=benchmark_step)
     return parser
 
 

@@ -17,6 +17,9 @@ import utils
 from model import Model, PretrainedWeightsUnavailable, embed, time_branch_impls
 
 DEFAULT_GPU_IDS = '0,1'
+# images per batch when embedding (evaluation, databases): sized for throughput; an image's embedding depends on it
+# by float rounding only
+EVAL_BATCH_SIZE = 128
 
 
 # ----------------------------------------------------------------------------- devices
@@ -120,7 +123,7 @@ def gather_shards(local, total, device):
     padded[:len(local)] = local.to(device)
     shards = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(shards, padded)
-    return torch.stack(shards, dim=1).flatten(0, 1)[:total].cpu()   # (size, G, ...) -> rows in dataset order
+    return torch.stack(shards, dim=1).flatten(0, 1)[:total]   # (size, G, ...) -> rows in dataset order
 
 
 def all_reduce_sum(values, device):
@@ -302,18 +305,50 @@ def choose_branch_impl(model, flag, device, batch_size, image_size, amp, trainin
             f'{timings} per {step} of {batch_size} images)')
 
 
-def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp, training=True):
+def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp, training=True, compile=False):
     """The model on its device in the memory format of --amp, with its branch engine chosen for the batch each
-    device gets (choose_branch_impl; under torch.distributed every process runs rank 0's choice), wrapped for
-    several devices: DistributedDataParallel under torch.distributed, DataParallel over several gpu_ids."""
+    device gets (choose_branch_impl; under torch.distributed every process runs rank 0's choice), compiled with
+    torch.compile when asked, wrapped for several devices: DistributedDataParallel under torch.distributed,
+    DataParallel over several gpu_ids. On CUDA cuDNN times its convolution algorithms for each input shape (a run's
+    shapes are fixed) before the engines are timed."""
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=memory_format(device, amp))
     replica_batch = -(-batch_size // max(1, len(gpu_ids)))  # DataParallel splits the batch over its GPUs
     choice = choose_branch_impl(model, branch_impl, device, replica_batch, image_size, amp, training)
     model.branch_impl = broadcast_from_main(model.branch_impl)
     utils.log(choice)
+    if compile:
+        model.compile()  # in place: the state_dict keeps its keys
     if dist.is_initialized():
         return nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
-    return nn.DataParallel(model, device_ids=gpu_ids) if len(gpu_ids) > 1 else model
+    if len(gpu_ids) > 1:
+        utils.log(data_parallel_note(model, gpu_ids))
+        return nn.DataParallel(model, device_ids=gpu_ids)
+    return model
+
+
+def data_parallel_note(model, gpu_ids):
+    """What DataParallel costs every step, and when torchrun is faster."""
+    gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2 ** 30
+    return (f'DataParallel over GPUs {",".join(map(str, gpu_ids))}: every step copies the {gib:.1f} GiB of weights '
+            f'from GPU {gpu_ids[0]} to the others and sums the gradients back; where that outweighs the step (small '
+            f'batches, GPUs without NVLink) torchrun --nproc_per_node={len(gpu_ids)} train.py ... is faster '
+            f'(README: Speed)')
+
+
+def adam(params, lr, device):
+    """The run's Adam: fused into a few kernels on CUDA (the same update, within float tolerance:
+    tests/test_step_budget.py), the reference implementation on the CPU, where runs are compared to the byte."""
+    return torch.optim.Adam(params, lr=lr, fused=device.type == 'cuda' or None)
+
+
+def use_adam_kernel(optimizer, device):
+    """Choose the kernel of adam for this device again after a state was loaded (a state keeps the kernel of the
+    device that saved it)."""
+    for group in optimizer.param_groups:
+        group['fused'] = device.type == 'cuda' or None
+        group['foreach'] = None
 
 
 # ----------------------------------------------------------------------------- training and evaluation
@@ -333,6 +368,13 @@ def last_feature_side(image_size):
 def train_step(model, images, labels, optimizer, scaler, amp):
     """One optimizer step on a batch already on the model's device: images (B, 3, S, S), labels (B, E).
     Returns the loss and the float32 logits (B, E, M)."""
+    loss, logits = forward_backward(model, images, labels, optimizer, scaler, amp)
+    optimizer_step(optimizer, scaler)
+    return loss, logits
+
+
+def forward_backward(model, images, labels, optimizer, scaler, amp):
+    """The gradients of train_step's loss (the optimizer's from before are cleared); returns the loss and logits."""
     with autocast(images.device, amp):
         logits = model(images)
     logits = logits.float()
@@ -340,9 +382,12 @@ def train_step(model, images, labels, optimizer, scaler, amp):
     loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    return loss, logits
+
+
+def optimizer_step(optimizer, scaler):
     scaler.step(optimizer)
     scaler.update()
-    return loss, logits
 
 
 def batches_of_every_shard(loader):
@@ -355,27 +400,27 @@ def batches_of_every_shard(loader):
 @torch.inference_mode()
 def extract_features(model, loader, device, amp, stop_requested=None):
     """(N, E * M) float32 CPU embeddings of a loader's images in the dataset's order, and an (N,) bool
-    tensor of which images could be read (unreadable ones get a blank image's embedding). Under
-    torch.distributed every process embeds its shard and all receive the whole. stop_requested() is asked after
-    every batch that every process has (it agrees across processes: StepCheckpoints.stop_requested); when it is
-    true the embedding stops (utils.StopRequested)."""
+    tensor of which images could be read (unreadable ones get a blank image's embedding). The unwrapped model embeds
+    (DataParallel would copy every weight to its other GPUs for every batch) and the embeddings stay on the device
+    until one copy at the end. Under torch.distributed every process embeds its shard and all receive the whole.
+    stop_requested(batch index) is asked after every batch that every process has (it agrees across processes:
+    StepCheckpoints.stop_requested); when it is true the embedding stops (utils.StopRequested)."""
+    model = unwrap(model)
     model.eval()
-    base = unwrap(model)
-    features = torch.empty(len(loader.sampler), base.ensemble_size * base.meta_class_size)
+    features = torch.empty(len(loader.sampler), model.ensemble_size * model.meta_class_size, device=device)
     readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
     checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
     for batch_index, (images, _, batch_readable) in enumerate(loader):
         with autocast(device, amp):
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
-        batch = embed(logits.float()).cpu()
-        features[start:start + batch.shape[0]] = batch
-        readable[start:start + batch.shape[0]] = batch_readable
-        start += batch.shape[0]
-        if batch_index < checked and stop_requested():
+        features[start:start + images.shape[0]] = embed(logits.float())
+        readable[start:start + images.shape[0]] = batch_readable
+        start += images.shape[0]
+        if batch_index < checked and stop_requested(batch_index + 1):
             raise utils.StopRequested('a stop signal')
     total = len(loader.dataset)
-    return gather_shards(features, total, device), gather_shards(readable, total, device).bool()
+    return gather_shards(features, total, device).cpu(), gather_shards(readable, total, device).cpu().bool()
 
 
 def check_recalls(recalls, sizes, queries=''):

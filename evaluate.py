@@ -37,8 +37,9 @@ def get_args_parser():
                         help='network input side (default: the run\'s)')
     parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
                         help='decode and resize as the original REIR does, or not (default: as the run did)')
-    parser.add_argument('--batch_size', default=32, type=utils.positive_int)
-    parser.add_argument('--gpu_ids', default=None, help='as in train.py')
+    parser.add_argument('--batch_size', default=engine.EVAL_BATCH_SIZE, type=utils.positive_int,
+                        help='images per embedding batch')
+    parser.add_argument('--gpu_ids', default=None, help='as in train.py; the model embeds on the first of them')
     parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
     parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA')
     return parser
@@ -81,7 +82,7 @@ def evaluate_model(path, run, settings, args):
                                                     options)
         engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
         data[role] = labels, loaders
-    model = engine.place_model(engine.load_model(path, run), device, gpu_ids, 'auto', args.batch_size,
+    model = engine.place_model(engine.load_model(path, run), device, gpu_ids[:1], 'auto', args.batch_size,
                                settings.image_size, args.amp, training=False)
     return {role: engine.evaluate(model, loaders, labels, settings.recalls, device, args.amp)[0]
             for role, (labels, loaders) in data.items()}

@@ -19,19 +19,16 @@ GREEN, RED, WHITE = (40, 170, 60), (210, 40, 40), (255, 255, 255)
 # ----------------------------------------------------------------------------- training curves
 
 def figure_file(draw, figsize, columns=1, dpi=80):
-    """A writer of a PNG that draw(axes) draws on a new matplotlib figure of columns panels (the Agg backend, so
-    that no display is needed); the figure is closed once written."""
+    """A writer of a PNG that draw(axes) draws on a new matplotlib figure of columns panels. The figure is made
+    without pyplot (no display, no global state), so that a background thread may write it
+    (run_files.BackgroundWrites)."""
     def write(tmp):
-        import matplotlib
-        matplotlib.use('Agg')
-        from matplotlib import pyplot as plt
-        figure, axes = plt.subplots(1, columns, figsize=figsize)
-        try:
-            draw(axes)
-            figure.tight_layout()
-            figure.savefig(tmp, format='png', dpi=dpi)
-        finally:
-            plt.close(figure)
+        from matplotlib.figure import Figure
+        figure = Figure(figsize=figsize)
+        axes = figure.subplots(1, columns)
+        draw(axes)
+        figure.tight_layout()
+        figure.savefig(tmp, format='png', dpi=dpi)
     return write
 
 

@@ -17,12 +17,16 @@ import utils
 
 CHECKPOINT_MINUTES = 10  # without --checkpoint_every, a checkpoint inside an epoch every this many minutes
 # flags that may differ between a run and its --resume without changing what the run computes (the
-# branch engines compute the same function and share one checkpoint layout)
+# branch engines, compiled or not, compute the same function and share one checkpoint layout; an embedding does not
+# depend on the batch it is computed in, but for float rounding)
 RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
-                     'branch_impl', 'checkpoint_every')
+                     'branch_impl', 'checkpoint_every', 'eval_batch_size', 'compile')
 # flags added after runs were started: what a checkpoint without them was trained with
 LATER_FLAG_DEFAULTS = {'val_classes': 0}
 EPOCH_START = (0, [0.0, 0, 0, 0])  # (steps done, running sums: loss, correct labels, images, skipped images)
+# under torch.distributed, the processes agree on a stop or a timed checkpoint (a collective) every this many steps
+# or evaluation batches
+STOP_AGREEMENT_EVERY = 10
 
 
 # ----------------------------------------------------------------------------- the checkpoint a run continues from
@@ -103,17 +107,17 @@ def epoch_position(checkpoint, rank, world):
 
 
 def best_files_lost(paths, checkpoint):
-    """Whether --resume must write the best epoch's model and database again: it can when the checkpoint holds the
-    best epoch's model, and refuses when that model is lost."""
-    missing = [paths[kind] for kind in ('model.pth', 'data_base.pth') if not os.path.isfile(paths[kind])]
-    if not checkpoint['results'] or not missing:
+    """Whether --resume must write the best epoch's model again: it can when the checkpoint holds the best epoch's
+    model, and refuses when that model is lost. (A missing database is embedded again from the model at the end of
+    the run: train.complete_database.)"""
+    if not checkpoint['results'] or os.path.isfile(paths['model.pth']):
         return False  # inside the first epoch there is no best epoch yet
     best = run_files.selected_row(checkpoint['results'])['epoch']
     if checkpoint['step'] or best != checkpoint['epoch'] - 1:
-        raise utils.ReirError(f'{" and ".join(missing)} missing: the model of the best epoch, {best}, is lost (the '
-                              f'checkpoint holds {position_note(checkpoint)}); put the files back, or start over '
+        raise utils.ReirError(f'{paths["model.pth"]} missing: the model of the best epoch, {best}, is lost (the '
+                              f'checkpoint holds {position_note(checkpoint)}); put the file back, or start over '
                               f'with --overwrite')
-    utils.warn(f'{" and ".join(missing)} missing: writing them again from the checkpoint, which holds the best '
+    utils.warn(f'{paths["model.pth"]} missing: writing it again from the checkpoint, which holds the best '
                f'epoch ({best})')
     return True
 
@@ -202,46 +206,63 @@ def set_rng_states(states, gpu_ids):
 class StepCheckpoints:
     """The checkpoints written inside an epoch: every `every` steps (None: every CHECKPOINT_MINUTES minutes; 0:
     never), and at once, followed by a stop (utils.Stopped), when a stop signal has arrived (StopSignals).
-    A checkpoint holds the running sums and random states of every process, which the main process writes: every
-    process asks after each step, and they agree (engine.any_process)."""
+    A checkpoint holds the running sums and random states of every process, which the main process writes in the
+    background (writes: a run_files.BackgroundWrites). Under torch.distributed the processes must decide alike
+    whether to save or stop, and agreeing is a collective: they agree every STOP_AGREEMENT_EVERY steps (or
+    evaluation batches), not at every one."""
 
-    def __init__(self, every, path, trainable, signals, device, gpu_ids):
+    def __init__(self, every, path, trainable, signals, device, gpu_ids, writes):
         self.every, self.path, self.trainable, self.signals = every, path, trainable, signals
-        self.device, self.gpu_ids = device, gpu_ids
+        self.device, self.gpu_ids, self.writes = device, gpu_ids, writes
         self.saved()
 
     def saved(self):
         self.last_save = time.monotonic()
 
-    def due(self, step, steps):
+    def time_is_up(self):
+        """Whether a checkpoint by time (no --checkpoint_every) is due in this process."""
+        return self.every is None and time.monotonic() - self.last_save >= 60 * CHECKPOINT_MINUTES
+
+    def due(self, step, steps, time_is_up):
         if step == steps or self.every == 0:
             return False  # the epoch's own checkpoint follows
-        if self.every is None:
-            return time.monotonic() - self.last_save >= 60 * CHECKPOINT_MINUTES
-        return step % self.every == 0
+        return time_is_up if self.every is None else step % self.every == 0
 
-    def stop_requested(self):
+    def stop_requested(self, index=0):
+        """Whether a stop signal has arrived: in this process, or under torch.distributed in any of them, which they
+        agree on at index 0 and every STOP_AGREEMENT_EVERY-th index (every process asks with the same indices)."""
+        if not dist.is_initialized():
+            return self.signals.received is not None
+        if index % STOP_AGREEMENT_EVERY:
+            return False
         return engine.any_process([self.signals.received is not None], self.device)[0]
 
     def save(self, progress, step, sums):
         """Write the checkpoint of the epoch in progress after its first `step` steps, with this process's running
-        sums (every process calls it; the main process writes what each holds). progress: the checkpoint's keys other
-        than the trainable states, step and running (run_files.CHECKPOINT_FORMAT), for the epoch in progress."""
+        sums (every process calls it; the main process writes what each holds, in the background).
+        progress: the checkpoint's keys other than the trainable states, step and running (run_files.
+        CHECKPOINT_FORMAT), for the epoch in progress."""
         running = engine.gather_objects({'sums': sums, 'rng': rng_states(self.gpu_ids)})
         if utils.is_main_process():
-            run_files.save_together({self.path: run_files.checkpoint_file(
+            self.writes.submit({self.path: run_files.checkpoint_file(
                 self.trainable, {**progress, 'step': step, 'running': running})})
         self.saved()
 
     def after_step(self, progress, step, steps, sums):
-        save, stop = engine.any_process([self.due(step, steps), self.signals.received is not None], self.device)
-        if not (save or stop):
+        """Save (and stop) when due after a step; sums() gives this process's running sums (a host sync, made only
+        then)."""
+        time_is_up, stop = self.time_is_up(), self.signals.received is not None
+        if dist.is_initialized():
+            time_is_up, stop = engine.any_process([time_is_up, stop], self.device) \
+                if step % STOP_AGREEMENT_EVERY == 0 else (False, False)
+        if not (stop or self.due(step, steps, time_is_up)):
             return
-        self.save(progress, step, sums)
-        if stop or self.stop_requested():  # a signal may have come while the checkpoint was written
+        self.save(progress, step, sums())
+        if stop or not dist.is_initialized() and self.signals.received is not None:  # or one came meanwhile
             self.stop(f'at step {step} of {steps} of epoch {progress["epoch"]}')
 
     def stop(self, where):
+        self.writes.wait()
         if dist.is_initialized():
             dist.barrier()  # no process ends before the checkpoint is written
         raise utils.Stopped(f'stopped by {self.signals.received or "a stop signal to another process"} {where}: '

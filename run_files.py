@@ -1,12 +1,14 @@
 """A run's name and files: the prefix that names them and every path it gives, the lock that claims a run, safe
 writes (temporary files renamed into place together), and the formats of the files a run writes and the scripts
 read (results CSV and the selection rule, settings, embedding database, checkpoint), each checked in one place."""
+import copy
 import errno
 import fcntl
 import json
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -136,6 +138,60 @@ def save_together(writers):
             if os.path.exists(tmp):
                 os.remove(tmp)
         raise
+
+
+class BackgroundWrites:
+    """save_together in a thread of its own, so that training goes on while a checkpoint is written: one set of files
+    at a time (submit waits for the one before), from host copies its writers hold (checkpoint_file, host_copy).
+    A kill during a write leaves the files as they were (save_together); a failed write is raised by the next submit
+    or wait, and leaving the block waits for the write in flight."""
+
+    def __init__(self):
+        self.thread, self.failure = None, None
+
+    def submit(self, writers):
+        self.wait()
+        self.thread = threading.Thread(target=self.write, args=(writers,), name='reir-writes')
+        self.thread.start()
+
+    def write(self, writers):
+        try:
+            save_together(writers)
+        except BaseException as e:  # raised in the main thread by wait()
+            self.failure = e
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        failure, self.failure = self.failure, None
+        if failure is not None:
+            raise failure
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *exc_info):
+        if kind is None:
+            self.wait()
+        elif self.thread is not None:
+            self.thread.join()  # the files in flight are written; the failure in progress is the one to report
+
+
+def host_copy(obj):
+    """obj with every tensor copied to the CPU, containers copied too: what a write in the background may read while
+    training changes the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to('cpu', copy=True)
+    if isinstance(obj, dict):
+        copied = copy.copy(obj)  # of its own type: a scheduler's milestones are a Counter
+        copied.update((key, host_copy(value)) for key, value in obj.items())
+        return copied
+    if isinstance(obj, list):
+        return [host_copy(value) for value in obj]
+    if isinstance(obj, tuple):
+        return tuple(host_copy(value) for value in obj)
+    return obj
 
 
 def atomic_write(path, write):
@@ -423,12 +479,13 @@ def normalization(settings, data_dicts):
 
 # ----------------------------------------------------------------------------- embedding database
 
-def database_file(splits, dataset_root, settings):
+def database_file(splits, dataset_root, settings, epoch):
     """The embedding database that evaluate.py and inference.py read: for every split, from
     splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
-    the working folder, the class keys and the features in float16; with the folder those paths start from
-    and the run's settings (plain values), so that the file describes itself."""
-    database = {'working_dir': os.getcwd(), 'settings': settings}
+    the working folder, the class keys and the features in float16; with the folder those paths start from,
+    the run's settings (plain values) and the epoch of the model that embedded them, so that the file describes
+    itself."""
+    database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch}
     for split, (items, features) in splits.items():
         database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
         database[f'{split}_labels'] = [key for _, key in items]
@@ -551,11 +608,11 @@ def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
 
 
 def checkpoint_file(trainable, progress):
-    """A run's checkpoint, as a writer for save_together: trainable, the model, optimizer, scheduler and scaler by
-    name, saved by their state_dict, and progress, the rest of CHECKPOINT_FORMAT. A dict that is not exactly what
-    CHECKPOINT_FORMAT says is a bug, refused before anything is written: what is written is what load_checkpoint
-    reads."""
-    checkpoint = {**{name: obj.state_dict() for name, obj in trainable.items()}, **progress}
+    """A run's checkpoint, as a writer for save_together (or BackgroundWrites, as it holds a host copy): trainable,
+    the model, optimizer, scheduler and scaler by name, saved by their state_dict, and progress, the rest of
+    CHECKPOINT_FORMAT. A dict that is not exactly what CHECKPOINT_FORMAT says is a bug, refused before anything is
+    written: what is written is what load_checkpoint reads."""
+    checkpoint = host_copy({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
     odd = set(checkpoint) ^ set(CHECKPOINT_KEYS)
     problem = f'keys {sorted(odd)} are not those of CHECKPOINT_FORMAT' if odd else checkpoint_problem(checkpoint)
     if problem:

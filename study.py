@@ -227,8 +227,9 @@ def grid(args, train_flags):
 
 def run_state(run):
     """(state, problem) of a run, from what its files verifiably hold: 'finished' (its results CSV holds every epoch
-    and its model file is whole: the summary needs no more, whatever happened to its checkpoint), 'interrupted' (not
-    finished, and a checkpoint continues it: train.py --resume writes again what it can of the rest), 'new' (no file
+    and its model file is whole: the summary needs no more, whatever happened to its checkpoint; while the checkpoint
+    is there, its database holds the training images too), 'interrupted' (not finished, and a checkpoint continues
+    it: train.py --resume writes again what it can of the rest), 'new' (no file
     of it yet) or 'damaged' (files, but neither finished nor a checkpoint to continue from); problem says what is not
     finished. A run trained with other flags is refused: its folder belongs to another study of this name."""
     checkpoint = run_files.peek_checkpoint(run.paths['checkpoint.pth'])
@@ -241,6 +242,8 @@ def run_state(run):
         raise utils.UsageError(f'{run.folder} holds a run trained with other flags ({"; ".join(differing)}): '
                                f'give this study another --name, or remove that folder')
     problem = unfinished(run)
+    if problem is None and checkpoint is not None:
+        problem = database_without_training_images(run)  # stopped after its last epoch: train.py --resume embeds them
     if problem is None:
         return 'finished', None
     if checkpoint is not None:
@@ -267,6 +270,19 @@ def unfinished(run):
         return str(e)
     if not run_files.is_model_state(model):
         return f'{path}: not a model state_dict'
+    return None
+
+
+def database_without_training_images(run):
+    """What is missing from a run's embedding database when it lacks the training images, which train.py embeds
+    after the last epoch, or None."""
+    path = run.paths['data_base.pth']
+    try:
+        database = utils.safe_load(path, 'embedding database', verify=False, mmap=True)
+    except utils.ReirError as e:
+        return str(e)
+    if not isinstance(database, dict) or 'train_features' not in database:
+        return f'{path} lacks the training images, embedded after the last epoch'
     return None
 
 

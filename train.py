@@ -7,20 +7,21 @@
 
 Writes results/<prefix>_results.csv (a row per epoch), <prefix>_model.pth and <prefix>_data_base.pth
 (at the best Recall@K for the first K of --recalls: on the test split as the original REIR, or with
---val_classes N on N training classes held out of training), <prefix>_checkpoint.pth (every epoch and every
---checkpoint_every steps, for --resume), <prefix>_curves.png and the meta-class ids; <prefix> names the run's
-settings (run_files.RunName). SIGTERM or SIGUSR1 stops a run after its current step (or evaluation batch) with a
-checkpoint, and before training starts at once (exit code utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a
-restarted run continues from its checkpoint. Nothing is written, and --overwrite removes nothing, before every check
-that can refuse the command has passed.
+--val_classes N on N training classes held out of training; the database's training images are embedded once, by
+the selected model, after the last epoch), <prefix>_checkpoint.pth (every epoch and every --checkpoint_every steps,
+for --resume; written in the background), <prefix>_curves.png and the meta-class ids; <prefix> names the run's
+settings (run_files.RunName). SIGTERM or SIGUSR1 stops a run after its current step (or evaluation batch; under
+torchrun within resume.STOP_AGREEMENT_EVERY of them) with a checkpoint, and before training starts at once (exit
+code utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a restarted run continues from its checkpoint. Nothing
+is written, and --overwrite removes nothing, before every check that can refuse the command has passed.
 """
 import argparse
 import contextlib
 import functools
-import math
 import os
 import re
 import sys
+import time
 import warnings
 
 import torch
@@ -39,6 +40,7 @@ from model import BACKBONES, BRANCH_IMPLS, SHARE_TYPES
 LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate drops
 LR_GAMMA = 0.1
 HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training list as "epoch 0"
+SYNC_SECONDS = 1.0  # how often the progress bar reads the running loss and accuracy from the device
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -68,6 +70,9 @@ def get_args_parser():
                         help='reuse the meta-class ids saved under results/ instead of drawing new ones')
     parser.add_argument('--batch_size', default=10, type=utils.positive_int,
                         help='images per step (all GPUs together)')
+    parser.add_argument('--eval_batch_size', default=engine.EVAL_BATCH_SIZE, type=utils.positive_int,
+                        help='images per embedding batch in evaluation and for the database (each process); the '
+                             'embeddings depend on it only by float rounding')
     parser.add_argument('--num_epochs', default=20, type=utils.positive_int)
     parser.add_argument('--lr', default=1e-4, type=utils.positive_float,
                         help='Adam learning rate (the original 1e-4 suits ImageNet weights; from scratch try 1e-3)')
@@ -89,6 +94,9 @@ def get_args_parser():
                              'default large JPEGs are decoded at reduced scale and only the kept region resized')
     parser.add_argument('--amp', action='store_true',
                         help='mixed precision on CUDA (bf16, or fp16 with loss scaling where bf16 is unsupported)')
+    parser.add_argument('--compile', action='store_true',
+                        help='compile the model with torch.compile (its first steps take minutes; then fewer, fused '
+                             'kernels; outputs equal within float tolerance)')
     parser.add_argument('--branch_impl', default='auto', choices=BRANCH_IMPLS,
                         help='run the branches one by one (loop) or as grouped convolutions (grouped); auto: '
                              'on CUDA the faster in a timed trial before training, on the CPU the loop. Same '
@@ -194,26 +202,42 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description, 
     """One pass over the training list, or what is left of it after start = (steps done, this process's running
     sums of them: loss, correct labels, images, skipped images); returns mean loss, accuracy in percent and skipped
     images, and the epoch's steps with this process's sums at its end (where a stop before the epoch's files
-    continues). after_step(step, steps, sums) runs after every step (resume.StepCheckpoints.after_step). Stops at the
-    first non-finite loss (engine.Diverged)."""
+    continues). after_step(step, steps, sums) runs after every step (resume.StepCheckpoints.after_step), sums() giving
+    the running sums. The sums stay on the device, read (a host sync) only for the progress bar every SYNC_SECONDS,
+    for a checkpoint and at the end, each time checking that every loss so far was finite (engine.Diverged names the
+    first step whose loss was not)."""
     model.train()
-    done, (total_loss, correct, seen, skipped) = start
+    done, (loss_sum, correct, seen, skipped) = start
     steps = done + len(loader)
     progress = tqdm(loader, desc=description, initial=done, total=steps, dynamic_ncols=True, file=sys.stderr,
                     disable=not utils.is_main_process())
+    # loss times images and correct labels, in float64 as the sums of Python floats they replace
+    device_sums = torch.tensor([loss_sum, correct], dtype=torch.float64, device=device)
+    diverged = torch.zeros(2, dtype=torch.float64, device=device)  # (step, loss) of the first non-finite loss
+
+    def host_sums():
+        (loss_sum, correct), (step, loss) = torch.stack([device_sums, diverged]).tolist()
+        if step:
+            raise engine.Diverged(f'the loss is {loss} at step {int(step)} of {steps}')
+        return [loss_sum, int(correct), seen, int(skipped)]
+
+    last_read = time.monotonic()
     for step, (images, labels, failures) in enumerate(progress, start=done + 1):
         images = images.to(device, non_blocking=True, memory_format=engine.memory_format(device, amp))
         labels = labels.to(device, non_blocking=True)                                      # (B, E)
         loss, logits = engine.train_step(model, images, labels, optimizer, scaler, amp)   # logits (B, E, M)
-        if not math.isfinite(loss.item()):
-            raise engine.Diverged(f'the loss is {loss.item()} at step {step} of {steps}')
-        total_loss += loss.item() * images.shape[0]
-        correct += (logits.argmax(-1) == labels).sum().item()
+        loss = loss.detach().double()
+        first = diverged[0].eq(0) & ~torch.isfinite(loss)
+        diverged = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), diverged)
+        device_sums += torch.stack([loss * images.shape[0], (logits.argmax(-1) == labels).sum().double()])
         seen += images.shape[0]
-        skipped += int(failures.sum())
-        progress.set_postfix(loss=f'{total_loss / seen:.4f}', acc=f'{100 * correct / (seen * labels.shape[1]):.2f}%')
-        after_step(step, steps, [total_loss, correct, seen, skipped])
-    sums = [total_loss, correct, seen, skipped]
+        skipped += failures.sum()  # the loader's CPU tensor: adding it waits for nothing
+        if time.monotonic() - last_read >= SYNC_SECONDS:
+            loss_sum, correct, *_ = host_sums()
+            progress.set_postfix(loss=f'{loss_sum / seen:.4f}', acc=f'{100 * correct / (seen * labels.shape[1]):.2f}%')
+            last_read = time.monotonic()
+        after_step(step, steps, host_sums)
+    sums = host_sums()
     total_loss, correct, seen, skipped = engine.all_reduce_sum(sums, device)
     ensemble_size = engine.unwrap(model).ensemble_size
     return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * ensemble_size), 'skipped': int(skipped),
@@ -251,32 +275,85 @@ def record_epoch(results, epoch, stats, metrics, val_metrics, args):
 
 # ----------------------------------------------------------------------------- an epoch's files
 
-def best_files(model, settings, paths, database_items, features, train_images, dataset_root, device, amp,
-               stop_requested=None):
+def best_files(model, settings, paths, database_items, features, dataset_root, epoch):
     """The files of a best epoch, as writers for run_files.save_together: the model, its embedding database and
     the run's run_files.recorded_settings, which say how to embed. The database holds the evaluation splits'
-    features, the held-out classes' as 'val', and those of every image of the training classes, of query/gallery
-    datasets too, as the original's did; each process embeds its shard, unreadable images are left out.
-    stop_requested: see engine.extract_features."""
+    features and the held-out classes' as 'val'; those of the training classes join it once, from the selected
+    model, at the end of the run (complete_database)."""
     database = {split: (items, features[split]) for split, items in database_items.items()}
-    train_features, readable = engine.extract_features(model, train_images, device, amp, stop_requested)
-    if not readable.all():
-        utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
-    items = [item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok]
-    database['train'] = (items, train_features[readable])
-    return {paths['model.pth']: run_files.torch_file(engine.unwrap(model).state_dict()),
-            paths['data_base.pth']: run_files.database_file(database, dataset_root, settings),
+    return {paths['model.pth']: run_files.torch_file(run_files.host_copy(engine.unwrap(model).state_dict())),
+            paths['data_base.pth']: run_files.database_file(database, dataset_root, settings, epoch),
             paths['args.json']: run_files.json_file(settings)}
 
 
-def save_epoch(paths, results, trainable, progress, best):
-    """The epoch's files, written together so that a failed save keeps the previous epoch's complete set:
-    the results CSV, the curves, at a best epoch the files of best_files, and the checkpoint, renamed last so
-    that a kill between the renames leaves the previous checkpoint, from which --resume redoes this epoch."""
-    run_files.save_together({paths['results.csv']: run_files.csv_file(results),
-                             paths['curves.png']: figures.curves_file(results),
-                             **(best or {}),
-                             paths['checkpoint.pth']: run_files.checkpoint_file(trainable, progress)})
+def database_to_complete(path, selected, database_items, model_path):
+    """What complete_database has to embed: None when the database at path is whole and of the selected epoch, else
+    'train' (the images of the training classes) or, when it is missing or of another epoch, 'all'; 'lost' when the
+    selected model is missing."""
+    if not os.path.isfile(model_path):
+        return 'lost'
+    stored = utils.safe_load(path, 'embedding database') if os.path.isfile(path) else None
+    if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
+            len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
+        return 'all'
+    return None if 'train_features' in stored else 'train'
+
+
+def complete_database(model, paths, results, settings, eval_data, train_images, dataset_root, args, device,
+                      stop_requested):
+    """Write the run's embedding database whole: the images of every training class (not only the sampled list, of
+    query/gallery datasets too, as the original's) embedded once, by the selected model read back from model.pth,
+    beside the evaluation splits of its best epoch (embedded again where the database is missing or of another
+    epoch: a run stopped while writing it, or the file deleted). Every process takes part (each embeds its shard);
+    unreadable training images are left out. eval_data: (test_data, val_data, database_items) of train()."""
+    test_data, val_data, database_items = eval_data
+    selected = run_files.selected_row(results)['epoch']
+    todo = engine.broadcast_from_main(database_to_complete(paths['data_base.pth'], selected, database_items,
+                                                           paths['model.pth']) if utils.is_main_process() else None)
+    if todo is None:
+        return
+    if todo == 'lost':
+        raise utils.ReirError(f'{paths["model.pth"]}, the model of the selected epoch {selected}, is missing: the '
+                              f'embedding database cannot be completed; put it back and run again with --resume')
+    utils.log(f'embedding the database of the selected epoch {selected}'
+              + (' with the training images' if todo == 'train' else ''))
+    load_selected_model(model, paths['model.pth'])
+    if todo == 'all':
+        _, _, features = evaluate_epoch(model, test_data, val_data, args, device, stop_requested)
+    else:
+        stored = utils.safe_load(paths['data_base.pth'], 'embedding database') if utils.is_main_process() else {}
+        features = {split: stored.get(f'{split}_features') for split in database_items}
+    train_features, readable = engine.extract_features(model, train_images, device, args.amp, stop_requested)
+    if not readable.all():
+        utils.warn(f'{int((~readable).sum())} unreadable training images left out of the embedding database')
+    if utils.is_main_process():
+        database = {split: (items, features[split]) for split, items in database_items.items()}
+        database['train'] = ([item for item, ok in zip(train_images.dataset.items, readable.tolist()) if ok],
+                             train_features[readable])
+        write = run_files.database_file(database, dataset_root, settings, selected)
+        run_files.atomic_write(paths['data_base.pth'], write)
+
+
+def load_selected_model(model, path):
+    """Load model.pth into the model (the training is over), read by the main process and sent to the others."""
+    model = engine.unwrap(model)
+    if utils.is_main_process():
+        model.load_state_dict(utils.safe_load(path, 'model'))
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
+def save_epoch(writes, paths, results, trainable, progress, best):
+    """The epoch's files, written together in the background (writes: run_files.BackgroundWrites) so that a failed
+    save keeps the previous epoch's complete set: the results CSV, the curves, at a best epoch the files of
+    best_files, and the checkpoint, renamed last so that a kill between the renames leaves the previous checkpoint,
+    from which --resume redoes this epoch."""
+    results = list(results)  # the next epoch adds its row while these are written
+    writes.submit({paths['results.csv']: run_files.csv_file(results),
+                   paths['curves.png']: figures.curves_file(results),
+                   **(best or {}),
+                   paths['checkpoint.pth']: run_files.checkpoint_file(trainable, progress)})
 
 
 def selection_note(results, recalls, paths):
@@ -334,13 +411,13 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
     loader = train_loader(args, data_dicts, ids, train_items, batch_size, options, rank, world, max(1, len(gpu_ids)))
     transform, min_side = utils.input_pipeline(args.crop_type, False, args.image_size, data_dicts['mean'],
                                                data_dicts['std'], args.exact_pipeline)
-    test_data = engine.build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, options)
+    test_data = engine.build_eval_data(data_dicts, dataset_root, transform, min_side, args.eval_batch_size, options)
     # the held-out classes are scored as a self-retrieval split, as a test split is
-    val_data = engine.build_eval_data({'test': held_out}, dataset_root, transform, min_side, batch_size, options) \
-        if held_out else None
+    val_data = engine.build_eval_data({'test': held_out}, dataset_root, transform, min_side, args.eval_batch_size,
+                                      options) if held_out else None
     database_items = {**test_data[0], **({'val': val_data[0]['test']} if held_out else {})}
     training_classes = {key: images for key, images in data_dicts['train'].items() if key not in held_out}
-    train_images = database_loader(training_classes, dataset_root, transform, min_side, batch_size, options)
+    train_images = database_loader(training_classes, dataset_root, transform, min_side, args.eval_batch_size, options)
     utils.log(f'{args.data_name}: {len(training_classes)} training classes, {len(train_items)} training images, '
               + ', '.join(f'{len(items)} {split} images' for split, items in test_data[0].items())
               + (f', {len(held_out)} held-out validation classes of {len(database_items["val"])} images'
@@ -350,13 +427,15 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
     # ------------------------------------------------------------------ model, optimizer, resume
     utils.set_seed(args.seed)  # the same initial weights in every process
     model = engine.build_model(run, pretrained=not args.no_pretrained, branch_impl=args.branch_impl)
-    model = engine.place_model(model, device, gpu_ids, args.branch_impl, batch_size, args.image_size, args.amp)
-    optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
+    model = engine.place_model(model, device, gpu_ids, args.branch_impl, batch_size, args.image_size, args.amp,
+                               compile=args.compile)
+    optimizer = engine.adam(model.parameters(), args.lr, device)
     milestones = [int(args.num_epochs * fraction) for fraction in LR_MILESTONES]
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_GAMMA)
     trainable = dict(model=engine.unwrap(model), optimizer=optimizer, scheduler=scheduler,
                      scaler=engine.grad_scaler(device, args.amp))
     start_epoch, best_recall, results = resume.restore(checkpoint, trainable, paths['checkpoint.pth'])
+    engine.use_adam_kernel(optimizer, device)  # a checkpoint's optimizer state names the kernel of its device
     start, rng = resume.epoch_position(checkpoint, rank, world)
     rewrite_best = checkpoint is not None and engine.broadcast_from_main(
         resume.best_files_lost(paths, checkpoint) if utils.is_main_process() else None)
@@ -369,21 +448,21 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
         files = resume.lost_files(paths, results, settings) if utils.is_main_process() else {}
         if rewrite_best:
             _, _, features = evaluate_epoch(model, test_data, val_data, args, device)
-            files.update(best_files(model, settings, paths, database_items, features, train_images, dataset_root,
-                                    device, args.amp))
+            files.update(best_files(model, settings, paths, database_items, features, dataset_root, start_epoch - 1))
         if utils.is_main_process():
             run_files.save_together(files)
 
     # ------------------------------------------------------------------ epochs
-    checkpoints = resume.StepCheckpoints(args.checkpoint_every, paths['checkpoint.pth'], trainable, signals, device,
-                                         gpu_ids)
-    stop_requested = checkpoints.stop_requested
     selection_key = f'recall@{args.recalls[0]}'
     # what a checkpoint holds besides the trainable states and the position in the epoch
     progress = dict(best_recall=best_recall, results=results, args=vars(args), ids=ids, train_items=train_items,
                     held_out=sorted(held_out), elastic_job=engine.elastic_job(),
                     data_fingerprint=utils.data_fingerprint(data_dicts))
-    with signals.deferred():  # from here a stop signal stops the run once its state is saved
+    # from here a stop signal stops the run once its state is saved, and files are written while training goes on
+    with run_files.BackgroundWrites() as writes, signals.deferred():
+        checkpoints = resume.StepCheckpoints(args.checkpoint_every, paths['checkpoint.pth'], trainable, signals,
+                                             device, gpu_ids, writes)
+        stop_requested = checkpoints.stop_requested
         for epoch in range(start_epoch, args.num_epochs + 1):
             utils.set_seed(engine.epoch_seed(args.seed, epoch))
             if rng is not None:  # inside an epoch, the random states where its checkpoint was written
@@ -403,9 +482,9 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
                 selected = (val_metrics or metrics)[selection_key]  # on the held-out classes when there are some
                 if selected > progress['best_recall']:
                     progress['best_recall'] = selected
-                    best = best_files(model, settings, paths, database_items, features, train_images, dataset_root,
-                                      device, args.amp, stop_requested)
+                    best = best_files(model, settings, paths, database_items, features, dataset_root, epoch)
             except engine.Diverged as e:
+                writes.wait()
                 raise utils.ReirError(f'epoch {epoch}: {e}: training diverged (a lower --lr may help); '
                                       f'{resume.saved_note(paths["checkpoint.pth"])}') from None
             except utils.StopRequested:
@@ -417,12 +496,20 @@ def train(args, run, paths, device, gpu_ids, rank, world, signals):
                 warnings.filterwarnings('ignore', re.escape('Detected call of `lr_scheduler.step()` before'))
                 scheduler.step()
             if utils.is_main_process():
-                save_epoch(paths, results, trainable, {**progress, 'epoch': epoch + 1, 'step': 0, 'running': []},
-                           best)
+                save_epoch(writes, paths, results, trainable,
+                           {**progress, 'epoch': epoch + 1, 'step': 0, 'running': []}, best)
             checkpoints.saved()
             if epoch < args.num_epochs and stop_requested():
                 checkpoints.stop(f'after epoch {epoch}')
-        utils.log(selection_note(results, args.recalls, paths))
+
+        # ------------------------------------------------------------------ the database of the selected model
+        writes.wait()
+        try:
+            complete_database(model, paths, results, settings, (test_data, val_data, database_items), train_images,
+                              dataset_root, args, device, stop_requested)
+        except utils.StopRequested:
+            checkpoints.stop('while the embedding database was written, after the last epoch')
+    utils.log(selection_note(results, args.recalls, paths))
 
 
 if __name__ == '__main__':

@@ -73,3 +73,27 @@ def test_checkpoint_case_writes_what_train_py_writes(tmp_path, monkeypatch):
 
 def optimizer_moments(optimizer):
     return [state['exp_avg'] for state in optimizer.state_dict()['state'].values()]
+
+
+def test_the_step_profile_times_every_phase_of_train_py_s_step(tmp_path, monkeypatch):
+    """benchmark.py step on a toy model: the phases of engine.train_step (the step train.py runs) timed, operations
+    counted, the checkpoint written as train.py writes it with steps run while it is written, and the embedding
+    timed at both batch sizes."""
+    steps = []
+    forward_backward = benchmark.engine.forward_backward
+    monkeypatch.setattr(benchmark.engine, 'forward_backward', lambda *args: steps.append(1) or forward_backward(*args))
+    config = dict(device='cpu', model_type='resnet18', share_type='layer4', ensemble_size=2, meta_class_size=3,
+                  image_size=32, batch_size=4, eval_batch_size=8, steps=2, amp=False, compile=False,
+                  branch_impl='auto', num_workers=0)
+    queue = Queue()
+    benchmark.step_profile(config, str(tmp_path), queue)
+    row = queue[0]
+    assert set(row) == set(benchmark.STEP_COLUMNS) - set(config)
+    assert len(steps) >= 2 + 2 + 2 + 1 + 1  # warm-up, timed, profiled by phase, by operation, during the write
+    assert all(row[key] > 0 for key in ('step_ms', 'forward_backward_ms', 'optimizer_ms', 'checkpoint_mib',
+                                        'checkpoint_write_s', 'embed_images_per_s_train_batch',
+                                        'embed_images_per_s_eval_batch'))
+    assert row['ops_per_step'] > 100 and row['kernels_per_step'] is None and row['gpu_idle_pct'] is None
+    before, now = benchmark.epoch_budget(row, config, 'cub')
+    assert before['training'] == now['training'] and now['database'] == 0 < before['database']
+    assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]

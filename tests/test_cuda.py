@@ -1,11 +1,14 @@
 """The CUDA tier: training and evaluation on a GPU. Run with `python -m pytest -q -m cuda` (the device-
 parametrized tests of the other files join it); without CUDA every test here is skipped with the reason."""
+import warnings
+
 import pandas as pd
 import pytest
 import torch
 from torch import nn
 
 import engine
+import train
 import utils
 from conftest import CUDA, prefix, run_main, run_train
 from model import Model, embed
@@ -112,3 +115,29 @@ def test_out_of_memory_gets_one_line_of_advice(tiny):
     assert result.returncode == 1, result.stderr
     assert 'Traceback' not in result.stderr
     assert 'error: CUDA out of memory: lower --batch_size' in result.stderr
+
+
+def test_a_cuda_run_tunes_cudnn_fuses_adam_and_waits_for_the_gpu_once_an_epoch(tiny, monkeypatch):
+    """cuDNN times its algorithms for the run's fixed shapes, Adam runs fused, and with the progress bar's reads out
+    of the way the training loop synchronizes with the GPU only to read an epoch's sums (under
+    torch.cuda.set_sync_debug_mode every synchronizing call warns)."""
+    monkeypatch.setattr(train, 'SYNC_SECONDS', float('inf'))
+    epoch = train.train_one_epoch
+    syncs = []
+
+    def counting(*args):
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter('always')
+                stats = epoch(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs.append(sum('synchronizing' in str(warning.message) for warning in caught))
+        return stats
+    monkeypatch.setattr(train, 'train_one_epoch', counting)
+    train_in_process(tiny, '--gpu_ids', '0', '--branch_impl', 'loop')
+    assert torch.backends.cudnn.benchmark
+    assert all(1 <= count < 4 for count in syncs), syncs  # fewer than an epoch's 4 steps: the read at its end
+    checkpoint = torch.load(tiny / 'results' / f'{prefix()}_checkpoint.pth', weights_only=True)
+    assert checkpoint['optimizer']['param_groups'][0]['fused'] is True

@@ -229,7 +229,7 @@ def test_a_signal_during_the_evaluation_stops_it_keeping_the_epochs_steps(tiny, 
 
     def signalled(*args):
         calls.append(1)
-        if len(calls) == 3:  # epoch 1: the test split, then the database of the best epoch; epoch 2: the test split
+        if len(calls) == 2:  # epoch 1's test split, then epoch 2's (the database is embedded after the last epoch)
             os.kill(os.getpid(), signal.SIGTERM)
         return extract(*args)
     monkeypatch.setattr(engine, 'extract_features', signalled)
@@ -283,9 +283,9 @@ def test_epoch_position_on_the_same_or_another_number_of_processes():
 def test_checkpoints_are_due_every_n_steps_or_by_time(monkeypatch):
     def due(every, step, minutes=0.0):
         monkeypatch.setattr(time, 'monotonic', lambda: 0.0)  # (t + 600) - t is not always 600 in floats
-        checkpoints = resume.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [])
+        checkpoints = resume.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [], None)
         monkeypatch.setattr(time, 'monotonic', lambda: 60.0 * minutes)
-        return checkpoints.due(step, steps=10)
+        return checkpoints.due(step, 10, checkpoints.time_is_up())
     assert [step for step in range(1, 11) if due(3, step)] == [3, 6, 9]
     assert not any(due(0, step) for step in range(1, 11))
     assert not due(None, 5, resume.CHECKPOINT_MINUTES - 0.1) and due(None, 5, resume.CHECKPOINT_MINUTES)

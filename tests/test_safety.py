@@ -143,7 +143,8 @@ def test_the_checkpoint_is_renamed_last(monkeypatch):
     monkeypatch.setattr(run_files, 'save_together', lambda writers: order.extend(writers))
     monkeypatch.setattr(run_files, 'checkpoint_file', lambda trainable, progress: None)
     best = {kind: None for kind in ('model.pth', 'data_base.pth', 'args.json')}
-    train.save_epoch({kind: kind for kind in run_files.RUN_OUTPUTS}, [], {}, {}, best)
+    with run_files.BackgroundWrites() as writes:
+        train.save_epoch(writes, {kind: kind for kind in run_files.RUN_OUTPUTS}, [], {}, {}, best)
     assert sorted(order) == sorted(run_files.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
 
 
@@ -215,7 +216,8 @@ def test_resume_writes_a_missing_model_again_from_the_best_epoch(trained, tmp_pa
     database.unlink()
     result = run_train(trained, '--recalls', '1,8', '--num_epochs', '1', '--resume', name='shop', results=results)
     assert result.returncode == 0, result.stderr
-    assert 'writing them again' in result.stderr
+    assert 'writing it again from the checkpoint' in result.stderr
+    assert 'embedding the database of the selected epoch 1' in result.stdout
     restored = torch.load(model, weights_only=True)
     assert all(torch.equal(restored[k], expected_model[k]) for k in expected_model)
     restored_database = torch.load(database, weights_only=True)

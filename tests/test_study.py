@@ -241,6 +241,22 @@ def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
     assert summary['seeds'].tolist() == ['1,2']
 
 
+def test_a_run_stopped_while_its_database_was_embedded_is_resumed(prepared, tmp_path):
+    """A run stopped after its last epoch, while the selected model embedded the training images: its CSV and model
+    are whole, but the study resumes it to complete its database; once its checkpoint is gone, nothing can, and the
+    run counts as finished."""
+    run = study_runs(study_command(prepared, tmp_path / 'results', vary=('ensemble_size=2',), seeds='1'))[0]
+    assert run_main('train', *run.flags).returncode == 0
+    assert study.run_state(run) == ('finished', None)
+    database = torch.load(run.paths['data_base.pth'], weights_only=True)
+    torch.save({key: value for key, value in database.items() if not key.startswith('train_')},
+               run.paths['data_base.pth'])
+    assert study.run_state(run) == ('interrupted', f'{run.paths["data_base.pth"]} lacks the training images, '
+                                                   f'embedded after the last epoch')
+    os.remove(run.paths['checkpoint.pth'])
+    assert study.run_state(run) == ('finished', None)
+
+
 def test_each_state_tells_train_py_what_to_do():
     run = study.Run((), 1, 'f', ['--x'], train.get_args_parser().parse_args(['--gpu_ids', 'cpu']))
     assert study.job_command(run, 'interrupted', 0)[-1] == '--resume'

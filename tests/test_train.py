@@ -56,7 +56,7 @@ def test_query_gallery_dataset_end_to_end(trained):
     database = torch.load(trained / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
     # the train split too, as the original's In-shop databases
     assert set(database) == {f'{s}_{k}' for s in ('train', 'query', 'gallery')
-                             for k in ('images', 'labels', 'features')} | {'working_dir', 'settings'}
+                             for k in ('images', 'labels', 'features')} | {'working_dir', 'settings', 'epoch'}
     assert database['settings']['image_size'] == int(TINY[TINY.index('--image_size') + 1])
 
 
