@@ -174,9 +174,11 @@ def test_a_stop_signal_saves_the_step_and_exits_to_be_resumed(tiny, references, 
     assert 'Traceback' not in stderr
     checkpoint = folder / f'{prefix()}_checkpoint.pth'
     epoch, step = position
-    where = f'at step {step} of {STEPS} of epoch {epoch}' if step else f'after epoch {epoch - 1}'
-    assert stderr.splitlines()[-1] == (f'stopped by {signum.name} {where}: {checkpoint} holds the run; continue it '
-                                       f'with the same command and --resume')
+    where = [f'at step {step} of {STEPS} of epoch {epoch}' if step else f'after epoch {epoch - 1}']
+    if step == STEPS:  # the signal came after the epoch's last step: it stopped the evaluation that follows
+        where.append(f'in the evaluation of epoch {epoch}')
+    assert stderr.splitlines()[-1] in [f'stopped by {signum.name} {place}: {checkpoint} holds the run; continue it '
+                                       f'with the same command and --resume' for place in where]
     assert position >= target
     resume_and_compare(tiny, folder, FLAGS, position, references[False])
 
