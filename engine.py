@@ -2,7 +2,9 @@
 their samplers, placing the model and choosing its branch engine, the training step, embedding and retrieval
 evaluation. train.py, evaluate.py and benchmark.py all run models through these functions, so that each is
 written once."""
+import importlib.util
 import os
+import shutil
 import signal
 import socket
 
@@ -276,6 +278,17 @@ def load_model(path, run):
     return model.eval()
 
 
+def load_state_from_main(model, path):
+    """Load the state_dict at path into the (unwrapped) model: read by the main process and sent to the others, which
+    need not see the file (another machine's disk)."""
+    model = unwrap(model)
+    if utils.is_main_process():
+        model.load_state_dict(utils.safe_load(path, 'model'))
+    if dist.is_initialized():
+        for tensor in model.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def mismatch(error):
     """The first line of load_state_dict's error that says what differs, shortened."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -319,6 +332,10 @@ def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp
     model.branch_impl = broadcast_from_main(model.branch_impl)
     utils.log(choice)
     if compile:
+        problem = compiler_problem(device)
+        if problem:
+            raise utils.UsageError(f'--compile: {problem}, which torch.compile needs to build its kernels; install '
+                                   f'it or leave out --compile')
         model.compile()  # in place: the state_dict keeps its keys
     if dist.is_initialized():
         return nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
@@ -326,6 +343,18 @@ def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp
         utils.log(data_parallel_note(model, gpu_ids))
         return nn.DataParallel(model, device_ids=gpu_ids)
     return model
+
+
+def compiler_problem(device):
+    """What torch.compile lacks on this machine, found before its first step would fail with a traceback: a C++
+    compiler for the CPU's kernels; on CUDA Triton, and a C compiler for Triton's launcher. None when nothing."""
+    if device.type != 'cuda':
+        compiler = os.environ.get('CXX', 'g++')  # inductor's default
+        return None if shutil.which(compiler) else f'no C++ compiler {compiler} on the PATH (or in $CXX)'
+    if importlib.util.find_spec('triton') is None:
+        return 'Triton is not installed'
+    compilers = [os.environ['CC']] if os.environ.get('CC') else ['cc', 'gcc', 'clang']
+    return None if any(shutil.which(c) for c in compilers) else 'no C compiler (cc, gcc, clang or $CC) on the PATH'
 
 
 def data_parallel_note(model, gpu_ids):

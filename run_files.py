@@ -493,6 +493,20 @@ def database_file(splits, dataset_root, settings, epoch):
     return torch_file(database)
 
 
+def database_to_complete(path, selected, database_items, model_path):
+    """What a run's embedding database at path lacks, which train.py embeds after the last epoch: None when it is
+    whole and of the selected epoch (its database_items {split: items} all there), else 'train' (the images of the
+    training classes) or, when it is missing or of another epoch, 'all'; 'lost' when the selected model at model_path
+    is missing."""
+    if not os.path.isfile(model_path):
+        return 'lost'
+    stored = utils.safe_load(path, 'embedding database') if os.path.isfile(path) else None
+    if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
+            len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
+        return 'all'
+    return None if 'train_features' in stored else 'train'
+
+
 def resolve_database(name):
     """An embedding database given as a path or as a file name under results/."""
     if os.path.isfile(name):

@@ -286,19 +286,6 @@ def best_files(model, settings, paths, database_items, features, dataset_root, e
             paths['args.json']: run_files.json_file(settings)}
 
 
-def database_to_complete(path, selected, database_items, model_path):
-    """What complete_database has to embed: None when the database at path is whole and of the selected epoch, else
-    'train' (the images of the training classes) or, when it is missing or of another epoch, 'all'; 'lost' when the
-    selected model is missing."""
-    if not os.path.isfile(model_path):
-        return 'lost'
-    stored = utils.safe_load(path, 'embedding database') if os.path.isfile(path) else None
-    if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
-            len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
-        return 'all'
-    return None if 'train_features' in stored else 'train'
-
-
 def complete_database(model, paths, results, settings, eval_data, train_images, dataset_root, args, device,
                       stop_requested):
     """Write the run's embedding database whole: the images of every training class (not only the sampled list, of
@@ -308,8 +295,8 @@ def complete_database(model, paths, results, settings, eval_data, train_images, 
     unreadable training images are left out. eval_data: (test_data, val_data, database_items) of train()."""
     test_data, val_data, database_items = eval_data
     selected = run_files.selected_row(results)['epoch']
-    todo = engine.broadcast_from_main(database_to_complete(paths['data_base.pth'], selected, database_items,
-                                                           paths['model.pth']) if utils.is_main_process() else None)
+    todo = engine.broadcast_from_main(run_files.database_to_complete(
+        paths['data_base.pth'], selected, database_items, paths['model.pth']) if utils.is_main_process() else None)
     if todo is None:
         return
     if todo == 'lost':
@@ -317,7 +304,7 @@ def complete_database(model, paths, results, settings, eval_data, train_images, 
                               f'embedding database cannot be completed; put it back and run again with --resume')
     utils.log(f'embedding the database of the selected epoch {selected}'
               + (' with the training images' if todo == 'train' else ''))
-    load_selected_model(model, paths['model.pth'])
+    engine.load_state_from_main(model, paths['model.pth'])  # the training is over: its weights may go
     if todo == 'all':
         _, _, features = evaluate_epoch(model, test_data, val_data, args, device, stop_requested)
     else:
@@ -332,16 +319,6 @@ def complete_database(model, paths, results, settings, eval_data, train_images, 
                              train_features[readable])
         write = run_files.database_file(database, dataset_root, settings, selected)
         run_files.atomic_write(paths['data_base.pth'], write)
-
-
-def load_selected_model(model, path):
-    """Load model.pth into the model (the training is over), read by the main process and sent to the others."""
-    model = engine.unwrap(model)
-    if utils.is_main_process():
-        model.load_state_dict(utils.safe_load(path, 'model'))
-    if dist.is_initialized():
-        for tensor in model.state_dict().values():
-            dist.broadcast(tensor, src=0)
 
 
 def save_epoch(writes, paths, results, trainable, progress, best):

@@ -24,6 +24,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 import data_utils  # noqa: E402  (the repository's modules, found through REPO)
+import engine  # noqa: E402
 import run_files  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
@@ -221,6 +222,18 @@ def run_train(root, *extra, name='tiny', results=None):
     """train.py on root/data/<name> with the TINY flags, writing to results (default root/results)."""
     return run_main('train', '--data_path', root / 'data', '--data_name', name, '--results_dir',
                     results or root / 'results', *TINY, *extra)
+
+
+def loss_becomes(monkeypatch, value, at_step=2):
+    """Make engine.train_step's loss value (nan, inf) at the at_step-th step a run takes: a run that diverges there."""
+    step = engine.train_step
+    calls = []
+
+    def diverging(*args):
+        loss, logits = step(*args)
+        calls.append(1)
+        return (torch.tensor(value) if len(calls) == at_step else loss), logits
+    monkeypatch.setattr(engine, 'train_step', diverging)
 
 
 def copy_of_run(trained, tmp_path, name='tiny'):

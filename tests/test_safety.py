@@ -18,21 +18,14 @@ import resume
 import run_files
 import train
 import utils
-from conftest import (REPO, TINY, assert_one_line_error, copy_of_run, file_digests, prefix, run_as_command, run_main,
-                      run_script, run_train, written_files)
+from conftest import (REPO, TINY, assert_one_line_error, copy_of_run, file_digests, loss_becomes, prefix,
+                      run_as_command, run_main, run_script, run_train, written_files)
 
 
 # ----------------------------------------------------------------------------- a run that goes wrong stops
 
 def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, monkeypatch):
-    step = engine.train_step
-    calls = []
-
-    def diverging(*args):
-        loss, logits = step(*args)
-        calls.append(1)
-        return (torch.tensor(float('nan')) if len(calls) == 2 else loss), logits
-    monkeypatch.setattr(engine, 'train_step', diverging)
+    loss_becomes(monkeypatch, float('nan'))
     result = run_train(tiny, '--num_epochs', '1')
     assert_one_line_error(result, 1, 'epoch 1: the loss is nan at step 2 of 4',
                           'no checkpoint was written, so there is nothing to resume')

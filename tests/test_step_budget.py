@@ -21,7 +21,7 @@ import resume
 import run_files
 import train
 import utils
-from conftest import REPO, copy_of_run, prefix, run_train
+from conftest import REPO, assert_one_line_error, copy_of_run, loss_becomes, prefix, run_train
 from model import Model
 
 
@@ -144,21 +144,21 @@ def test_resume_completes_the_database(trained, tmp_path, damage):
 def test_what_the_database_lacks(tmp_path):
     model, path = tmp_path / 'model.pth', tmp_path / 'data_base.pth'
     items = {'test': [('a.jpg', 'x'), ('b.jpg', 'y')]}
-    assert train.database_to_complete(str(path), 2, items, str(model)) == 'lost'
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'lost'
     model.write_bytes(b'')
-    assert train.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
     features = torch.zeros(2, 4)
 
     def write(splits, epoch):
         run_files.atomic_write(str(path), run_files.database_file(splits, str(tmp_path), {}, epoch))
     write({'test': (items['test'], features)}, 1)
-    assert train.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
     write({'test': (items['test'][:1], features[:1])}, 2)
-    assert train.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
     write({'test': (items['test'], features)}, 2)
-    assert train.database_to_complete(str(path), 2, items, str(model)) == 'train'
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'train'
     write({'test': (items['test'], features), 'train': (items['test'], features)}, 2)
-    assert train.database_to_complete(str(path), 2, items, str(model)) is None
+    assert run_files.database_to_complete(str(path), 2, items, str(model)) is None
 
 
 # ----------------------------------------------------------------------------- checkpoints in the background
@@ -263,14 +263,7 @@ def test_the_training_step_reads_nothing_from_the_device(tiny, monkeypatch):
 
 
 def test_a_non_finite_loss_read_later_names_its_step(tiny, monkeypatch):
-    step = engine.train_step
-    calls = []
-
-    def diverging(*args):
-        loss, logits = step(*args)
-        calls.append(1)
-        return (torch.tensor(float('inf')) if len(calls) == 2 else loss), logits
-    monkeypatch.setattr(engine, 'train_step', diverging)
+    loss_becomes(monkeypatch, float('inf'))
     monkeypatch.setattr(train, 'SYNC_SECONDS', float('inf'))
     result = run_train(tiny, '--num_epochs', '1')
     assert result.returncode == 1 and 'epoch 1: the loss is inf at step 2 of 4' in result.stderr
@@ -376,6 +369,15 @@ def test_a_compiled_run_writes_the_files_of_a_plain_one(tiny):
     assert set(torch.load(results / f'{prefix()}_checkpoint.pth', weights_only=True)['model']) == keys
     resumed = run_train(tiny, '--num_epochs', '1', '--resume')
     assert resumed.returncode == 0 and 'at the end of epoch 1' in resumed.stdout, resumed.stderr
+
+
+def test_compile_without_a_compiler_is_one_line_before_anything_is_written(tiny, monkeypatch):
+    """Offline machines often lack a C++ compiler: torch.compile would fail at the first step with a traceback."""
+    monkeypatch.setattr(engine.shutil, 'which', lambda name: None)
+    assert 'no C++ compiler' in engine.compiler_problem(torch.device('cpu'))
+    result = run_train(tiny, '--compile')
+    assert_one_line_error(result, 2, '--compile: no C++ compiler', 'leave out --compile')
+    assert not [name for name in os.listdir(tiny / 'results') if not name.startswith('.')]
 
 
 def test_data_parallel_says_when_torchrun_is_faster():
