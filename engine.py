@@ -2,7 +2,10 @@
 their samplers, placing the model and choosing its branch engine, the training step, embedding and retrieval
 evaluation. train.py, evaluate.py and benchmark.py all run models through these functions, so that each is
 written once."""
+import atexit
 import importlib.util
+import multiprocessing
+import multiprocessing.util  # its exit function registered before end_loader_workers, which then runs first
 import os
 import shutil
 import signal
@@ -171,16 +174,46 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 def ignore_stop_signals(worker_id):
     """A DataLoader worker_init_fn. A stop signal sent to the whole process group (torchrun, Slurm) would end the
-    loader's workers, and the run with them, before it saved its state: the main process ends them instead."""
+    loader's workers, and the run with them, before it saved its state: the main process ends them instead. The
+    worker starts with the signals blocked (batches), so that none ends it before it ignores them."""
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+
+
+def batches(loader):
+    """iter(loader), its worker processes started with the stop signals blocked: they inherit the mask, and a signal
+    to the process group in the instant before a new worker ignores them (ignore_stop_signals) would end it. The
+    main process receives a signal blocked meanwhile once they are started."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        return iter(loader)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+
+
+def end_loader_workers():
+    """At the process's exit, kill its daemonic children still alive: the DataLoader workers (an atexit function).
+    multiprocessing ends daemonic children at exit with SIGTERM, which the workers ignore (ignore_stop_signals), and
+    then waits for them: a worker whose loader was never shut down (its iterator still held by the traceback of a stop
+    or an error) would keep the process waiting for ever. SIGKILL ends them as multiprocessing means to; they only
+    read images."""
+    children = [child for child in multiprocessing.active_children() if child.daemon]
+    if children:
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would take the kill for a crash
+    for child in children:
+        child.kill()
 
 
 def loader_options(num_workers, seed, device):
     """DataLoader settings. The loader gets its own generator for the workers' base seed, which otherwise
     comes from the global RNG: a resumed run (whose workers start anew) would then draw different
-    --with_random weights than the uninterrupted one."""
+    --with_random weights than the uninterrupted one. With workers, end_loader_workers runs at exit, before
+    multiprocessing's own exit function (registered when multiprocessing was imported: atexit runs the last first)."""
     workers = max(0, num_workers)
+    if workers:
+        atexit.unregister(end_loader_workers)  # registered once
+        atexit.register(end_loader_workers)
     options = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
                    generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
     if workers:
@@ -440,7 +473,7 @@ def extract_features(model, loader, device, amp, stop_requested=None):
     readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
     checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
-    for batch_index, (images, _, batch_readable) in enumerate(loader):
+    for batch_index, (images, _, batch_readable) in enumerate(batches(loader)):
         with autocast(device, amp):
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
         features[start:start + images.shape[0]] = embed(logits.float())

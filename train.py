@@ -209,8 +209,8 @@ def train_one_epoch(model, loader, optimizer, scaler, device, amp, description, 
     model.train()
     done, (loss_sum, correct, seen, skipped) = start
     steps = done + len(loader)
-    progress = tqdm(loader, desc=description, initial=done, total=steps, dynamic_ncols=True, file=sys.stderr,
-                    disable=not utils.is_main_process())
+    progress = tqdm(engine.batches(loader), desc=description, initial=done, total=steps, dynamic_ncols=True,
+                    file=sys.stderr, disable=not utils.is_main_process())
     # loss times images and correct labels, in float64 as the sums of Python floats they replace
     device_sums = torch.tensor([loss_sum, correct], dtype=torch.float64, device=device)
     diverged = torch.zeros(2, dtype=torch.float64, device=device)  # (step, loss) of the first non-finite loss

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 
 import pandas as pd
@@ -93,6 +94,48 @@ def test_a_second_start_of_a_running_run_fails_at_once(tiny):
                             '--results_dir', tiny / 'results', *TINY)
     assert_one_line_error(result, 1, 'is being trained by another process')
     assert [name for name in os.listdir(tiny / 'results')] == [f'.{prefix()}.lock']
+
+
+@pytest.mark.slow  # a process of its own, which imports torch
+def test_a_loader_worker_left_running_does_not_keep_the_process_from_exiting():
+    """A stop or an error inside an epoch can leave a loader's iterator referenced (by its traceback) until the process
+    exits. multiprocessing then ends the loader's workers with SIGTERM, which they ignore, and waited for them for
+    ever: the run stopped by a signal hung after printing its line."""
+    script = textwrap.dedent(f'''
+        import sys
+        sys.path.insert(0, {REPO!r})
+        import torch
+        import engine
+        loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4,
+                                             **engine.loader_options(1, 0, torch.device('cpu')))
+        batches = iter(loader)
+        next(batches)  # the worker is alive, and the iterator held until the interpreter's exit
+        print('exiting', flush=True)
+    ''')
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stdout == 'exiting\n', result.stderr
+
+
+def test_loader_workers_start_with_the_stop_signals_blocked_until_they_ignore_them(tmp_path):
+    """A signal to the process group as a loader's worker starts (an evaluation's first batch) once ended the worker
+    before its worker_init_fn ignored the signal, and the run with a traceback: the worker starts with the signals
+    blocked, ignores them, then unblocks them; the main process's mask is as it was."""
+    mask_file = tmp_path / 'mask'
+
+    def recording(worker_id):
+        mask_file.write_text(','.join(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
+        engine.ignore_stop_signals(worker_id)
+    options = {**engine.loader_options(1, 0, torch.device('cpu')), 'worker_init_fn': recording}
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, **options)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    batches = engine.batches(loader)
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert len(list(batches)) == 2
+    assert {'SIGTERM', 'SIGUSR1'} <= set(mask_file.read_text().split(','))
+    worker = loader._iterator._workers[0]
+    status = dict(line.split(':\t') for line in open(f'/proc/{worker.pid}/status').read().splitlines() if ':\t' in line)
+    term = 1 << (signal.SIGTERM - 1)
+    assert int(status['SigIgn'], 16) & term and not int(status['SigBlk'], 16) & term
 
 
 def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
