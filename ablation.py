@@ -31,6 +31,7 @@ from PIL import ImageFont
 from scipy import stats
 from tqdm import tqdm
 
+import data_base
 import figures
 import original
 import run_files
@@ -197,8 +198,8 @@ def replace_folder(new, folder):
 
 
 def main(args):
-    paths = [run_files.resolve_database(name) for name in (args.better_data_base, args.worse_data_base)]
-    tasks = [retrieval_task(run_files.load_database(path), path, args.data_type) for path in paths]
+    paths = [data_base.resolve_database(name) for name in (args.better_data_base, args.worse_data_base)]
+    tasks = [retrieval_task(data_base.load_database(path), path, args.data_type) for path in paths]
     tasks[1] = comparable(tasks[1], tasks[0], paths)
     numbered = utils.class_indices({'query': tasks[0][1], 'gallery': tasks[0][5]})
     query_labels, gallery_labels = torch.tensor(numbered['query']), torch.tensor(numbered['gallery'])

@@ -16,20 +16,24 @@ from matplotlib import pyplot as plt
 
 import run_files
 import utils
-from model import BACKBONES, SHARE_TYPES, Model
+from model import BACKBONES, DEFAULT_LOSS, LOSSES, SHARE_TYPES, Model
 
 STEM, BRANCH, OUTPUT = '#dbe8f6', '#fbe3c8', '#d9efd9'
 SHOWN_BRANCHES = 3  # branches drawn before the ellipsis and the last one
 
 
-def describe(model_type, share_type, ensemble_size, meta_class_size, image_size):
-    """Stage names and output shapes of the stem and of one branch, from a Model on the meta device."""
+def describe(args):
+    """Stage names and output shapes of the stem and of one branch, and its classifier, from the Model of the flags
+    on the meta device."""
     with torch.device('meta'):
-        model = Model(meta_class_size, ensemble_size, share_type, model_type, pretrained=False)
-        shared = model.shared(torch.empty(1, 3, image_size, image_size))           # (1, C, H, W)
-        features = model.branches[0].features(shared)                              # (1, F, h, w)
+        model = Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type, pretrained=False,
+                      classifier=LOSSES[args.loss].classifier)
+        shared = model.shared(torch.empty(1, 3, args.image_size, args.image_size))      # (1, C, H, W)
+        features = model.branches[0].features(shared)                                   # (1, F, h, w)
+    classifier = model.branches[0].fc
     return dict(stem=list(model.shared._modules), branch=list(model.branches[0].features._modules),
-                shared_shape=tuple(shared.shape[1:]), feature_shape=tuple(features.shape[1:]))
+                shared_shape=tuple(shared.shape[1:]), feature_shape=tuple(features.shape[1:]),
+                classifier='fc' if type(classifier) is torch.nn.Linear else type(classifier).__name__)
 
 
 def box(axis, x, y, width, height, text, colour):
@@ -47,7 +51,7 @@ def shape_text(shape):
 
 
 def main(args):
-    parts = describe(args.model_type, args.share_type, args.ensemble_size, args.meta_class_size, args.image_size)
+    parts = describe(args)
     E, M = args.ensemble_size, args.meta_class_size
     shown = list(range(min(E, SHOWN_BRANCHES))) + ([E - 1] if E > SHOWN_BRANCHES else [])
     figure, axis = plt.subplots(figsize=(11, 1.1 * len(shown) + 0.8))
@@ -66,15 +70,15 @@ def main(args):
         if E > SHOWN_BRANCHES and row == SHOWN_BRANCHES:
             axis.text(6.0, y + 0.75, '⋮', ha='center', fontsize=14)
         scale = f'× w{e + 1}  ' if args.with_random else ''
-        box(axis, 4.6, y, 3.2, 0.6, f'branch {e + 1}: {scale}{" → ".join(parts["branch"])}\n'
-                                    f'{shape_text(parts["feature_shape"])} → avgpool → fc → {M} logits', BRANCH)
+        head = f'{shape_text(parts["feature_shape"])} → avgpool → {parts["classifier"]} → {M} logits'
+        box(axis, 4.6, y, 3.2, 0.6, f'branch {e + 1}: {scale}{" → ".join(parts["branch"])}\n{head}', BRANCH)
         arrow(axis, (4.05, middle + 0.3), (4.55, y + 0.3))
         box(axis, 8.2, y, 1.1, 0.6, 'L2 normalize', BRANCH)
         arrow(axis, (7.85, y + 0.3), (8.15, y + 0.3))
         arrow(axis, (9.35, y + 0.3), (9.65, middle + 0.3))
     box(axis, 9.7, middle, 1.2, 0.6, f'embedding\n{E} × {M} = {E * M}', OUTPUT)
     axis.text(0.1, -0.4, f'{args.model_type}, share_type {args.share_type}, {E} branches of {M} meta-classes. In '
-                         f'training branch e is a classifier of ids[e, class] (cross-entropy, averaged over branches)'
+                         f'training branch e is a classifier of ids[e, class] ({LOSSES[args.loss].__name__}, model.py)'
                          + ('; w = softmax(rand(E)) in training, 1/E in evaluation' if args.with_random else ''),
               fontsize=7.5, color='#333333')
     figure.tight_layout()
@@ -95,6 +99,7 @@ def get_args_parser():
     parser.add_argument('--meta_class_size', default=12, type=utils.positive_int)
     parser.add_argument('--image_size', default=256, type=utils.positive_int)
     parser.add_argument('--with_random', action='store_true')
+    parser.add_argument('--loss', default=DEFAULT_LOSS, choices=list(LOSSES))
     parser.add_argument('--output', default=os.path.join(run_files.RESULTS_DIR, 'architecture.png'))
     return parser
 

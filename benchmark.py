@@ -23,11 +23,14 @@ import pandas as pd
 import torch
 from PIL import Image
 
+import branch_engines
 import engine
+import loaders
 import resume
 import run_files
 import utils
-from model import BRANCH_IMPLS, Model
+from branch_engines import BRANCH_IMPLS
+from model import EnsembleCrossEntropy, Model
 
 SOP_TEST_IMAGES, SOP_TEST_CLASSES = 60_502, 11_316
 EVAL_RANKS = (1, 10, 100, 1000)
@@ -169,19 +172,19 @@ BRANCH_COLUMNS = ['impl', 'engine', 'device', 'phase', 'model_type', 'ensemble_s
                   'images_per_s', 'peak_mem_mb', 'amp']
 
 
-def time_steps(model, phase, batch, labels, steps, amp):
+def time_steps(model, phase, batch, steps, amp):
     """Seconds per step: train.py's training step (engine.train_step: forward, loss, backward and an Adam step
-    through the gradient scaler) for 'train'; a forward for 'eval'."""
-    device = batch.device
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = engine.grad_scaler(device, amp)
+    through the gradient scaler) for 'train'; a forward for 'eval'. batch: branch_setup's."""
+    images, labels, codes = batch
+    device = images.device
+    trainable = training_objects(model, device, amp)
 
     def step():
         if phase == 'train':
-            engine.train_step(model, batch, labels, optimizer, scaler, amp)
+            engine.train_step(model, trainable, (images, labels), codes, amp)
         else:
             with torch.inference_mode(), engine.autocast(device, amp):
-                model(batch)
+                model(images)
 
     model.train(phase == 'train')
     step()  # warm-up: allocations, cuDNN algorithm choice
@@ -196,46 +199,59 @@ def time_steps(model, phase, batch, labels, steps, amp):
 
 
 def branch_setup(config):
+    """A model of config on its device, and a batch for it: images, their class indices among 100 classes, and the
+    (100, E) codes of those classes' meta-classes (the ids transposed, as train.py's step takes them)."""
     torch.manual_seed(0)
     device = torch.device(config['device'])
     layout = engine.memory_format(device, config['amp'])
     model = Model(12, config['ensemble_size'], config['share_type'], config['model_type'], pretrained=False)
     model = model.to(device, memory_format=layout)
-    batch = torch.randn(config['batch_size'], 3, config['image_size'], config['image_size'], device=device)
-    labels = torch.randint(12, (config['batch_size'], config['ensemble_size']), device=device)
-    return model, batch.contiguous(memory_format=layout), labels
+    images = torch.randn(config['batch_size'], 3, config['image_size'], config['image_size'], device=device)
+    labels = torch.randint(100, (config['batch_size'],), device=device)
+    codes = torch.randint(12, (100, config['ensemble_size']), device=device)
+    return model, (images.contiguous(memory_format=layout), labels, codes)
+
+
+def training_objects(model, device, amp):
+    """What train.py's step trains with besides the model: the original's loss, Adam as train.py makes it, and the
+    gradient scaler."""
+    optimizer = engine.adam(model.parameters(), 1e-4, device)
+    return dict(loss=EnsembleCrossEntropy(model.ensemble_size, model.meta_class_size, 100), optimizer=optimizer,
+                scaler=engine.grad_scaler(device, amp))
 
 
 def branches_speed(config, queue):
     """Seconds per step of every engine and phase, in one process, interleaved over rounds (best round
     kept), so that the loop and the engines compared with it see the same machine state."""
-    model, batch, labels = branch_setup(config)
-    print(engine.choose_branch_impl(model, 'auto', batch.device, config['batch_size'], config['image_size'],
-                                    config['amp']), flush=True)
-    engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': model.branch_impl}  # auto: what train.py would run
+    model, batch = branch_setup(config)
+    device = batch[0].device
+    print(engine.choose_branch_engine(model, 'auto', device, (config['batch_size'], config['image_size']),
+                                      config['amp']), flush=True)
+    engines = {'loop': 'loop', 'grouped': 'grouped', 'auto': branch_engines.engine_name(model)}  # auto: train.py's
     best = {}
     for phase in ('train', 'eval'):
         for _ in range(config['rounds']):
-            for impl, branch_impl in engines.items():
-                model.branch_impl = branch_impl
-                seconds = time_steps(model, phase, batch, labels, config['steps'], config['amp'])
+            for impl, name in engines.items():
+                model.branch_engine = branch_engines.ENGINES[name]
+                seconds = time_steps(model, phase, batch, config['steps'], config['amp'])
                 best[phase, impl] = min(best.get((phase, impl), float('inf')), seconds)
     queue.put((best, engines['auto']))
 
 
 def branches_memory(config, impl, phase, queue):
     """Peak memory (MiB) of one step beyond the model and its input, in a fresh process."""
-    model, batch, labels = branch_setup(config)
-    model.branch_impl = impl
-    if batch.device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(batch.device)
-        base = torch.cuda.memory_allocated(batch.device)
-        time_steps(model, phase, batch, labels, 0, config['amp'])
-        queue.put((torch.cuda.max_memory_allocated(batch.device) - base) / 2 ** 20)
+    model, batch = branch_setup(config)
+    model.branch_engine = branch_engines.ENGINES[impl]
+    device = batch[0].device
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        time_steps(model, phase, batch, 0, config['amp'])
+        queue.put((torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
     else:
         reset_peak_memory()
         base = _status_kib('VmRSS')
-        time_steps(model, phase, batch, labels, 0, config['amp'])
+        time_steps(model, phase, batch, 0, config['amp'])
         queue.put(peak_mib_since_reset(base))
 
 
@@ -377,34 +393,37 @@ def checkpoint_case(config, folder, queue):
     its size on disk, the best of config['rounds'] writes as train.py writes it (run_files.save_together: a temporary
     file, fsync, rename) and of a plain torch.save of the same dict (the baseline), and the seconds of the second
     step."""
-    model, batch, labels = branch_setup(config)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    scaler = engine.grad_scaler(batch.device, False)
+    model, (images, labels, codes) = branch_setup(config)
+    trainable = training_objects(model, images.device, False)
     model.train()
-    engine.train_step(model, batch, labels, optimizer, scaler, False)  # warm-up: allocations
+    engine.train_step(model, trainable, (images, labels), codes, False)  # warm-up: allocations
     start = time.perf_counter()
-    engine.train_step(model, batch, labels, optimizer, scaler, False)
+    engine.train_step(model, trainable, (images, labels), codes, False)
     step_seconds = time.perf_counter() - start
-    trainable = dict(model=model, optimizer=optimizer, scaler=scaler,
-                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
-    classes, images = 100, 5_864
-    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': resume.rng_states([])}],
-                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[], data_fingerprint='0' * 16,
-                    ids=torch.randint(12, (config['ensemble_size'], classes)),
-                    train_items=[(f'images/{i % classes:03d}/{i:06d}.jpg', i % classes) for i in range(images)])
+    trainable.update(model=model, scheduler=torch.optim.lr_scheduler.MultiStepLR(trainable['optimizer'], [10, 14]))
+    state = state_in_first_epoch(config['ensemble_size'], 100, 5_864)
     path = os.path.join(folder, 'checkpoint.pth')
     atomic, plain = float('inf'), float('inf')
     for _ in range(config['rounds']):
         start = time.perf_counter()
-        run_files.save_together({path: run_files.checkpoint_file(trainable, progress)})
+        run_files.save_together({path: state.checkpoint_file(trainable)})
         atomic = min(atomic, time.perf_counter() - start)
         size = os.path.getsize(path)
         os.remove(path)
         start = time.perf_counter()
-        run_files.checkpoint_file(trainable, progress)(path)  # torch.save straight to the file
+        state.checkpoint_file(trainable)(path)  # torch.save straight to the file
         plain = min(plain, time.perf_counter() - start)
         os.remove(path)
     queue.put(dict(size_mib=size / 2 ** 20, atomic_s=atomic, plain_s=plain, step_s=step_seconds))
+
+
+def state_in_first_epoch(ensemble_size, classes, images):
+    """The RunState of a run of E branches on `classes` training classes of `images` images (CUB's by default), as its
+    checkpoint after the first step of its first epoch holds it."""
+    return run_files.RunState(
+        args={}, ids=torch.randint(12, (ensemble_size, classes)), data_fingerprint='0' * 16, step=1,
+        train_items=[(f'images/{i % classes:03d}/{i:06d}.jpg', i % classes) for i in range(images)],
+        running=[{'sums': [0.0, 0, 0, 0], 'rng': resume.rng_states([])}])
 
 
 def benchmark_checkpoint(args):
@@ -422,6 +441,7 @@ def benchmark_checkpoint(args):
 
 # ----------------------------------------------------------------------------- step profile
 
+PROFILE_CLASSES = 100  # the training classes of the profile's generated images
 # the datasets an epoch's shares are reckoned for: (training list, test images), the database being the training list
 EPOCH_SIZES = {'cub': (5_864, 5_924), 'car': (8_054, 8_131)}
 STEP_COLUMNS = ['device', 'model_type', 'share_type', 'ensemble_size', 'meta_class_size', 'image_size', 'batch_size',
@@ -437,8 +457,8 @@ def synchronize(device):
 
 
 def profile_loaders(config, folder):
-    """A training loader (train.py's reader, sampler and loader settings) over generated photo-like JPEGs, enough for
-    the profile's steps, and an evaluation loader of the same images."""
+    """A training loader (train.py's reader, sampler and loader settings) over generated photo-like JPEGs of
+    PROFILE_CLASSES classes, enough for the profile's steps, and an evaluation loader of the same images."""
     size = config['image_size']
     count = config['batch_size'] * (config['steps'] + 2)
     rng = np.random.default_rng(0)
@@ -446,19 +466,18 @@ def profile_loaders(config, folder):
                    int(rng.integers(int(1.5 * size), 2 * size)), rng) for i in range(count)]
     mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
     device = torch.device(config['device'])
-    options = engine.loader_options(config['num_workers'], 0, device)
-    items = [(path, 0) for path in paths]
-    targets = [torch.randint(config['meta_class_size'], (config['ensemble_size'],)) for _ in paths]
+    options = loaders.loader_options(config['num_workers'], 0, device)
+    items = [(path, i % PROFILE_CLASSES) for i, path in enumerate(paths)]
     transform, min_side = utils.input_pipeline('uncropped', True, size, mean, std, False)
-    reader = utils.TrainReader('', items, targets, transform, min_side)
-    train_loader = torch.utils.data.DataLoader(reader, batch_size=config['batch_size'], drop_last=True,
-                                               sampler=engine.SeededSampler(len(reader), 0), **options)
+    reader = utils.TrainReader('', items, [index for _, index in items], transform, min_side)
+    train_loader = loaders.Loader(reader, batch_size=config['batch_size'], drop_last=True,
+                                  sampler=loaders.SeededSampler(len(reader), 0), **options)
     transform, min_side = utils.input_pipeline('uncropped', False, size, mean, std, False)
     eval_reader = utils.EvalReader('', items, [0] * len(items), transform, min_side)
-    return train_loader, lambda batch: engine.eval_loader(eval_reader, batch, options)
+    return train_loader, lambda batch: loaders.eval_loader(eval_reader, batch, options)
 
 
-def profiled_steps(model, optimizer, scaler, batches, config):
+def profiled_steps(model, trainable, codes, batches, config):
     """Per step, as train.py's loop runs it: milliseconds waiting for data, in forward and backward, in the
     optimizer (the device synchronized between them, so that each phase is timed alone), and with no
     synchronization (the step as it runs)."""
@@ -470,10 +489,12 @@ def profiled_steps(model, optimizer, scaler, batches, config):
         images, labels, _ = next(batches)
         loaded = time.perf_counter()
         images = images.to(device, non_blocking=True, memory_format=layout)
-        engine.forward_backward(model, images, labels.to(device, non_blocking=True), optimizer, scaler, amp)
+        labels = labels.to(device, non_blocking=True)
+        engine.forward_backward(model, trainable['loss'], (images, labels, codes[labels]), trainable['optimizer'],
+                                trainable['scaler'], amp)
         synchronize(device)
         backward = time.perf_counter()
-        engine.optimizer_step(optimizer, scaler)
+        engine.optimizer_step(trainable['optimizer'], trainable['scaler'])
         synchronize(device)
         wait, forward_backward, step = (wait + loaded - start, forward_backward + backward - loaded,
                                         step + time.perf_counter() - backward)
@@ -483,21 +504,19 @@ def profiled_steps(model, optimizer, scaler, batches, config):
                                 ('optimizer_ms', step))}
 
 
-def run_steps(model, optimizer, scaler, batches, config, steps):
+def run_steps(model, trainable, codes, batches, config, steps):
     """Milliseconds per step of steps training steps as train.py runs them (engine.train_step, nothing read back)."""
-    device, amp = torch.device(config['device']), config['amp']
-    layout = engine.memory_format(device, amp)
+    device = torch.device(config['device'])
     synchronize(device)
     start = time.perf_counter()
     for _ in range(steps):
         images, labels, _ = next(batches)
-        engine.train_step(model, images.to(device, non_blocking=True, memory_format=layout),
-                          labels.to(device, non_blocking=True), optimizer, scaler, amp)
+        engine.train_step(model, trainable, (images, labels), codes, config['amp'])
     synchronize(device)
     return 1000 * (time.perf_counter() - start) / steps
 
 
-def operations_per_step(model, optimizer, scaler, batches, config):
+def operations_per_step(model, trainable, codes, batches, config):
     """(operators dispatched, CUDA kernel launches, percent of the time the GPU was idle) of one profiled training
     step; the last two None on the CPU."""
     from torch.profiler import ProfilerActivity, profile
@@ -506,7 +525,7 @@ def operations_per_step(model, optimizer, scaler, batches, config):
     synchronize(device)
     with profile(activities=activities) as profiler:
         start = time.perf_counter()
-        run_steps(model, optimizer, scaler, batches, config, 1)
+        run_steps(model, trainable, codes, batches, config, 1)
         wall = time.perf_counter() - start
     events = profiler.events()
     # the operators called from Python or autograd, not those they call in turn
@@ -519,28 +538,26 @@ def operations_per_step(model, optimizer, scaler, batches, config):
     return operations, launches, round(100 * max(0.0, 1 - busy / wall), 1)
 
 
-def checkpoint_in_flight(model, optimizer, scaler, batches, config, folder):
+def checkpoint_in_flight(model, trainable, codes, batches, config, folder):
     """The run's checkpoint: its size, the seconds of a write as train.py wrote it before (in the loop), the seconds
     the loop now spends on it (the host copy; the write goes on in the background), and the step time while that
     write is in flight."""
-    trainable = dict(model=model, optimizer=optimizer, scaler=scaler,
-                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 14]))
-    progress = dict(epoch=1, step=1, running=[{'sums': [0.0, 0, 0, 0], 'rng': resume.rng_states([])}],
-                    best_recall=-1.0, results=[], args={}, elastic_job='', held_out=[], data_fingerprint='0' * 16,
-                    ids=torch.randint(12, (config['ensemble_size'], 100)), train_items=[('a.jpg', 0)])
+    saved = dict(trainable, model=model,
+                 scheduler=torch.optim.lr_scheduler.MultiStepLR(trainable['optimizer'], milestones=[10, 14]))
+    state = state_in_first_epoch(config['ensemble_size'], PROFILE_CLASSES, 1)
     path = os.path.join(folder, 'checkpoint.pth')
     start = time.perf_counter()
-    run_files.save_together({path: run_files.checkpoint_file(trainable, progress)})
+    run_files.save_together({path: state.checkpoint_file(saved)})
     write = time.perf_counter() - start
     size = os.path.getsize(path) / 2 ** 20
     with run_files.BackgroundWrites() as writes:
         start = time.perf_counter()
-        writer = run_files.checkpoint_file(trainable, progress)
+        writer = state.checkpoint_file(saved)
         copy = time.perf_counter() - start
         writes.submit({path: writer})
         steps, start = 0, time.perf_counter()
         while writes.thread.is_alive() and steps < config['steps']:
-            run_steps(model, optimizer, scaler, batches, config, 1)
+            run_steps(model, trainable, codes, batches, config, 1)
             steps += 1
         during = 1000 * (time.perf_counter() - start) / max(steps, 1)
     return dict(checkpoint_mib=round(size, 1), checkpoint_write_s=round(write, 3), checkpoint_copy_s=round(copy, 3),
@@ -565,11 +582,11 @@ def step_profile(config, folder, queue):
     torch.manual_seed(0)
     model = Model(config['meta_class_size'], config['ensemble_size'], config['share_type'], config['model_type'],
                   pretrained=False)
-    model = engine.place_model(model, device, [device.index or 0] if device.type == 'cuda' else [],
-                               config['branch_impl'], config['batch_size'], config['image_size'], config['amp'],
-                               compile=config['compile'])
-    optimizer = engine.adam(model.parameters(), 1e-4, device)
-    scaler = engine.grad_scaler(device, config['amp'])
+    process = engine.Process(0, 1, device, [device.index or 0] if device.type == 'cuda' else [])
+    model = engine.place_model(model, process, (config['batch_size'], config['image_size']), config['amp'],
+                               config['branch_impl'], compile=config['compile'])
+    trainable = training_objects(model, device, config['amp'])
+    codes = torch.randint(config['meta_class_size'], (PROFILE_CLASSES, config['ensemble_size']), device=device)
     train_loader, eval_loader = profile_loaders(config, folder)
 
     def batches():
@@ -577,12 +594,12 @@ def step_profile(config, folder, queue):
             yield from train_loader
     stream = batches()
     model.train()
-    run_steps(model, optimizer, scaler, stream, config, 2)  # warm-up: workers, allocations, cuDNN's choices
-    row = dict(step_ms=round(run_steps(model, optimizer, scaler, stream, config, config['steps']), 2))
-    row.update(profiled_steps(model, optimizer, scaler, stream, config))
+    run_steps(model, trainable, codes, stream, config, 2)  # warm-up: workers, allocations, cuDNN's choices
+    row = dict(step_ms=round(run_steps(model, trainable, codes, stream, config, config['steps']), 2))
+    row.update(profiled_steps(model, trainable, codes, stream, config))
     row['ops_per_step'], row['kernels_per_step'], row['gpu_idle_pct'] = operations_per_step(
-        model, optimizer, scaler, stream, config)
-    row.update(checkpoint_in_flight(model, optimizer, scaler, stream, config, folder))
+        model, trainable, codes, stream, config)
+    row.update(checkpoint_in_flight(model, trainable, codes, stream, config, folder))
     row['embed_images_per_s_train_batch'] = embedding_speed(model, eval_loader, config, config['batch_size'])
     row['embed_images_per_s_eval_batch'] = embedding_speed(model, eval_loader, config, config['eval_batch_size'])
     queue.put(row)

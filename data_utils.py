@@ -156,24 +156,30 @@ def read_folder(root):
                            f'folders of class folders')
     splits, dangling = {}, []
     for split in names:
-        splits[split] = []
-        split_dir = os.path.join(root, split)
-        for label in visible_entries(split_dir):
-            class_dir = os.path.join(split_dir, label)
-            if not os.path.isdir(class_dir):
-                continue
-            for name in visible_entries(class_dir):
-                path = os.path.join(class_dir, name)
-                if os.path.isfile(path):
-                    splits[split].append((f'{split}/{label}/{name}', label))
-                elif os.path.islink(path) and not os.path.exists(path):
-                    dangling.append(f'{split}/{label}/{name}')
+        splits[split] = class_folder_images(root, split, dangling)
         if not splits[split]:
-            raise DatasetError(f'{split_dir}: no images in class folders')
+            raise DatasetError(f'{os.path.join(root, split)}: no images in class folders')
     if dangling:
         print(f'warning: {root}: left out {len(dangling)} symbolic links to nothing: {shown(dangling)}',
               file=sys.stderr)
     return splits, None
+
+
+def class_folder_images(root, split, dangling):
+    """[(split/<class>/<image>, class)] of root/split's class folders; symbolic links to nothing are added to
+    dangling instead."""
+    images = []
+    for label in visible_entries(os.path.join(root, split)):
+        class_dir = os.path.join(root, split, label)
+        if not os.path.isdir(class_dir):
+            continue
+        for name in visible_entries(class_dir):
+            path = os.path.join(class_dir, name)
+            if os.path.isfile(path):
+                images.append((f'{split}/{label}/{name}', label))
+            elif os.path.islink(path) and not os.path.exists(path):
+                dangling.append(f'{split}/{label}/{name}')
+    return images
 
 
 def visible_entries(folder):
@@ -283,6 +289,20 @@ def map_in_workers(function, tasks, num_workers, description, unit):
         return list(tqdm(pool.imap(function, tasks, chunksize=8), **progress))
 
 
+def sorted_outcomes(tasks, outcomes):
+    """(unreadable images, the channel statistics of those that gave some, {image: the paths its copies were written
+    to}) of check_image's outcomes of tasks."""
+    bad, stats, outputs = set(), [], {}
+    for (_, relpath, *_), (error, stat, paths) in zip(tasks, outcomes):
+        if error is not None:
+            bad.add(relpath)
+            continue
+        outputs[relpath] = paths
+        if stat is not None:
+            stats.append(stat)
+    return bad, stats, outputs
+
+
 def prepare(data_path, name, num_workers, short_side=None):
     """Read, verify (and crop) one dataset and write its data dicts; returns the summary lines.
     short_side: also write copies of the images whose shorter side is larger, resized to it, under
@@ -305,14 +325,7 @@ def prepare(data_path, name, num_workers, short_side=None):
     action = 'verifying' + (' and cropping' if boxes else '') + (' and resizing' if short_side else '')
     outcomes = map_in_workers(check_image, tasks, num_workers, f'{name}: {action}', 'img')
 
-    bad, stats, outputs = set(), [], {}
-    for (_, relpath, *_), (error, stat, paths) in zip(tasks, outcomes):
-        if error is not None:
-            bad.add(relpath)
-            continue
-        outputs[relpath] = paths
-        if stat is not None:
-            stats.append(stat)
+    bad, stats, outputs = sorted_outcomes(tasks, outcomes)
     if bad:
         print(f'warning: {name}: excluded {len(bad)} unreadable or truncated images: {shown(bad)}', file=sys.stderr)
     mean, std = KNOWN_STATS[name] if name in KNOWN_STATS else channel_stats(stats, root)

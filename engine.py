@@ -1,25 +1,21 @@
-"""Running a REIR model over data: devices, torch.distributed and torchrun, mixed precision, data loaders and
-their samplers, placing the model and choosing its branch engine, the training step, embedding and retrieval
-evaluation. train.py, evaluate.py and benchmark.py all run models through these functions, so that each is
-written once."""
-import atexit
+"""Running a REIR model: this process's place in a run (devices, torch.distributed and torchrun), mixed precision,
+building and placing the model (its branch engine, torch.compile, DataParallel or DistributedDataParallel), the
+training step, embedding and retrieval evaluation. train.py, evaluate.py and benchmark.py all run models through
+these functions, so that each is written once."""
 import importlib.util
-import multiprocessing
-import multiprocessing.util  # its exit function registered before end_loader_workers, which then runs first
 import os
 import shutil
-import signal
 import socket
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
 
+import branch_engines
 import original
 import utils
-from model import Model, PretrainedWeightsUnavailable, embed, time_branch_impls
+from model import LOSSES, Model, PretrainedWeightsUnavailable, embed
 
 DEFAULT_GPU_IDS = '0,1'
 # images per batch when embedding (evaluation, databases): sized for throughput; an image's embedding depends on it
@@ -63,6 +59,41 @@ def select_process_devices(gpu_ids, local_rank, world):
         torch.cuda.set_device(local_rank)
         return torch.device(f'cuda:{local_rank}'), [local_rank]
     return torch.device('cpu'), []
+
+
+@dataclass(frozen=True)
+class Process:
+    """This process's place in a run: its rank among world processes, the device it trains on, the GPUs of
+    DataParallel (none on the CPU), and the torchrun job it belongs to (elastic_job)."""
+    rank: int
+    world: int
+    device: torch.device
+    gpu_ids: list
+    job: str = ''
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+
+def start_process(args):
+    """The Process of a run with train.py's flags args: joins torchrun's process group (init_distributed), refuses a
+    --batch_size the processes cannot share, takes its devices, and says where --amp cannot act."""
+    rank, world, local_rank = init_distributed()
+    if args.batch_size % world:
+        raise utils.UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: '
+                               f'make it a multiple of {world}')
+    device, gpu_ids = select_process_devices(args.gpu_ids, local_rank, world)
+    if args.amp and device.type != 'cuda':
+        utils.warn('--amp only acts on CUDA: running in float32')
+    return Process(rank, world, device, gpu_ids, elastic_job())
+
+
+def end_process():
+    """Leave torchrun's process group once every process has finished."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def memory_format(device, amp):
@@ -165,136 +196,28 @@ def any_process(flags, device):
     return [bool(flag) for flag in tensor.tolist()]
 
 
-# ----------------------------------------------------------------------------- data loaders
-
-# what schedulers send before they end a job: Slurm SIGTERM (and SIGUSR1 where a job asks for it with --signal),
-# torchrun SIGTERM to every process of a worker group it stops
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals(worker_id):
-    """A DataLoader worker_init_fn. A stop signal sent to the whole process group (torchrun, Slurm) would end the
-    loader's workers, and the run with them, before it saved its state: the main process ends them instead. The
-    worker starts with the signals blocked (batches), so that none ends it before it ignores them."""
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-
-
-def batches(loader):
-    """iter(loader), its worker processes started with the stop signals blocked: they inherit the mask, and a signal
-    to the process group in the instant before a new worker ignores them (ignore_stop_signals) would end it. The
-    main process receives a signal blocked meanwhile once they are started."""
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-    try:
-        return iter(loader)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-
-
-def end_loader_workers():
-    """At the process's exit, kill its daemonic children still alive: the DataLoader workers (an atexit function).
-    multiprocessing ends daemonic children at exit with SIGTERM, which the workers ignore (ignore_stop_signals), and
-    then waits for them: a worker whose loader was never shut down (its iterator still held by the traceback of a stop
-    or an error) would keep the process waiting for ever. SIGKILL ends them as multiprocessing means to; they only
-    read images."""
-    children = [child for child in multiprocessing.active_children() if child.daemon]
-    if children:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # the loader's handler would take the kill for a crash
-    for child in children:
-        child.kill()
-
-
-def loader_options(num_workers, seed, device):
-    """DataLoader settings. The loader gets its own generator for the workers' base seed, which otherwise
-    comes from the global RNG: a resumed run (whose workers start anew) would then draw different
-    --with_random weights than the uninterrupted one. With workers, end_loader_workers runs at exit, before
-    multiprocessing's own exit function (registered when multiprocessing was imported: atexit runs the last first)."""
-    workers = max(0, num_workers)
-    if workers:
-        atexit.unregister(end_loader_workers)  # registered once
-        atexit.register(end_loader_workers)
-    options = dict(num_workers=workers, pin_memory=device.type == 'cuda', persistent_workers=workers > 0,
-                   generator=torch.Generator().manual_seed(seed), worker_init_fn=ignore_stop_signals)
-    if workers:
-        options['prefetch_factor'] = 4  # batches each worker keeps ready
-    return options
-
-
-def epoch_seed(seed, epoch):
-    """A distinct seed for every (seed, epoch): an epoch's randomness depends on nothing else, so a resumed
-    run repeats exactly what the uninterrupted run would have done."""
-    return seed * 1_000_003 + epoch
-
-
-class SeededSampler(Sampler):
-    """Shuffles from (seed, epoch) and gives every sample its own augmentation seed, so that an epoch's
-    batches and augmentations do not depend on the number of workers, or on a resume. Under
-    torch.distributed each of num_replicas processes takes every num_replicas-th sample of the shuffled
-    order (padded by its first samples to a multiple of num_replicas), as DistributedSampler does: a step of
-    B images over all processes takes the next B of that order, whatever the number of processes, so that
-    an epoch continued after k steps skips its first k * B samples."""
-
-    def __init__(self, num_samples, seed, rank=0, num_replicas=1):
-        self.num_samples, self.seed, self.epoch, self.skip = num_samples, seed, 0, 0
-        self.rank, self.num_replicas = rank, num_replicas
-
-    def set_epoch(self, epoch, skip=0):
-        """Sample epoch, leaving out the first skip samples of its order (a multiple of num_replicas)."""
-        self.epoch, self.skip = epoch, skip
-
-    def __len__(self):
-        return max(0, -(-self.num_samples // self.num_replicas) - self.skip // self.num_replicas)
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-        order = torch.randperm(self.num_samples, generator=generator)
-        seeds = torch.randint(2 ** 62, (self.num_samples,), generator=generator)
-        padding = -self.num_samples % self.num_replicas
-        order, seeds = torch.cat([order, order[:padding]]), torch.cat([seeds, seeds[:padding]])
-        mine = slice(self.skip + self.rank, None, self.num_replicas)
-        return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
-
-
-class ShardSampler(Sampler):
-    """Evaluation indices rank, rank + num_replicas, ... of a dataset (gather_shards puts them back in order)."""
-
-    def __init__(self, num_samples, rank=0, num_replicas=1):
-        self.indices = range(rank, num_samples, num_replicas)
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-
-def eval_loader(dataset, batch_size, options):
-    """In order; under torch.distributed each process reads its shard (ShardSampler)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-    return DataLoader(dataset, batch_size=batch_size, sampler=ShardSampler(len(dataset), rank, world), **options)
-
-
-def build_eval_data(data_dicts, dataset_root, transform, min_side, batch_size, options):
-    """Items, integer labels (one numbering for query and gallery) and loaders of the evaluation splits."""
-    splits = utils.eval_splits(data_dicts, dataset_root)
-    eval_items = {split: utils.flatten_split(data_dicts[split]) for split in splits}
-    eval_labels = utils.class_indices({split: [key for _, key in items] for split, items in eval_items.items()})
-    eval_loaders = {split: eval_loader(utils.EvalReader(dataset_root, items, eval_labels[split], transform, min_side),
-                                       batch_size, options)
-                    for split, items in eval_items.items()}
-    return eval_items, eval_labels, eval_loaders
-
-
 # ----------------------------------------------------------------------------- the model
 
-def build_model(run, pretrained, branch_impl='auto'):
-    """The Model a RunName describes."""
+def build_model(run, pretrained):
+    """The Model a RunName describes, its branches ending in the classifier of the run's loss."""
+    if run.loss not in LOSSES:
+        raise utils.UsageError(f'{run.prefix}: no loss {run.loss!r} in model.LOSSES ({", ".join(LOSSES)})')
     try:
         return Model(run.meta_class_size, run.ensemble_size, run.share_type, run.model_type, run.with_random,
-                     pretrained=pretrained, branch_impl=branch_impl)
+                     pretrained=pretrained, classifier=LOSSES[run.loss].classifier)
     except PretrainedWeightsUnavailable as e:
         raise utils.ReirError(str(e)) from None
+
+
+def training_model(run, args, process):
+    """(the model as it trains, the model itself): the Model of the run, with the same initial weights in every process
+    (drawn from --seed), on the process's devices and wrapped for several (place_model), its branch engine chosen for
+    the batch each process trains on."""
+    utils.set_seed(args.seed)
+    model = build_model(run, pretrained=not args.no_pretrained)
+    wrapped = place_model(model, process, (args.batch_size // process.world, args.image_size), args.amp,
+                          args.branch_impl, compile=args.compile)
+    return wrapped, model
 
 
 def load_model(path, run):
@@ -329,40 +252,30 @@ def mismatch(error):
     return reason if len(reason) <= 160 else reason[:157] + '...'
 
 
-def choose_branch_impl(model, flag, device, batch_size, image_size, amp, training=True):
-    """Set model.branch_impl from --branch_impl and return the line that says which engine runs and why.
-    auto: on CUDA the faster engine in a timed trial on this model and a batch of the run's shape
-    (time_branch_impls leaves the model's state and the random streams untouched); on the CPU the loop, which
-    measured about twice as fast as grouped convolutions there (benchmark.py branches)."""
-    if flag != 'auto':
-        model.branch_impl = flag
-        return f'branch engine: {flag} (--branch_impl {flag})'
-    if device.type != 'cuda':
-        model.branch_impl = 'loop'
-        return 'branch engine: loop (--branch_impl auto on the CPU, where grouped convolutions measured slower)'
-    shape = (batch_size, 3, image_size, image_size)
-    images = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+def choose_branch_engine(model, flag, device, batch, amp, training=True):
+    """Set the model's branch engine from --branch_impl (branch_engines.choose, on a random batch of shape batch =
+    (images, image side) on the device) and return the line that says which engine runs and why."""
+    images = torch.randn((batch[0], 3, batch[1], batch[1]), generator=torch.Generator().manual_seed(0))
     images = images.to(device).contiguous(memory_format=memory_format(device, amp))
-    seconds = time_branch_impls(model, images, training, lambda: autocast(device, amp))
-    model.branch_impl = min(seconds, key=seconds.get)
-    timings = ', '.join(f'{impl} {1000 * value:.1f} ms' for impl, value in seconds.items())
-    step = 'training step' if training else 'forward pass'
-    return (f'branch engine: {model.branch_impl} (--branch_impl auto, timed on {torch.cuda.get_device_name(device)}: '
-            f'{timings} per {step} of {batch_size} images)')
+    try:
+        return branch_engines.choose(model, flag, images, training, lambda: autocast(device, amp), amp)
+    except branch_engines.EngineRefused as e:
+        raise utils.UsageError(str(e)) from None
 
 
-def place_model(model, device, gpu_ids, branch_impl, batch_size, image_size, amp, training=True, compile=False):
-    """The model on its device in the memory format of --amp, with its branch engine chosen for the batch each
-    device gets (choose_branch_impl; under torch.distributed every process runs rank 0's choice), compiled with
-    torch.compile when asked, wrapped for several devices: DistributedDataParallel under torch.distributed,
-    DataParallel over several gpu_ids. On CUDA cuDNN times its convolution algorithms for each input shape (a run's
-    shapes are fixed) before the engines are timed."""
+def place_model(model, process, batch, amp, branch_impl='auto', training=True, compile=False):
+    """The model on the process's device in the memory format of --amp, with its branch engine chosen for the batch
+    (images a step, image side) each device gets (choose_branch_engine; under torch.distributed every process runs
+    rank 0's choice), compiled with torch.compile when asked, wrapped for several devices: DistributedDataParallel
+    under torch.distributed, DataParallel over several GPUs. On CUDA cuDNN times its convolution algorithms for each
+    input shape (a run's shapes are fixed) before the engines are timed."""
+    device, gpu_ids = process.device, process.gpu_ids
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
     model = model.to(device, memory_format=memory_format(device, amp))
-    replica_batch = -(-batch_size // max(1, len(gpu_ids)))  # DataParallel splits the batch over its GPUs
-    choice = choose_branch_impl(model, branch_impl, device, replica_batch, image_size, amp, training)
-    model.branch_impl = broadcast_from_main(model.branch_impl)
+    replica_batch = -(-batch[0] // max(1, len(gpu_ids)))  # DataParallel splits the batch over its GPUs
+    choice = choose_branch_engine(model, branch_impl, device, (replica_batch, batch[1]), amp, training)
+    model.branch_engine = branch_engines.ENGINES[broadcast_from_main(branch_engines.engine_name(model))]
     utils.log(choice)
     if compile:
         problem = compiler_problem(device)
@@ -419,31 +332,84 @@ class Diverged(utils.ReirError):
     """A non-finite loss or embedding: the model's weights are no longer numbers worth keeping."""
 
 
-def last_feature_side(image_size):
-    """Side of a ResNet's last feature map for an image_size input: conv1, the max pool and layer2-4 each
-    halve it, rounding up."""
-    for _ in range(5):
-        image_size = -(-image_size // 2)
-    return image_size
+class EpochSums:
+    """The running sums of an epoch's training steps in this process, kept on the device so that a step waits for
+    nothing: the loss times the images and the correct meta-class labels (in float64, as the sums of Python floats
+    they replace), the step and value of the first non-finite loss; with the images seen and skipped. start: (steps
+    done, [loss sum, correct labels, images, skipped images]) where the epoch continues; steps: the epoch's; every
+    image has ensemble_size labels. read() brings the sums to the host (a sync), raising Diverged once a loss was not
+    finite."""
+
+    def __init__(self, start, steps, ensemble_size, device):
+        done, (loss_sum, correct, self.seen, self.skipped) = start
+        self.steps, self.ensemble_size, self.device = steps, ensemble_size, device
+        self.sums = torch.tensor([loss_sum, correct], dtype=torch.float64, device=device)
+        self.diverged = torch.zeros(2, dtype=torch.float64, device=device)  # (step, loss) of the first non-finite loss
+
+    def add(self, step, loss, correct, images, failures):
+        """Step `step`'s loss and correct labels (device tensors) over `images` images, failures the loader's (CPU)
+        count of unreadable images replaced."""
+        loss = loss.detach().double()
+        first = self.diverged[0].eq(0) & ~torch.isfinite(loss)
+        self.diverged = torch.where(first, torch.stack([torch.full_like(loss, step), loss]), self.diverged)
+        self.sums += torch.stack([loss * images, correct.double()])
+        self.seen += images
+        self.skipped += failures.sum()  # a CPU tensor: adding it waits for nothing
+
+    def read(self):
+        """[loss sum, correct labels, images, skipped images] of this process so far."""
+        (loss_sum, correct), (step, loss) = torch.stack([self.sums, self.diverged]).tolist()
+        if step:
+            raise Diverged(f'the loss is {loss} at step {int(step)} of {self.steps}')
+        return [loss_sum, int(correct), self.seen, int(self.skipped)]
+
+    def means(self):
+        """The mean loss and accuracy so far, for a progress bar."""
+        loss_sum, correct, seen, _ = self.read()
+        return {'loss': f'{loss_sum / seen:.4f}', 'acc': f'{100 * correct / (seen * self.ensemble_size):.2f}%'}
+
+    def epoch_stats(self):
+        """The epoch's mean loss, accuracy in percent and skipped images over every process, and this process's
+        steps and sums (where a stop before the epoch's files continues)."""
+        sums = self.read()
+        total_loss, correct, seen, skipped = all_reduce_sum(sums, self.device)
+        return {'loss': total_loss / seen, 'accuracy': 100 * correct / (seen * self.ensemble_size),
+                'skipped': int(skipped), 'steps': self.steps, 'sums': sums}
 
 
-def train_step(model, images, labels, optimizer, scaler, amp):
-    """One optimizer step on a batch already on the model's device: images (B, 3, S, S), labels (B, E).
-    Returns the loss and the float32 logits (B, E, M)."""
-    loss, logits = forward_backward(model, images, labels, optimizer, scaler, amp)
-    optimizer_step(optimizer, scaler)
-    return loss, logits
+def train_step(model, trainable, batch, codes, amp):
+    """One optimizer step of the run's loss (trainable: its loss, optimizer and gradient scaler) on a batch of images
+    (B, 3, S, S) and their class indices (B,), every branch trained on the image's class's meta-class: codes (C, E),
+    the meta-class ids transposed, on the model's device. Returns the loss and the number of correct meta-class
+    predictions, on the device (nothing is read back)."""
+    images, labels = batch
+    device = codes.device
+    images = images.to(device, non_blocking=True, memory_format=memory_format(device, amp))
+    labels = labels.to(device, non_blocking=True)                                  # (B,)
+    meta_labels = codes[labels]                                                    # (B, E)
+    loss, logits = forward_backward(model, trainable['loss'], (images, labels, meta_labels), trainable['optimizer'],
+                                    trainable['scaler'], amp)                      # logits (B, E, M)
+    optimizer_step(trainable['optimizer'], trainable['scaler'])
+    return loss, (logits.argmax(-1) == meta_labels).sum()
 
 
-def forward_backward(model, images, labels, optimizer, scaler, amp):
-    """The gradients of train_step's loss (the optimizer's from before are cleared); returns the loss and logits."""
+def forward_backward(model, criterion, batch, optimizer, scaler, amp):
+    """The gradients of the loss criterion(logits, meta_labels, labels) of a batch (images, labels, meta_labels) on the
+    model's device (the optimizer's from before are cleared); returns the loss and the float32 logits.
+    Under torch.distributed the loss's own parameters get the gradients averaged over the processes, as
+    DistributedDataParallel averages the model's."""
+    images, labels, meta_labels = batch
     with autocast(images.device, amp):
         logits = model(images)
     logits = logits.float()
-    # cross-entropy of every branch against its own meta-class labels, averaged over branches
-    loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    loss = criterion(logits, meta_labels, labels)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    if dist.is_initialized():
+        for parameter in criterion.parameters():
+            if parameter.grad is not None:
+                dist.all_reduce(parameter.grad)
+                parameter.grad /= dist.get_world_size()
     return loss, logits
 
 
@@ -473,7 +439,7 @@ def extract_features(model, loader, device, amp, stop_requested=None):
     readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
     checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
-    for batch_index, (images, _, batch_readable) in enumerate(batches(loader)):
+    for batch_index, (images, _, batch_readable) in enumerate(loader):
         with autocast(device, amp):
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
         features[start:start + images.shape[0]] = embed(logits.float())
@@ -483,19 +449,6 @@ def extract_features(model, loader, device, amp, stop_requested=None):
             raise utils.StopRequested('a stop signal')
     total = len(loader.dataset)
     return gather_shards(features, total, device).cpu(), gather_shards(readable, total, device).cpu().bool()
-
-
-def check_recalls(recalls, sizes, queries=''):
-    """Refuse, before any work, a K of Recall@K above the number of images a query is ranked against; sizes:
-    the number of images of each evaluation split (none: nothing to check); queries names them in the
-    message ('validation ')."""
-    if not sizes:
-        return
-    gallery = sizes['test'] - 1 if 'test' in sizes else sizes['gallery']
-    too_large = [k for k in recalls if k > gallery]
-    if too_large:
-        raise utils.UsageError(f'--recalls {too_large[0]} is more than the {gallery} images each {queries}query is '
-                               f'ranked against')
 
 
 def retrieval_scores(features, labels, recalls):
@@ -513,11 +466,11 @@ def retrieval_scores(features, labels, recalls):
     return metrics
 
 
-def evaluate(model, loaders, labels, recalls, device, amp, stop_requested=None):
+def evaluate(model, split_loaders, labels, recalls, device, amp, stop_requested=None):
     """Embeds the evaluation splits and scores retrieval; returns (metrics in percent, features by split).
     stop_requested: see extract_features."""
     features = {}
-    for split, loader in loaders.items():
+    for split, loader in split_loaders.items():
         features[split], readable = extract_features(model, loader, device, amp, stop_requested)
         if not readable.all():
             path = loader.dataset.paths[int((~readable).nonzero()[0])]
@@ -528,6 +481,18 @@ def evaluate(model, loaders, labels, recalls, device, amp, stop_requested=None):
     return broadcast_from_main(metrics), features
 
 
-def format_metrics(metrics, recalls):
-    parts = [f'R@{k}: {metrics[f"recall@{k}"]:.2f}%' for k in recalls]
-    return ' '.join(parts) + f' | MAP@R: {metrics["map@r"]:.2f}% | R-precision: {metrics["r_precision"]:.2f}%'
+def evaluate_epoch(model, data, args, device, stop_requested=None):
+    """A run's evaluation of its model: ({'test': metrics, and 'val': metrics of the held-out classes where the run
+    has some}, features by database split: 'test' or 'query' and 'gallery', and 'val'); data: loaders.RunData.
+    stop_requested: see extract_features."""
+    _, labels, split_loaders = data.test
+    metrics, features = evaluate(model, split_loaders, labels, args.recalls, device, args.amp, stop_requested)
+    if data.val is None:
+        return {'test': metrics}, features
+    _, labels, split_loaders = data.val
+    try:
+        val_metrics, val_features = evaluate(model, split_loaders, labels, args.recalls, device, args.amp,
+                                             stop_requested)
+    except Diverged:
+        raise Diverged('the validation embeddings hold NaN or infinite values') from None
+    return {'test': metrics, 'val': val_metrics}, {**features, 'val': val_features['test']}

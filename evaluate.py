@@ -18,7 +18,9 @@ from its stored features.
 import argparse
 import os
 
+import data_base
 import engine
+import loaders
 import run_files
 import utils
 
@@ -47,7 +49,7 @@ def get_args_parser():
 
 def evaluate_database(path, recalls):
     """{'test': metrics, and 'val': metrics when the database holds the run's held-out classes}."""
-    database = run_files.load_database(path)
+    database = data_base.load_database(path)
     roles = {'test': utils.eval_splits(database, path)}
     if 'val' in database:
         roles['val'] = ('val',)
@@ -57,7 +59,7 @@ def evaluate_database(path, recalls):
         names = {split: 'test' if split == 'val' else split for split in splits}
         features = {names[split]: database[split][2].float() for split in splits}
         labels = utils.class_indices({names[split]: database[split][1] for split in splits})
-        engine.check_recalls(recalls, {split: len(split_labels) for split, split_labels in labels.items()})
+        loaders.check_recalls(recalls, {split: len(split_labels) for split, split_labels in labels.items()})
         scores[role] = engine.retrieval_scores(features, labels, recalls)
     return scores
 
@@ -67,7 +69,7 @@ def evaluate_model(path, run, settings, args):
     data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
     transform, min_side = utils.input_pipeline(run.crop_type, False, settings.image_size,
                                                *run_files.normalization(settings, data_dicts), settings.exact_pipeline)
-    options = engine.loader_options(args.num_workers, 0, device)
+    options = loaders.loader_options(args.num_workers, 0, device)
     dataset_root = os.path.join(settings.data_path, run.data_name)
     roles = {'test': data_dicts}
     if settings.held_out_classes:
@@ -78,14 +80,15 @@ def evaluate_model(path, run, settings, args):
         roles['val'] = {'test': {key: data_dicts['train'][key] for key in settings.held_out_classes}}
     data = {}
     for role, splits in roles.items():
-        _, labels, loaders = engine.build_eval_data(splits, dataset_root, transform, min_side, args.batch_size,
-                                                    options)
-        engine.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
-        data[role] = labels, loaders
-    model = engine.place_model(engine.load_model(path, run), device, gpu_ids[:1], 'auto', args.batch_size,
-                               settings.image_size, args.amp, training=False)
-    return {role: engine.evaluate(model, loaders, labels, settings.recalls, device, args.amp)[0]
-            for role, (labels, loaders) in data.items()}
+        _, labels, split_loaders = loaders.build_eval_data(splits, dataset_root, transform, min_side, args.batch_size,
+                                                           options)
+        loaders.check_recalls(settings.recalls, {split: len(split_labels) for split, split_labels in labels.items()})
+        data[role] = labels, split_loaders
+    process = engine.Process(0, 1, device, gpu_ids[:1])
+    model = engine.place_model(engine.load_model(path, run), process, (args.batch_size, settings.image_size), args.amp,
+                               training=False)
+    return {role: engine.evaluate(model, split_loaders, labels, settings.recalls, device, args.amp)[0]
+            for role, (labels, split_loaders) in data.items()}
 
 
 def main(args):
@@ -96,7 +99,7 @@ def main(args):
         scores = evaluate_database(args.path, settings.recalls)
     else:
         scores = evaluate_model(args.path, run, settings, args)
-    line = ' | '.join(f'{"val " if role == "val" else ""}{engine.format_metrics(metrics, settings.recalls)}'
+    line = ' | '.join(f'{"val " if role == "val" else ""}{utils.format_metrics(metrics, settings.recalls)}'
                       for role, metrics in scores.items())
     print(f'{os.path.basename(args.path)} | {line}')
     run_files.write_results_csv([{f'{role}_{name}': value for role, metrics in scores.items()

@@ -18,6 +18,7 @@ import os
 import torch
 from PIL import ImageFont
 
+import data_base
 import figures
 import run_files
 import trained
@@ -92,9 +93,9 @@ def query_embedding(args, run, database_path, database):
 
 
 def main(args):
-    database_path = run_files.resolve_database(args.data_base)
+    database_path = data_base.resolve_database(args.data_base)
     run, _, _ = run_files.run_of_file(database_path, kinds=('data_base.pth',))
-    database = run_files.load_database(database_path)
+    database = data_base.load_database(database_path)
     split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
     if split not in database:
         raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')

@@ -1,21 +1,23 @@
-"""The REIR network: one ResNet stem shared by N branch heads, each a member of a randomized ensemble.
+"""The REIR method: one ResNet stem shared by N branch heads, each a member of a randomized ensemble, the loss the
+branches train with, and the retrieval embedding.
 
-DREML (Xuan, Souvenir & Pless, "Deep Randomized Ensembles for Metric Learning", ECCV 2018) trains N
-separate classifiers, each on its own random grouping of the training classes into meta-classes, and
-retrieves with the concatenation of their L2-normalized outputs. REIR shares the first backbone stages
-between the members, so that the ensemble is one network trained jointly.
+DREML (Xuan, Souvenir & Pless, "Deep Randomized Ensembles for Metric Learning", ECCV 2018) trains N separate
+classifiers, each on its own random grouping of the training classes into meta-classes (utils.create_id), and
+retrieves with the concatenation of their L2-normalized outputs. REIR shares the first backbone stages between the
+members, so that the ensemble is one network trained jointly.
+
+To try an idea, change it here: a loss is one class and its entry in LOSSES (EnsembleCrossEntropy shows what a
+loss is given), and a loss names the classifier every branch ends with. Nothing here knows of files, devices or
+processes.
 """
-import contextlib
 import copy
 import math
-import time
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision import models
-from torchvision.models.resnet import BasicBlock, Bottleneck
 
 # backbone name -> (torchvision constructor, ImageNet weights enum); the original REIR used IMAGENET1K_V1
 BACKBONES = {
@@ -26,7 +28,6 @@ BACKBONES = {
 }
 STAGES = ('conv1', 'bn1', 'relu', 'maxpool', 'layer1', 'layer2', 'layer3', 'layer4')
 SHARE_TYPES = ('none',) + STAGES[3:]  # the last shared stage; 'none' shares nothing
-BRANCH_IMPLS = ('auto', 'loop', 'grouped')
 
 
 class PretrainedWeightsUnavailable(RuntimeError):
@@ -49,104 +50,38 @@ def build_backbone(model_type, pretrained):
             f'{weights.url} to {where} (or set TORCH_HOME), or pass --no_pretrained') from None
 
 
-class Branch(nn.Module):
-    """One ensemble member: its own copy of the backbone stages after the shared stem, global average
-    pooling and a linear classifier over the member's meta-classes."""
+# ----------------------------------------------------------------------------- the network
 
-    def __init__(self, stages, feature_dim, meta_class_size):
+class CosineClassifier(nn.Module):
+    """The classifier of normalized softmax (Zhai & Wu, "Classification is a Strong Baseline for Deep Metric
+    Learning", BMVC 2019): logits are the cosines between the L2-normalized feature and every class's L2-normalized
+    weight, divided by a temperature. Its weight starts as nn.Linear's does."""
+
+    def __init__(self, in_features, out_features, temperature=0.05):
         super().__init__()
-        self.features = stages
-        self.fc = nn.Linear(feature_dim, meta_class_size)
+        self.in_features, self.out_features, self.temperature = in_features, out_features, temperature
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        bound = 1 / math.sqrt(in_features)
+        nn.init.uniform_(self.weight, -bound, bound)
 
     def forward(self, x):
-        x = self.features(x)                      # (B, feature_dim, h, w)
-        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)  # (B, feature_dim)
-        return self.fc(x)                         # (B, meta_class_size)
+        # (B, in_features) -> (B, out_features), each in [-1 / temperature, 1 / temperature]
+        return F.linear(F.normalize(x, dim=-1), F.normalize(self.weight, dim=-1)) / self.temperature
 
 
-def grouped_branches(branches, x):
-    """Every branch's stages, pooling and classifier as one grouped computation (Packed-Ensembles, Laurent
-    et al., ICLR 2023): each convolution becomes one convolution with E times its groups over the branches'
-    weights concatenated, each batch norm one batch norm over the concatenated channels, and the E
-    classifiers one batched matmul. Channel block e then computes exactly what branch e computes.
+class Branch(nn.Module):
+    """One ensemble member: its own copy of the backbone stages after the shared stem, global average
+    pooling and a classifier over the member's meta-classes (nn.Linear, or the classifier its loss names)."""
 
-    x (B, E*C, H, W) holds branch e's input in channel block e; returns (B, E, M) logits. It is a pure
-    function of the branches' tensors: weights are concatenated anew at every call and nothing is stored
-    between calls, so concurrent calls (threads, DataParallel replicas) cannot see each other's tensors.
-    In training it writes the updated batch-norm running statistics into the branches, as their own
-    BatchNorm2d modules would."""
-    E = len(branches)
-    features = _grouped([branch.features for branch in branches], x)          # (B, E*F, h, w)
-    pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)           # (B, E*F)
-    pooled = pooled.view(pooled.shape[0], E, -1)                             # (B, E, F)
-    weight = torch.stack([branch.fc.weight for branch in branches])          # (E, M, F)
-    bias = torch.stack([branch.fc.bias for branch in branches])              # (E, M)
-    return torch.einsum('bef,emf->bem', pooled, weight) + bias               # (B, E, M)
+    def __init__(self, stages, feature_dim, meta_class_size, classifier=nn.Linear):
+        super().__init__()
+        self.features = stages
+        self.fc = classifier(feature_dim, meta_class_size)
 
-
-def _grouped(modules, x):
-    """The same module of every branch, applied to x (B, E*C, H, W) as one computation."""
-    first = modules[0]
-    if isinstance(first, nn.Sequential):
-        for children in zip(*modules):
-            x = _grouped(children, x)
-        return x
-    if isinstance(first, (BasicBlock, Bottleneck)):
-        return _grouped_residual_block(modules, x)
-    if isinstance(first, nn.Conv2d) and first.padding_mode == 'zeros':
-        return _grouped_conv(modules, x)
-    if isinstance(first, nn.BatchNorm2d):
-        return _grouped_batch_norm(modules, x)
-    if isinstance(first, (nn.ReLU, nn.MaxPool2d)):  # no weights: the same function on the concatenation
-        return first(x)
-    raise TypeError(f'the grouped branch engine cannot run {type(first).__name__}; use branch_impl="loop"')
-
-
-def _grouped_residual_block(blocks, x):
-    """torchvision's BasicBlock (two conv-bn pairs) and Bottleneck (three), shortcut added before the last relu."""
-    first = blocks[0]
-    depth = 3 if isinstance(first, Bottleneck) else 2
-    out = x
-    for i in range(1, depth + 1):
-        out = _grouped_conv([getattr(block, f'conv{i}') for block in blocks], out)
-        out = _grouped_batch_norm([getattr(block, f'bn{i}') for block in blocks], out)
-        if i < depth:
-            out = first.relu(out)
-    shortcut = x if first.downsample is None else _grouped([block.downsample for block in blocks], x)
-    return first.relu(out + shortcut)
-
-
-def _grouped_conv(convs, x):
-    first = convs[0]
-    weight = torch.cat([conv.weight for conv in convs])  # (E*out, in/groups, kh, kw)
-    bias = None if first.bias is None else torch.cat([conv.bias for conv in convs])
-    return F.conv2d(x, weight, bias, first.stride, first.padding, first.dilation, first.groups * len(convs))
-
-
-def _grouped_batch_norm(norms, x):
-    """One batch norm over the concatenated channels, following BatchNorm2d.forward; in training the
-    running statistics it updates are copied back into every branch's own buffers."""
-    first = norms[0]
-
-    def concatenate(name):
-        return torch.cat([getattr(norm, name) for norm in norms])
-
-    momentum = 0.0 if first.momentum is None else first.momentum
-    update = first.training and first.track_running_stats
-    if update:
-        torch._foreach_add_([norm.num_batches_tracked for norm in norms], 1)
-        if first.momentum is None:  # cumulative moving average
-            momentum = 1.0 / float(first.num_batches_tracked)
-    running_mean = concatenate('running_mean') if first.track_running_stats else None
-    running_var = concatenate('running_var') if first.track_running_stats else None
-    weight, bias = (concatenate('weight'), concatenate('bias')) if first.affine else (None, None)
-    out = F.batch_norm(x, running_mean, running_var, weight, bias, first.training or not first.track_running_stats,
-                       momentum, first.eps)
-    if update:  # F.batch_norm updated the concatenated copies
-        with torch.no_grad():
-            torch._foreach_copy_([norm.running_mean for norm in norms] + [norm.running_var for norm in norms],
-                                 list(running_mean.chunk(len(norms))) + list(running_var.chunk(len(norms))))
-    return out
+    def forward(self, x):
+        x = self.features(x)                                  # (B, feature_dim, h, w)
+        x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)     # (B, feature_dim)
+        return self.fc(x)                                     # (B, meta_class_size)
 
 
 class Model(nn.Module):
@@ -156,25 +91,25 @@ class Model(nn.Module):
     w = softmax(rand(ensemble_size)) drawn every forward pass; in evaluation w_e = 1 / ensemble_size,
     its expectation, so that embeddings are deterministic.
 
-    branch_impl: 'loop' runs the branches one after the other; 'grouped' runs them as one grouped
-    computation (grouped_branches), the same function within float rounding. The parameters and state_dict
-    are the same for both. 'auto' runs the loop until an engine is chosen by measurement: set
-    model.branch_impl to the faster of time_branch_impls(model, a batch like the run's).
+    classifier: the layer every branch ends with, given (in_features, meta_class_size): nn.Linear, or the one the
+    run's loss names (a loss's classifier attribute).
+
+    branch_engine: None runs the branches one after the other; a function (branches, shared feature, weights or
+    None) -> (B, E, M) that computes the same faster may replace the loop (branch_engines.py, which checks that it
+    does on this model before it is used). The parameters and state_dict do not depend on it.
     """
 
     def __init__(self, meta_class_size, ensemble_size, share_type='layer1', model_type='resnet18',
-                 with_random=False, pretrained=True, branch_impl='auto'):
+                 with_random=False, pretrained=True, classifier=nn.Linear):
         super().__init__()
         if model_type not in BACKBONES:
             raise ValueError(f'model_type must be one of {", ".join(BACKBONES)}, got {model_type!r}')
-        if branch_impl not in BRANCH_IMPLS:
-            raise ValueError(f'branch_impl must be one of {", ".join(BRANCH_IMPLS)}, got {branch_impl!r}')
         if share_type not in SHARE_TYPES:
             raise ValueError(f'share_type must be one of {", ".join(SHARE_TYPES)}, got {share_type!r}')
         self.ensemble_size = ensemble_size
         self.meta_class_size = meta_class_size
         self.with_random = with_random
-        self.branch_impl = branch_impl
+        self.branch_engine = None
 
         backbone = build_backbone(model_type, pretrained)
         split = 0 if share_type == 'none' else STAGES.index(share_type) + 1
@@ -182,7 +117,7 @@ class Model(nn.Module):
         branch_stages = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in STAGES[split:]))
         # every branch starts from the same (pretrained) weights
         self.branches = nn.ModuleList(
-            Branch(copy.deepcopy(branch_stages), backbone.fc.in_features, meta_class_size)
+            Branch(copy.deepcopy(branch_stages), backbone.fc.in_features, meta_class_size, classifier)
             for _ in range(ensemble_size))
 
     def branch_weights(self, device):
@@ -195,15 +130,12 @@ class Model(nn.Module):
 
     def forward(self, x):
         shared = self.shared(x)                   # (B, C, H, W)
-        weights = self.branch_weights(x.device)
-        if self.branch_impl != 'grouped':
-            logits = [branch(shared if weights is None else shared * weights[e])
-                      for e, branch in enumerate(self.branches)]
-            return torch.stack(logits, dim=1)     # (B, ensemble_size, meta_class_size)
-        inputs = shared.unsqueeze(1).expand(-1, self.ensemble_size, -1, -1, -1)  # (B, E, C, H, W)
-        if weights is not None:
-            inputs = inputs * weights.view(1, -1, 1, 1, 1)
-        return grouped_branches(self.branches, inputs.flatten(1, 2))  # (B, E*C, H, W) -> (B, E, M)
+        weights = self.branch_weights(x.device)   # (E,) or None
+        if self.branch_engine is not None:
+            return self.branch_engine(self.branches, shared, weights)
+        logits = [branch(shared if weights is None else shared * weights[e])
+                  for e, branch in enumerate(self.branches)]
+        return torch.stack(logits, dim=1)         # (B, ensemble_size, meta_class_size)
 
     def embedding(self, x):
         """The retrieval embedding of images x (B, 3, S, S): (B, E * M), see embed."""
@@ -216,50 +148,31 @@ def embed(logits):
     return F.normalize(logits, dim=-1).flatten(1)
 
 
-def time_branch_impls(model, images, training=True, autocast=contextlib.nullcontext, rounds=3):
-    """Seconds per step of the 'loop' and 'grouped' engines on this model and this batch: forward and
-    backward in training, a forward in evaluation. The engines alternate, after a warm-up round, and each
-    keeps its best round. An engine that runs out of GPU memory takes infinitely long.
+# ----------------------------------------------------------------------------- losses
 
-    The model is left as it was found: parameters, gradients, batch-norm statistics, branch_impl, its
-    mode, and the random streams that with_random draws from."""
-    buffers = [buffer.clone() for buffer in model.buffers()]
-    gradients = [None if p.grad is None else p.grad.clone() for p in model.parameters()]
-    impl, was_training = model.branch_impl, model.training
-    cuda = images.device.type == 'cuda'
-    seconds = {'loop': math.inf, 'grouped': math.inf}
-    try:
-        with torch.random.fork_rng(devices=[images.device] if cuda else []):
-            model.train(training)
-            for round_ in range(rounds + 1):
-                for candidate in seconds:
-                    model.branch_impl = candidate
-                    try:
-                        elapsed = _timed_step(model, images, training, autocast, cuda)
-                    except torch.cuda.OutOfMemoryError:
-                        elapsed = math.inf
-                        torch.cuda.empty_cache()
-                    if round_:  # round 0 warms up: allocations, kernel selection
-                        seconds[candidate] = min(seconds[candidate], elapsed)
-    finally:
-        with torch.no_grad():
-            for buffer, saved in zip(model.buffers(), buffers):
-                buffer.copy_(saved)
-        for parameter, gradient in zip(model.parameters(), gradients):
-            parameter.grad = gradient
-        model.branch_impl = impl
-        model.train(was_training)
-    return seconds
+class EnsembleCrossEntropy(nn.Module):
+    """The original REIR's loss: cross-entropy of every branch's logits against its own meta-class labels, averaged
+    over the branches, every branch ending in nn.Linear.
+
+    What every loss is: an nn.Module built with (ensemble_size, meta_class_size, num_classes), the number of
+    training classes, and called with the logits (B, E, M), every image's meta-class for each branch (B, E) and its
+    training class (B,), returning the batch's loss. Its parameters are trained with the model's and its state is
+    saved in the run's checkpoint. `classifier` is the layer its branches end with."""
+    classifier = nn.Linear
+
+    def __init__(self, ensemble_size, meta_class_size, num_classes):
+        super().__init__()
+
+    def forward(self, logits, meta_labels, labels):
+        return F.cross_entropy(logits.flatten(0, 1), meta_labels.flatten())  # (B * E, M) against (B * E,)
 
 
-def _timed_step(model, images, training, autocast, cuda):
-    if cuda:
-        torch.cuda.synchronize(images.device)
-    start = time.perf_counter()
-    with torch.set_grad_enabled(training), autocast():
-        logits = model(images)
-    if training:
-        logits.float().square().mean().backward()
-    if cuda:
-        torch.cuda.synchronize(images.device)
-    return time.perf_counter() - start
+class NormSoftmaxLoss(EnsembleCrossEntropy):
+    """Normalized softmax (Zhai & Wu, BMVC 2019; pytorch-metric-learning's NormalizedSoftmaxLoss) for every
+    branch: its classifier is a CosineClassifier (temperature 0.05), trained with the same averaged cross-entropy.
+    The model's logits are then those cosines over the temperature, and the embedding is formed from them."""
+    classifier = CosineClassifier
+
+
+LOSSES = {'ce': EnsembleCrossEntropy, 'normsoftmax': NormSoftmaxLoss}
+DEFAULT_LOSS = 'ce'  # the original REIR's

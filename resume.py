@@ -1,6 +1,7 @@
-"""Continuing a run: the checkpoint a --resume starts from and the flags it may change, the state it restores and
-the position inside an epoch it continues from, the checkpoints written inside an epoch, the stop signals that end
-a run with one, the random states they hold, and torchrun's restarts, which continue a run by themselves."""
+"""Keeping and continuing a run: the Checkpointer that writes its checkpoints and epoch files in the background and
+stops it on a stop signal once its state is saved, the checkpoint a --resume starts from and the flags it may change,
+what it restores (the trainable states; the rest is a run_files.RunState) and the position inside an epoch it
+continues from, the stop signals and the random states, and torchrun's restarts, which continue a run by themselves."""
 import argparse
 import contextlib
 import os
@@ -10,10 +11,13 @@ import time
 import torch
 import torch.distributed as dist
 
+import data_base
 import engine
 import figures
+import loaders
 import run_files
 import utils
+from model import DEFAULT_LOSS
 
 CHECKPOINT_MINUTES = 10  # without --checkpoint_every, a checkpoint inside an epoch every this many minutes
 # flags that may differ between a run and its --resume without changing what the run computes (the
@@ -22,7 +26,7 @@ CHECKPOINT_MINUTES = 10  # without --checkpoint_every, a checkpoint inside an ep
 RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
                      'branch_impl', 'checkpoint_every', 'eval_batch_size', 'compile')
 # flags added after runs were started: what a checkpoint without them was trained with
-LATER_FLAG_DEFAULTS = {'val_classes': 0}
+LATER_FLAG_DEFAULTS = {'val_classes': 0, 'loss': DEFAULT_LOSS}
 EPOCH_START = (0, [0.0, 0, 0, 0])  # (steps done, running sums: loss, correct labels, images, skipped images)
 # under torch.distributed, the processes agree on a stop or a timed checkpoint (a collective) every this many steps
 # or evaluation batches
@@ -51,72 +55,57 @@ def differing_flags(saved, args):
             if name not in RESUME_FREE_FLAGS and saved.get(name) != value]
 
 
-def check_data_dicts(checkpoint, data_dicts, args):
-    """Refuse to continue a run on data dicts other than those it started on (its checkpoint's fingerprint)."""
-    started_on = checkpoint['data_fingerprint'] if checkpoint is not None else ''
-    if started_on and started_on != utils.data_fingerprint(data_dicts):
-        raise utils.ReirError(f'--resume: {utils.data_dicts_path(args.data_path, args.data_name, args.crop_type)} '
-                              f'is not the data the run started on (the dataset was prepared again, or --data_path '
-                              f'names another copy); resume on that data, or start over with --overwrite')
-
-
-def run_lists(checkpoint, path, args, train_dict):
-    """The meta-class ids, training list and held-out classes of the run a checkpoint (at path) holds, as
-    train.run_lists gives them, refused where they no longer fit the dataset's training classes or the flags."""
-    missing = [key for key in checkpoint['held_out'] if key not in train_dict]
-    if missing:
-        raise utils.ReirError(f'--resume: held-out class {missing[0]} of the run is no longer in the dataset\'s '
-                              f'training split; prepare the dataset as it was, or start over with --overwrite')
-    held_out = {key: train_dict[key] for key in checkpoint['held_out']}
-    num_class = len(train_dict) - len(held_out)
-    utils.check_ids(checkpoint['ids'], path, args.ensemble_size, num_class, args.meta_class_size)
-    items = [tuple(item) for item in checkpoint['train_items']]
-    if not items or any(not 0 <= index < num_class for _, index in items):
-        raise utils.ReirError(f'{path}: its training list does not index the {num_class} training classes')
-    return checkpoint['ids'].long(), items, held_out
-
-
-def restore(checkpoint, trainable, path):
-    """(first epoch, best recall, results so far), with the trainable objects' states loaded on --resume."""
-    if checkpoint is None:
-        return 1, -1.0, []
+def restore(checkpoint, trainable, data, paths, state, args, process):
+    """Continue a run from its checkpoint: load its states into the trainable objects (model, loss, optimizer,
+    scheduler, scaler by name; the optimizer's kernel then chosen for this device, as a state names the kernel of the
+    device that saved it), and write again what the checkpoint can give back where it is missing or damaged: the
+    results CSV and curves, args.json beside a model (lost_files), and the files of the best epoch where its model is
+    lost and the checkpoint holds that epoch (refused where it does not: best_files_lost). data: loaders.RunData."""
+    path = paths['checkpoint.pth']
     for name, obj in trainable.items():
         try:
             obj.load_state_dict(checkpoint[name])
         except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
             raise utils.ReirError(f'{path}: its {name} state does not fit this run ({str(e).splitlines()[0]}); '
                                   f'delete it and start again without --resume') from None
-    return checkpoint['epoch'], checkpoint['best_recall'], checkpoint['results']
+    engine.use_adam_kernel(trainable['optimizer'], process.device)
+    rewrite_best = engine.broadcast_from_main(best_files_lost(paths, state) if process.main else None)
+    utils.log(f'resumed from {path} at {position_note(state.epoch, state.step)}')
+    files = lost_files(paths, state.results, data.settings) if process.main else {}
+    if rewrite_best:
+        _, features = engine.evaluate_epoch(trainable['model'], data, args, process.device)
+        files.update(data_base.best_files(paths, trainable['model'], data, features, state.epoch - 1))
+    if process.main:
+        run_files.save_together(files)
 
 
-def epoch_position(checkpoint, rank, world):
-    """Where this process continues the checkpoint's epoch: (steps done, its running sums) as train_one_epoch takes
-    them, and the random states to restore (None at an epoch's start). Each process takes its own. On another number
-    of processes than wrote the checkpoint the epoch still continues from the same sample (engine.SeededSampler),
-    with the sums of all in rank 0 and rank 0's random states in every process, though not as either number of
-    processes would have run it."""
-    if checkpoint is None or not checkpoint['step']:
+def epoch_position(state, process):
+    """Where this process continues the epoch of a RunState: (steps done, its running sums) and the random states to
+    restore (None at an epoch's start). Each process takes its own. On another number of processes than wrote the
+    checkpoint the epoch still continues from the same sample (loaders.SeededSampler), with the sums of all in rank 0
+    and rank 0's random states in every process, though not as either number of processes would have run it."""
+    if not state.step:
         return EPOCH_START, None
-    running = checkpoint['running']
-    if len(running) == world:
-        return (checkpoint['step'], running[rank]['sums']), running[rank]['rng']
-    utils.warn(f'the checkpoint was written by {len(running)} processes, inside epoch {checkpoint["epoch"]}: its '
-               f'rest runs on {world}, so the run will not repeat one on either number exactly')
-    sums = [sum(values) for values in zip(*(process['sums'] for process in running))]
-    return (checkpoint['step'], sums if rank == 0 else EPOCH_START[1]), running[0]['rng']
+    if len(state.running) == process.world:
+        mine = state.running[process.rank]
+        return (state.step, mine['sums']), mine['rng']
+    utils.warn(f'the checkpoint was written by {len(state.running)} processes, inside epoch {state.epoch}: its '
+               f'rest runs on {process.world}, so the run will not repeat one on either number exactly')
+    sums = [sum(values) for values in zip(*(running['sums'] for running in state.running))]
+    return (state.step, sums if process.rank == 0 else EPOCH_START[1]), state.running[0]['rng']
 
 
-def best_files_lost(paths, checkpoint):
-    """Whether --resume must write the best epoch's model again: it can when the checkpoint holds the best epoch's
-    model, and refuses when that model is lost. (A missing database is embedded again from the model at the end of
-    the run: train.complete_database.)"""
-    if not checkpoint['results'] or os.path.isfile(paths['model.pth']):
+def best_files_lost(paths, state):
+    """Whether --resume must write the best epoch's model again: it can when the checkpoint (its RunState) holds the
+    best epoch's model, and refuses when that model is lost. (A missing database is embedded again from the model at
+    the end of the run: data_base.complete_database.)"""
+    if not state.results or os.path.isfile(paths['model.pth']):
         return False  # inside the first epoch there is no best epoch yet
-    best = run_files.selected_row(checkpoint['results'])['epoch']
-    if checkpoint['step'] or best != checkpoint['epoch'] - 1:
+    best = run_files.selected_row(state.results)['epoch']
+    if state.step or best != state.epoch - 1:
         raise utils.ReirError(f'{paths["model.pth"]} missing: the model of the best epoch, {best}, is lost (the '
-                              f'checkpoint holds {position_note(checkpoint)}); put the file back, or start over '
-                              f'with --overwrite')
+                              f'checkpoint holds {position_note(state.epoch, state.step)}); put the file back, or '
+                              f'start over with --overwrite')
     utils.warn(f'{paths["model.pth"]} missing: writing it again from the checkpoint, which holds the best '
                f'epoch ({best})')
     return True
@@ -140,10 +129,9 @@ def lost_files(paths, results, settings):
     return files
 
 
-def position_note(checkpoint):
-    """Where the run a checkpoint holds stands: 'step 30 of epoch 3' or 'the end of epoch 2'."""
-    step = checkpoint.get('step', 0)
-    return f'step {step} of epoch {checkpoint["epoch"]}' if step else f'the end of epoch {checkpoint["epoch"] - 1}'
+def position_note(epoch, step):
+    """Where a run whose checkpoint holds (epoch, step) stands: 'step 30 of epoch 3' or 'the end of epoch 2'."""
+    return f'step {step} of epoch {epoch}' if step else f'the end of epoch {epoch - 1}'
 
 
 def saved_note(path):
@@ -151,23 +139,27 @@ def saved_note(path):
     checkpoint = run_files.peek_checkpoint(path)
     if checkpoint is None:
         return 'no checkpoint was written, so there is nothing to resume'
-    return f'{path} holds the run at {position_note(checkpoint)}'
+    return f'{path} holds the run at {position_note(checkpoint["epoch"], checkpoint["step"])}'
 
 
-# ----------------------------------------------------------------------------- stop signals, checkpoints in an epoch
+# ----------------------------------------------------------------------------- stop signals and random states
 
 class StopSignals:
-    """While entered, a stop signal ends the work in progress at once (utils.StopRequested), except inside
-    deferred(), where it only records that the run should stop once it has saved its state (received names the
-    first signal, None until one arrives). A signal that comes after the first is recorded, never raised: the run
-    is stopping already, and the saving of its state must not be cut short. Once a signal has arrived, leaving the
-    block ignores the stop signals for the rest of the process: Python puts back the default action (end the
-    process) of a signal it handles when it shuts down, so that another signal, as schedulers repeat them, would end
-    the process with -15 after its checkpoint was written instead of exiting with utils.STOPPED_EXIT_CODE."""
+    """While entered, a stop signal ends the work in progress at once (utils.StopRequested, which leaving the block
+    turns into utils.Stopped, saying what the checkpoint at path holds), except inside deferred(), where it only
+    records that the run should stop once it has saved its state (received names the first signal, None until one
+    arrives). A signal that comes after the first is recorded, never raised: the run is stopping already, and the
+    saving of its state must not be cut short. Once a signal has arrived, leaving the block ignores the stop signals
+    for the rest of the process: Python puts back the default action (end the process) of a signal it handles when it
+    shuts down, so that another signal, as schedulers repeat them, would end the process with -15 after its
+    checkpoint was written instead of exiting with utils.STOPPED_EXIT_CODE."""
+
+    def __init__(self, path):
+        self.path = path
 
     def __enter__(self):
         self.received, self.deferring = None, False
-        self.previous = {signum: signal.signal(signum, self.record) for signum in engine.STOP_SIGNALS}
+        self.previous = {signum: signal.signal(signum, self.record) for signum in loaders.STOP_SIGNALS}
         return self
 
     def record(self, signum, frame):
@@ -184,14 +176,17 @@ class StopSignals:
         finally:
             self.deferring = deferring
 
-    def __exit__(self, *exc_info):
+    def __exit__(self, kind, error, traceback):
         for signum, handler in self.previous.items():
             signal.signal(signum, handler if self.received is None else signal.SIG_IGN)
+        if isinstance(error, utils.StopRequested):
+            raise utils.Stopped(f'stopped by {self.received} before training: {saved_note(self.path)}; run the same '
+                                f'command again') from None
 
 
 def rng_states(gpu_ids):
     """The random states a training step draws from (the --with_random weights): torch's CPU generator and those of
-    the GPUs the process uses. The augmentations need none: each image has its seed (engine.SeededSampler)."""
+    the GPUs the process uses. The augmentations need none: each image has its seed (loaders.SeededSampler)."""
     return {'cpu': torch.get_rng_state(), 'cuda': [torch.cuda.get_rng_state(i) for i in gpu_ids]}
 
 
@@ -203,18 +198,61 @@ def set_rng_states(states, gpu_ids):
             torch.cuda.set_rng_state(state, gpu)
 
 
-class StepCheckpoints:
-    """The checkpoints written inside an epoch: every `every` steps (None: every CHECKPOINT_MINUTES minutes; 0:
-    never), and at once, followed by a stop (utils.Stopped), when a stop signal has arrived (StopSignals).
-    A checkpoint holds the running sums and random states of every process, which the main process writes in the
-    background (writes: a run_files.BackgroundWrites). Under torch.distributed the processes must decide alike
-    whether to save or stop, and agreeing is a collective: they agree every STOP_AGREEMENT_EVERY steps (or
-    evaluation batches), not at every one."""
+# ----------------------------------------------------------------------------- the checkpoints of a run
 
-    def __init__(self, every, path, trainable, signals, device, gpu_ids, writes):
-        self.every, self.path, self.trainable, self.signals = every, path, trainable, signals
-        self.device, self.gpu_ids, self.writes = device, gpu_ids, writes
+class Checkpointer:
+    """A run's checkpoints and the files written with them, while its epochs run (a context manager): each epoch's
+    files (end_epoch), checkpoints inside an epoch every `every` steps (after_step; None: every CHECKPOINT_MINUTES
+    minutes; 0: never), and where a stop signal (StopSignals, deferred while entered) stops the run: after the step
+    in progress, or within the evaluation or the embedding of the database, with a checkpoint of the run after its
+    last step, followed by utils.Stopped. A divergence (engine.Diverged) ends the run with its one line. A checkpoint
+    holds the trainable states, the RunState and every process's running sums and random states; the main process
+    writes it, and the epoch's files, in a thread (run_files.BackgroundWrites) from host copies. Under
+    torch.distributed the processes must decide alike whether to save or stop, and agreeing is a collective: they agree
+    every STOP_AGREEMENT_EVERY steps (or evaluation batches), not at every one."""
+
+    def __init__(self, every, paths, trainable, data, signals, process):
+        self.every, self.paths, self.trainable, self.data = every, paths, trainable, data
+        self.signals, self.process = signals, process
+        self.state = self.position = None  # the RunState, and (step, running sums) after its epoch's last step
+
+    def __enter__(self):
+        self.writes = run_files.BackgroundWrites()
+        self.deferred = self.signals.deferred()
+        self.deferred.__enter__()
         self.saved()
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        try:
+            if isinstance(error, utils.StopRequested):
+                self.stop_within_work()
+            if isinstance(error, engine.Diverged):
+                self.writes.wait()
+                raise utils.ReirError(f'epoch {self.state.epoch}: {error}: training diverged (a lower --lr may help); '
+                                      f'{saved_note(self.paths["checkpoint.pth"])}') from None
+        finally:
+            self.deferred.__exit__(None, None, None)
+            if kind is None:
+                self.writes.wait()
+            else:
+                self.writes.__exit__(kind, error, traceback)
+
+    def wait(self):
+        """Wait until the files submitted so far are written (a failed write is raised here)."""
+        self.writes.wait()
+
+    def enter_epoch(self, state, epoch):
+        """Set the random state that epoch draws from (utils.epoch_seed) and return where this process continues it:
+        (steps done, its running sums), from the start or, in the epoch that a resumed run's checkpoint was written in,
+        from there, with the random states of that step (epoch_position). The RunState then stands at the epoch."""
+        position, rng = epoch_position(state, self.process) if epoch == state.epoch else (EPOCH_START, None)
+        utils.set_seed(utils.epoch_seed(state.args['seed'], epoch))
+        if rng is not None:
+            set_rng_states(rng, self.process.gpu_ids)
+        state.epoch, state.step, state.running = epoch, 0, []
+        self.state, self.position = state, (position[0], lambda: list(position[1]))
+        return position
 
     def saved(self):
         self.last_save = time.monotonic()
@@ -235,43 +273,71 @@ class StepCheckpoints:
             return self.signals.received is not None
         if index % STOP_AGREEMENT_EVERY:
             return False
-        return engine.any_process([self.signals.received is not None], self.device)[0]
+        return engine.any_process([self.signals.received is not None], self.process.device)[0]
 
-    def save(self, progress, step, sums):
-        """Write the checkpoint of the epoch in progress after its first `step` steps, with this process's running
-        sums (every process calls it; the main process writes what each holds, in the background).
-        progress: the checkpoint's keys other than the trainable states, step and running (run_files.
-        CHECKPOINT_FORMAT), for the epoch in progress."""
-        running = engine.gather_objects({'sums': sums, 'rng': rng_states(self.gpu_ids)})
-        if utils.is_main_process():
-            self.writes.submit({self.path: run_files.checkpoint_file(
-                self.trainable, {**progress, 'step': step, 'running': running})})
+    def save(self, step, sums):
+        """Write the checkpoint of the RunState's epoch after its first `step` steps, with this process's running
+        sums (every process calls it; the main process writes what each holds, in the background)."""
+        running = engine.gather_objects({'sums': sums, 'rng': rng_states(self.process.gpu_ids)})
+        if self.process.main:
+            self.writes.submit({self.paths['checkpoint.pth']: self.state.checkpoint_file(
+                self.trainable, step=step, running=running)})
         self.saved()
 
-    def after_step(self, progress, step, steps, sums):
-        """Save (and stop) when due after a step; sums() gives this process's running sums (a host sync, made only
-        then)."""
+    def after_step(self, step, sums):
+        """Save (and stop) when due after a step of the RunState's epoch; sums: its engine.EpochSums, read (a host
+        sync) only then."""
+        self.position = step, sums.read
         time_is_up, stop = self.time_is_up(), self.signals.received is not None
         if dist.is_initialized():
-            time_is_up, stop = engine.any_process([time_is_up, stop], self.device) \
+            time_is_up, stop = engine.any_process([time_is_up, stop], self.process.device) \
                 if step % STOP_AGREEMENT_EVERY == 0 else (False, False)
-        if not (stop or self.due(step, steps, time_is_up)):
+        if not (stop or self.due(step, sums.steps, time_is_up)):
             return
-        self.save(progress, step, sums())
+        self.save(step, sums.read())
         if stop or not dist.is_initialized() and self.signals.received is not None:  # or one came meanwhile
-            self.stop(f'at step {step} of {steps} of epoch {progress["epoch"]}')
+            self.stop(f'at step {step} of {sums.steps} of epoch {self.state.epoch}')
+
+    def end_epoch(self, state, best_features):
+        """Write the epoch's files together in the background, so that a failed save keeps the previous epoch's
+        complete set: the results CSV, the curves, at a best epoch (best_features: its features by database split, else
+        None) the files of data_base.best_files, and the checkpoint of the next epoch's start, renamed last so that a
+        kill between the renames leaves the previous checkpoint, from which --resume redoes this epoch. Then stop if a
+        stop signal has come."""
+        if self.process.main:
+            results = list(state.results)  # the next epoch adds its row while these are written
+            best = {} if best_features is None else data_base.best_files(
+                self.paths, self.trainable['model'], self.data, best_features, state.epoch)
+            self.writes.submit({self.paths['results.csv']: run_files.csv_file(results),
+                                self.paths['curves.png']: figures.curves_file(results), **best,
+                                self.paths['checkpoint.pth']: state.checkpoint_file(
+                                    self.trainable, epoch=state.epoch + 1, step=0, running=[])})
+        self.saved()
+        self.position = None
+        if state.epoch < state.args['num_epochs'] and self.stop_requested():
+            self.stop(f'after epoch {state.epoch}')
+
+    def stop_within_work(self):
+        """Stop a run whose evaluation, or the embedding of its database, a stop signal ended (utils.StopRequested):
+        inside an epoch with a checkpoint of the run after the epoch's last step."""
+        if self.position is None:
+            self.stop('while the embedding database was written, after the last epoch')
+        step, sums = self.position
+        self.save(step, sums())
+        self.stop(f'in the evaluation of epoch {self.state.epoch}')
 
     def stop(self, where):
         self.writes.wait()
         if dist.is_initialized():
             dist.barrier()  # no process ends before the checkpoint is written
         raise utils.Stopped(f'stopped by {self.signals.received or "a stop signal to another process"} {where}: '
-                            f'{self.path} holds the run; continue it with the same command and --resume')
+                            f'{self.paths["checkpoint.pth"]} holds the run; continue it with the same command and '
+                            f'--resume')
 
 
 def interrupted_note(args):
     """What a Ctrl-C leaves of the run: its checkpoint, or nothing to resume."""
-    path = run_files.run_paths(args.results_dir, run_files.RunName.from_args(args))['checkpoint.pth']
+    path = run_files.RunName.from_args(args).paths(args.results_dir)['checkpoint.pth']
     if run_files.peek_checkpoint(path) is None:
         return 'interrupted before the first checkpoint: there is nothing to resume'
     return f'interrupted: {saved_note(path)}; continue with --resume'

@@ -1,6 +1,7 @@
 """A run's name and files: the prefix that names them and every path it gives, the lock that claims a run, safe
-writes (temporary files renamed into place together), and the formats of the files a run writes and the scripts
-read (results CSV and the selection rule, settings, embedding database, checkpoint), each checked in one place."""
+writes (temporary files renamed into place together), the formats of the files a run writes and the scripts read
+(results CSV and the selection rule, settings, checkpoint), each checked in one place, and the RunState its
+checkpoint holds besides the trainable states."""
 import copy
 import errno
 import fcntl
@@ -9,7 +10,7 @@ import os
 import re
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from types import SimpleNamespace
 
 import numpy as np
@@ -18,10 +19,10 @@ import torch
 
 import original
 import utils
-from model import BACKBONES, SHARE_TYPES
+from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES
 
 RESULTS_DIR = 'results'
-# every file train.py writes for a run, <prefix>_<kind>, and --overwrite removes (run_paths names them all)
+# every file train.py writes for a run, <prefix>_<kind>, and --overwrite removes (RunName.paths names them all)
 RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
 RUN_FILE_KINDS = ('model.pth', 'data_base.pth')  # the files of a run that evaluate.py reads
 # what evaluate.py and inference.py need of a run besides its name: train.py's defaults, which they use
@@ -29,8 +30,10 @@ RUN_FILE_KINDS = ('model.pth', 'data_base.pth')  # the files of a run that evalu
 EMBEDDING_DEFAULTS = dict(recalls=[1, 2, 4, 8], data_path='data', image_size=256, exact_pipeline=False)
 EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
 # what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun
-# job, data dicts not fingerprinted
-CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': ''}
+# job, data dicts not fingerprinted, the original's loss (which holds no state)
+CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': '',
+                           'loss': {}}
+HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training list as "epoch 0" (utils.epoch_seed)
 
 
 # ----------------------------------------------------------------------------- a run's name and paths
@@ -38,7 +41,8 @@ CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_jo
 @dataclass(frozen=True)
 class RunName:
     """The settings that name a run's files: every file of a run starts with its prefix,
-    <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>."""
+    <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>, as the original
+    REIR's, followed by _<loss> for a loss other than the original's (model.DEFAULT_LOSS)."""
     data_name: str
     crop_type: str
     label_type: str
@@ -47,11 +51,13 @@ class RunName:
     model_type: str
     ensemble_size: int
     meta_class_size: int
+    loss: str = DEFAULT_LOSS
 
     PATTERN = re.compile(
         rf'^(?P<data_name>.+)_(?P<crop_type>{"|".join(utils.CROP_TYPES)})_(?P<label_type>{"|".join(utils.LABEL_TYPES)})'
         rf'_(?P<randomness>random|unrandom)_(?P<share_type>{"|".join(SHARE_TYPES)})'
-        rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)$')
+        rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)'
+        rf'(?:_(?P<loss>[a-z][a-z0-9]*))?$')
 
     @classmethod
     def from_args(cls, args):
@@ -65,33 +71,34 @@ class RunName:
             return None
         return cls(match['data_name'], match['crop_type'], match['label_type'], match['randomness'] == 'random',
                    match['share_type'], match['model_type'], int(match['ensemble_size']),
-                   int(match['meta_class_size']))
+                   int(match['meta_class_size']), match['loss'] or DEFAULT_LOSS)
 
     @property
     def prefix(self):
         randomness = 'random' if self.with_random else 'unrandom'
+        loss = '' if self.loss == DEFAULT_LOSS else f'_{self.loss}'
         return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{randomness}_{self.share_type}_'
-                f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}')
+                f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}{loss}')
+
+    def paths(self, results_dir):
+        """Every file of the run in results_dir, by kind: <prefix>_<kind> for each of RUN_OUTPUTS and for evaluate.py's
+        'eval.csv'; 'ids', the meta-class ids, which runs that differ only in share type, backbone, --with_random or
+        --loss share; 'lock' (RunLock)."""
+        prefix_path = os.path.join(results_dir, self.prefix)
+        return {**{kind: f'{prefix_path}_{kind}' for kind in (*RUN_OUTPUTS, 'eval.csv')},
+                'ids': os.path.join(results_dir, self.ids_name),
+                'lock': os.path.join(results_dir, f'.{self.prefix}.lock')}
 
     @property
     def ids_name(self):
         """The meta-class ids depend on the classes, label type, E and M only: runs that differ elsewhere
-        (share type, backbone, --with_random) can share them with --load_ids."""
+        (share type, backbone, --with_random, --loss) can share them with --load_ids."""
         return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{self.ensemble_size}_'
                 f'{self.meta_class_size}_ids.pth')
 
 
-def run_paths(results_dir, run):
-    """Every file of a run, by kind: <prefix>_<kind> for each of RUN_OUTPUTS and for evaluate.py's 'eval.csv'; 'ids',
-    the meta-class ids, which runs that differ only in share type, backbone or --with_random share; 'lock'
-    (RunLock)."""
-    prefix_path = os.path.join(results_dir, run.prefix)
-    return {**{kind: f'{prefix_path}_{kind}' for kind in (*RUN_OUTPUTS, 'eval.csv')},
-            'ids': os.path.join(results_dir, run.ids_name), 'lock': os.path.join(results_dir, f'.{run.prefix}.lock')}
-
-
 def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None):
-    """(RunName, run_paths, kind) of a file a run wrote, named <prefix>_<kind> (the original REIR named its files so
+    """(RunName, RunName.paths, kind) of a file a run wrote, named <prefix>_<kind> (the original REIR named its files so
     too). prefix: the run's prefix, for a file whose name does not carry it; the paths are then those of that prefix
     beside the file, with the file itself as its kind."""
     name = os.path.basename(path)
@@ -105,7 +112,7 @@ def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None):
     if run is None:
         raise utils.UsageError(f'{path}: expected a file named <prefix>_{" or <prefix>_".join(kinds)}, with the '
                                f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>), or pass --prefix')
-    return run, {**run_paths(os.path.dirname(path), run), kind: path}, kind
+    return run, {**run.paths(os.path.dirname(path)), kind: path}, kind
 
 
 # ----------------------------------------------------------------------------- safe writes
@@ -452,7 +459,7 @@ def is_original_model(path):
 
 
 def embedding_settings(paths, overrides, model_needed):
-    """The settings of EMBEDDING_DEFAULTS for the run whose files are paths (run_paths): the overrides that
+    """The settings of EMBEDDING_DEFAULTS for the run whose files are paths (RunName.paths): the overrides that
     are not None, else the run's own (run_settings). The settings that change an embedding
     (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
     them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
@@ -477,134 +484,158 @@ def normalization(settings, data_dicts):
     return settings.mean or data_dicts['mean'], settings.std or data_dicts['std']
 
 
-# ----------------------------------------------------------------------------- embedding database
-
-def database_file(splits, dataset_root, settings, epoch):
-    """The embedding database that evaluate.py and inference.py read: for every split, from
-    splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
-    the working folder, the class keys and the features in float16; with the folder those paths start from,
-    the run's settings (plain values) and the epoch of the model that embedded them, so that the file describes
-    itself."""
-    database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch}
-    for split, (items, features) in splits.items():
-        database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
-        database[f'{split}_labels'] = [key for _, key in items]
-        database[f'{split}_features'] = features.half()
-    return torch_file(database)
-
-
-def database_to_complete(path, selected, database_items, model_path):
-    """What a run's embedding database at path lacks, which train.py embeds after the last epoch: None when it is
-    whole and of the selected epoch (its database_items {split: items} all there), else 'train' (the images of the
-    training classes) or, when it is missing or of another epoch, 'all'; 'lost' when the selected model at model_path
-    is missing."""
-    if not os.path.isfile(model_path):
-        return 'lost'
-    stored = utils.safe_load(path, 'embedding database') if os.path.isfile(path) else None
-    if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
-            len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
-        return 'all'
-    return None if 'train_features' in stored else 'train'
-
-
-def resolve_database(name):
-    """An embedding database given as a path or as a file name under results/."""
-    if os.path.isfile(name):
-        return name
-    candidate = os.path.join(RESULTS_DIR, name)
-    if os.path.isfile(candidate):
-        return candidate
-    raise utils.ReirError(f'embedding database {name} not found (as a path or under {RESULTS_DIR}/); '
-                          f'train.py writes <prefix>_data_base.pth there')
-
-
-def database_problem(splits):
-    """What makes an embedding database's splits {name: (image paths, class keys, features)} unusable (values of the
-    wrong kind, as many feature rows as neither labels nor images, non-finite features, splits of other widths), or
-    None."""
-    widths = set()
-    for name, (images, labels, features) in splits.items():
-        if not isinstance(images, list) or not all(isinstance(path, str) for path in images):
-            return f'{name}_images is not a list of image paths'
-        if not isinstance(labels, list) or not all(isinstance(key, (str, int)) for key in labels):
-            return f'{name}_labels is not a list of class ids'
-        if not isinstance(features, torch.Tensor) or features.dim() != 2 or not features.is_floating_point():
-            return f'{name}_features is not an (N, d) tensor of floats'
-        if not len(images) == len(labels) == features.shape[0]:
-            return (f'{name}_features has {features.shape[0]} rows for {len(labels)} labels and {len(images)} '
-                    f'images')
-        if not len(labels):
-            return f'the {name} split is empty'
-        if not utils.all_finite(features):
-            return f'{name}_features holds NaN or infinite values'
-        widths.add(features.shape[1])
-    if len(widths) > 1:
-        return f'its splits have features of different widths ({", ".join(map(str, sorted(widths)))})'
-    return None
-
-
-def load_database(path):
-    """{split: (image paths, class keys, (N, E*M) features)} of an embedding database, this repository's or the
-    original REIR's (original.database_from_original), refused (naming the file) unless each split is whole
-    (database_problem). Relative image paths are read from the folder the run
-    worked in when they are not found from this one."""
-    database = utils.safe_load(path, 'embedding database')
-    if original.is_original_database(database):
-        database = original.database_from_original(database)
-    names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
-        if isinstance(database, dict) else []
-    if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
-        raise utils.ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
-    splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
-              for name in names}
-    problem = database_problem(splits)
-    if problem:
-        raise utils.ReirError(f'{path}: {problem}; write it again (evaluate.py or train.py --resume)')
-    origin = database.get('working_dir')
-    first = next((images[0] for images, _, _ in splits.values() if images), None)
-    if isinstance(origin, str) and first is not None and not os.path.exists(first) \
-            and os.path.exists(os.path.join(origin, first)):
-        splits = {name: ([os.path.join(origin, p) for p in images], labels, features)
-                  for name, (images, labels, features) in splits.items()}
-    return splits
-
-
-# ----------------------------------------------------------------------------- checkpoint
+# ----------------------------------------------------------------------------- the checkpoint and the run's state
 
 def is_state(value):
     return isinstance(value, dict) and all(isinstance(key, (str, int)) for key in value)
 
 
 def is_model_state(value):
-    """Whether value is a model's state_dict: tensors by name."""
+    """Whether value is a module's state_dict: tensors by name."""
     return is_state(value) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
 
 
-# what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
-CHECKPOINT_FORMAT = {
+# the trainable objects a checkpoint holds, each by its state_dict: {name: (what it must be, test)}
+TRAINABLE_FORMAT = {
     'model': ('a state_dict of tensors', is_model_state),
+    'loss': ('a state_dict of tensors', is_model_state),
     'optimizer': ('a state_dict', lambda v: is_state(v) and {'state', 'param_groups'} <= set(v)),
     'scheduler': ('a state_dict', is_state),
     'scaler': ('a state_dict', is_state),
-    'epoch': ('an epoch number from 1', lambda v: utils.is_int(v) and v >= 1),
-    'step': ('a step count from 0', lambda v: utils.is_int(v) and v >= 0),
-    'running': ('a list of running sums and random states', lambda v: isinstance(v, list) and all(
-        isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
-        and all(utils.is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in v)),
-    'best_recall': ('a number', utils.is_number),
-    'results': ('a list of result rows', lambda v: isinstance(v, list) and all(
-        isinstance(row, dict) and utils.is_int(row.get('epoch')) for row in v)),
-    'args': ('a dict of flags', lambda v: isinstance(v, dict)),
-    'ids': ('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
-            and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool)),
-    'train_items': ('a list of (image path, class index) pairs', lambda v: isinstance(v, list) and all(
-        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and utils.is_int(item[1])
-        for item in v)),
-    'held_out': ('a list of class names', lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v)),
-    'elastic_job': ('a torchrun job id', lambda v: isinstance(v, str)),
-    'data_fingerprint': ('a data fingerprint', lambda v: isinstance(v, str)),
 }
+
+
+def _held(kind, fits, **default):
+    """A field of RunState: what it must hold, in words and as a test (CHECKPOINT_FORMAT), and its default."""
+    return field(metadata={'format': (kind, fits)}, **default)
+
+
+def _is_running(value):
+    return isinstance(value, list) and all(
+        isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
+        and all(utils.is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in value)
+
+
+@dataclass
+class RunState:
+    """What a run's checkpoint holds besides the trainable states: the run's flags and what it drew (meta-class ids,
+    sampled training list, held-out classes), a fingerprint of the data it trains on and the torchrun job training
+    it, where it stands (the epoch in progress, its steps done, each process's running sums and random states after
+    them: resume.Checkpointer) and what it has measured. One object, built when a run begins (begin) and written
+    with the trainable states (checkpoint_file); each field says what it must hold (CHECKPOINT_FORMAT)."""
+    args: dict = _held('a dict of flags', lambda v: isinstance(v, dict))
+    ids: torch.Tensor = _held('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
+                              and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool))
+    train_items: list = _held('a list of (image path, class index) pairs', lambda v: isinstance(v, list) and all(
+        isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], str) and utils.is_int(item[1])
+        for item in v))
+    held_out: list = _held('a list of class names',
+                           lambda v: isinstance(v, list) and all(isinstance(k, str) for k in v), default_factory=list)
+    data_fingerprint: str = _held('a data fingerprint', lambda v: isinstance(v, str), default='')
+    elastic_job: str = _held('a torchrun job id', lambda v: isinstance(v, str), default='')
+    epoch: int = _held('an epoch number from 1', lambda v: utils.is_int(v) and v >= 1, default=1)
+    step: int = _held('a step count from 0', lambda v: utils.is_int(v) and v >= 0, default=0)
+    running: list = _held('a list of running sums and random states', _is_running, default_factory=list)
+    best_recall: float = _held('a number', utils.is_number, default=-1.0)
+    results: list = _held('a list of result rows', lambda v: isinstance(v, list) and all(
+        isinstance(row, dict) and utils.is_int(row.get('epoch')) for row in v), default_factory=list)
+
+    @classmethod
+    def begin(cls, args, run, paths, data_dicts, checkpoint, elastic_job):
+        """The state a run begins from: on --resume the checkpoint's (refused where it trained on other data dicts, or
+        its ids, list and held-out classes no longer fit them or the flags); else the held-out classes of
+        --val_classes, the meta-class ids (drawn from --seed, or those of --load_ids) and the sampled training list,
+        each drawn from a generator of its own, so that a --load_ids run trains on the list of the run that drew the
+        ids. The ids and the list cover the training classes that are not held out. Writes nothing (start_run saves
+        drawn ids).
+        elastic_job: the torchrun job of the process (engine.Process.job)."""
+        current = dict(args=vars(args), data_fingerprint=utils.data_fingerprint(data_dicts), elastic_job=elastic_job)
+        if checkpoint is not None and checkpoint['data_fingerprint'] not in ('', current['data_fingerprint']):
+            raise utils.ReirError(f'--resume: {utils.data_dicts_path(args.data_path, args.data_name, args.crop_type)} '
+                                  f'is not the data the run started on (the dataset was prepared again, or --data_path '
+                                  f'names another copy); resume on that data, or start over with --overwrite')
+        if checkpoint is not None:
+            lists = _checked_lists(checkpoint, paths['checkpoint.pth'], args, data_dicts['train'])
+            return cls(**lists, **current, **{key: checkpoint[key] for key in
+                                              ('epoch', 'step', 'running', 'best_recall', 'results')})
+        train_dict, held_out = split_validation(args, data_dicts['train'])
+        ids = draw_or_load_ids(args, run, paths, len(train_dict), torch.Generator().manual_seed(args.seed))
+        sampling = torch.Generator().manual_seed(utils.epoch_seed(args.seed, 0))
+        return cls(ids=ids, train_items=utils.sample_train_images(train_dict, sampling), held_out=sorted(held_out),
+                   **current)
+
+    def record(self, stats, metrics):
+        """Add the epoch's row to the results: training loss and accuracy (stats), the test metrics, then the
+        validation ones (--val_classes), so that the original's columns keep their places. Returns the epoch's line and
+        whether the epoch is the best so far, by Recall@K of the first K on the held-out classes where the run has some,
+        else on the test split."""
+        recalls = self.args['recalls']
+        line = (f'Epoch {self.epoch}/{self.args["num_epochs"]} | loss: {stats["loss"]:.4f} | accuracy: '
+                f'{stats["accuracy"]:.2f}% | {utils.format_metrics(metrics["test"], recalls)}'
+                + (f' | val {utils.format_metrics(metrics["val"], recalls)}' if 'val' in metrics else '')
+                + (f' | {stats["skipped"]} unreadable images skipped' if stats['skipped'] else ''))
+        self.results.append({'epoch': self.epoch, 'train_loss': stats['loss'], 'train_accuracy': stats['accuracy'],
+                             **{f'{role}_{name}': value for role, values in metrics.items()
+                                for name, value in values.items()}})
+        selected = metrics.get('val', metrics['test'])[f'recall@{recalls[0]}']
+        best = selected > self.best_recall
+        self.best_recall = max(selected, self.best_recall)
+        return line, best
+
+    def selection_note(self, model_path):
+        """The run's last line: the selected epoch, what selected it, and its test metrics."""
+        row = selected_row(self.results)
+        column = selection_column(list(row))
+        test = {name.removeprefix('test_'): value for name, value in row.items() if name.startswith('test_')}
+        return (f'selected epoch {row["epoch"]} by {column.replace("_", " ")} ({row[column]:.2f}%): test '
+                f'{utils.format_metrics(test, self.args["recalls"])} -> {model_path}')
+
+    def checkpoint_file(self, trainable, **position):
+        """The run's checkpoint, as a writer for save_together (or BackgroundWrites: it holds a host copy): this
+        state, with position (epoch, step, running) where given, and the trainable objects (model, loss, optimizer,
+        scheduler, scaler by name) by their state_dict. What is written is what load_checkpoint reads: a checkpoint
+        that is not exactly what CHECKPOINT_FORMAT says is a bug, refused before anything is written."""
+        saved = {key.name: getattr(self, key.name) for key in fields(self)}
+        checkpoint = host_copy({**{name: obj.state_dict() for name, obj in trainable.items()}, **saved, **position})
+        odd = set(checkpoint) ^ set(CHECKPOINT_KEYS)
+        problem = f'keys {sorted(odd)} are not those of CHECKPOINT_FORMAT' if odd else checkpoint_problem(checkpoint)
+        if problem:
+            raise ValueError(f'a checkpoint to write is malformed: {problem}')
+        return torch_file(checkpoint)
+
+
+# what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
+CHECKPOINT_FORMAT = {**TRAINABLE_FORMAT, **{key.name: key.metadata['format'] for key in fields(RunState)}}
 CHECKPOINT_KEYS = tuple(CHECKPOINT_FORMAT)
+
+
+def split_validation(args, train_dict):
+    """(training classes, held-out validation classes) for --val_classes, each {class: [image paths]}."""
+    if not args.val_classes:
+        return train_dict, {}
+    kept = len(train_dict) - args.val_classes
+    if args.val_classes == 1:
+        raise utils.UsageError('--val_classes 1: retrieval within a single class says nothing; hold out at least 2')
+    if kept < args.meta_class_size:
+        raise utils.UsageError(f'--val_classes {args.val_classes} leaves {max(kept, 0)} of the {len(train_dict)} '
+                               f'training classes, fewer than --meta_class_size {args.meta_class_size}')
+    return utils.hold_out_classes(train_dict, args.val_classes,
+                                  torch.Generator().manual_seed(utils.epoch_seed(args.seed, HOLD_OUT_DRAW)))
+
+
+def _checked_lists(checkpoint, path, args, train_dict):
+    """The meta-class ids, training list and held-out classes of the run a checkpoint (at path) holds, refused where
+    they no longer fit the dataset's training classes or the flags."""
+    missing = [key for key in checkpoint['held_out'] if key not in train_dict]
+    if missing:
+        raise utils.ReirError(f'--resume: held-out class {missing[0]} of the run is no longer in the dataset\'s '
+                              f'training split; prepare the dataset as it was, or start over with --overwrite')
+    num_class = len(train_dict) - len(checkpoint['held_out'])
+    utils.check_ids(checkpoint['ids'], path, args.ensemble_size, num_class, args.meta_class_size)
+    items = [tuple(item) for item in checkpoint['train_items']]
+    if not items or any(not 0 <= index < num_class for _, index in items):
+        raise utils.ReirError(f'{path}: its training list does not index the {num_class} training classes')
+    return dict(ids=checkpoint['ids'].long(), train_items=items, held_out=sorted(checkpoint['held_out']))
 
 
 def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
@@ -619,19 +650,6 @@ def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):
         if key in checkpoint and not fits(checkpoint[key]):
             return f'its "{key}" is not {kind}'
     return None
-
-
-def checkpoint_file(trainable, progress):
-    """A run's checkpoint, as a writer for save_together (or BackgroundWrites, as it holds a host copy): trainable,
-    the model, optimizer, scheduler and scaler by name, saved by their state_dict, and progress, the rest of
-    CHECKPOINT_FORMAT. A dict that is not exactly what CHECKPOINT_FORMAT says is a bug, refused before anything is
-    written: what is written is what load_checkpoint reads."""
-    checkpoint = host_copy({**{name: obj.state_dict() for name, obj in trainable.items()}, **progress})
-    odd = set(checkpoint) ^ set(CHECKPOINT_KEYS)
-    problem = f'keys {sorted(odd)} are not those of CHECKPOINT_FORMAT' if odd else checkpoint_problem(checkpoint)
-    if problem:
-        raise ValueError(f'a checkpoint to write is malformed: {problem}')
-    return torch_file(checkpoint)
 
 
 def load_checkpoint(path):

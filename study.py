@@ -129,7 +129,7 @@ class Run:
 
     @property
     def paths(self):
-        return run_files.run_paths(self.folder, run_files.RunName.from_args(self.args))
+        return run_files.RunName.from_args(self.args).paths(self.folder)
 
 
 def split_command_line(argv):
@@ -529,9 +529,9 @@ def prepared_runs(runs):
         else:
             kept.append(run)
     for recipe, (path, args) in skipped.items():
-        utils.warn(f'recipe {recipe} ({recipes.RECIPES[recipe].title}) skipped: {path} is not there (download {args.data_name} into '
-                   f'{os.path.join(args.data_path, args.data_name)}/ and run python data_utils.py --data_path '
-                   f'{args.data_path} --data_name {args.data_name})')
+        utils.warn(f'recipe {recipe} ({recipes.RECIPES[recipe].title}) skipped: {path} is not there (download '
+                   f'{args.data_name} into {os.path.join(args.data_path, args.data_name)}/ and run python '
+                   f'data_utils.py --data_path {args.data_path} --data_name {args.data_name})')
     if not kept:
         raise utils.ReirError(f'no dataset of the recipes is prepared under {runs[0].args.data_path}/: nothing to run')
     return kept
@@ -565,31 +565,10 @@ def run_study(args, train_flags):
     study_dir, runs = grid(args, train_flags)
     runs = prepared_runs(runs)
     gpus_per_run, slots = default_resources(args)
-    states, problems = zip(*(run_state(run) for run in runs))
-    for run, state, problem in zip(runs, states, problems):
-        if state == 'damaged':
-            utils.warn(f'run {os.path.basename(run.folder)} is damaged: {problem}; '
-                       + ('training it again from the start' if args.retrain_damaged else
-                          'left as it is (--retrain_damaged trains it again from the start)'))
+    states = report_states(args, study_dir, runs, slots)
     runnable = ('interrupted', 'new', 'damaged') if args.retrain_damaged else ('interrupted', 'new')
     todo = [i for i, state in enumerate(states) if state in runnable]
-    damaged = states.count('damaged')
-    utils.log(f'study {args.name}: {len(runs)} runs ({len(runs) // len(args.seeds)} configurations x '
-              f'{len(args.seeds)} seeds) in {study_dir}/: {states.count("finished")} finished, '
-              f'{states.count("interrupted")} to resume, {states.count("new")} to start'
-              + (f', {damaged} damaged' + (' to start over' if args.retrain_damaged else '') if damaged else '')
-              + (f'; {slots} at a time on {args.cluster}' if todo and slots else ''))
-    failed = {}
-    if todo:
-        prepare_data([runs[i] for i in todo])
-        executor = executor_for(args, study_dir, gpus_per_run)
-        with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'study {args.name}', unit='run',
-                  dynamic_ncols=True, file=sys.stderr) as progress:
-            if args.cluster == 'slurm':
-                failed = run_slurm({i: runs[i] for i in todo}, states, executor, gpus_per_run, progress)
-            else:
-                failed = run_local({i: runs[i] for i in todo}, states, executor, slots, gpus_per_run, args.timeout_min,
-                                   progress)
+    failed = run_jobs(args, study_dir, runs, states, todo, gpus_per_run, slots) if todo else {}
     for index, error in failed.items():
         utils.warn(f'run {os.path.basename(runs[index].folder)}: {error}')
     metrics, selections, missing = {}, {}, []
@@ -603,6 +582,47 @@ def run_study(args, train_flags):
                 utils.warn(f'run {os.path.basename(run.folder)} did not finish: {problem}')
     if not metrics:
         raise utils.ReirError(f'no run of study {args.name} finished; their logs are in {study_dir}/.submitit/')
+    write_summary(args, runs, metrics, selections)
+    if failed or missing:
+        hint = ', and --retrain_damaged for the damaged ones' if 'damaged' in states and not args.retrain_damaged \
+            else ''
+        raise utils.ReirError(f'{len(failed) + len(missing)} of {len(runs)} runs failed or did not finish (above); the '
+                              f'summary holds the others. Run the same command again to retry them{hint}')
+
+
+def report_states(args, study_dir, runs, slots):
+    """The state of every run (run_state), said in one line, with a warning for each damaged run."""
+    states, problems = zip(*(run_state(run) for run in runs))
+    for run, state, problem in zip(runs, states, problems):
+        if state == 'damaged':
+            utils.warn(f'run {os.path.basename(run.folder)} is damaged: {problem}; '
+                       + ('training it again from the start' if args.retrain_damaged else
+                          'left as it is (--retrain_damaged trains it again from the start)'))
+    damaged = states.count('damaged')
+    todo = states.count('interrupted') + states.count('new') + (damaged if args.retrain_damaged else 0)
+    utils.log(f'study {args.name}: {len(runs)} runs ({len(runs) // len(args.seeds)} configurations x '
+              f'{len(args.seeds)} seeds) in {study_dir}/: {states.count("finished")} finished, '
+              f'{states.count("interrupted")} to resume, {states.count("new")} to start'
+              + (f', {damaged} damaged' + (' to start over' if args.retrain_damaged else '') if damaged else '')
+              + (f'; {slots} at a time on {args.cluster}' if todo and slots else ''))
+    return states
+
+
+def run_jobs(args, study_dir, runs, states, todo, gpus_per_run, slots):
+    """Train the runs todo (indices of runs), locally or on Slurm; returns {run index: error} of those that failed."""
+    prepare_data([runs[i] for i in todo])
+    executor = executor_for(args, study_dir, gpus_per_run)
+    with tqdm(total=len(runs), initial=len(runs) - len(todo), desc=f'study {args.name}', unit='run',
+              dynamic_ncols=True, file=sys.stderr) as progress:
+        if args.cluster == 'slurm':
+            return run_slurm({i: runs[i] for i in todo}, states, executor, gpus_per_run, progress)
+        return run_local({i: runs[i] for i in todo}, states, executor, slots, gpus_per_run, args.timeout_min,
+                         progress)
+
+
+def write_summary(args, runs, metrics, selections):
+    """results/study_<name>.csv and .png of the finished runs, the table printed, and a warning where runs were
+    selected on the test split."""
     rows = summarize(runs, metrics, selections)
     csv_path = os.path.join(args.results_dir, f'study_{args.name}.csv')
     png_path = os.path.join(args.results_dir, f'study_{args.name}.png')
@@ -615,10 +635,6 @@ def run_study(args, train_flags):
         utils.warn(f'{"every run" if on_test == len(selections) else f"{on_test} of {len(selections)} runs"} of '
                    f'study {args.name} selected its epoch on the test split (no --val_classes): those numbers are '
                    f'optimistic, as the original REIR\'s are; --val_classes N selects on N held-out training classes')
-    if failed or missing:
-        hint = ', and --retrain_damaged for the damaged ones' if damaged and not args.retrain_damaged else ''
-        raise utils.ReirError(f'{len(failed) + len(missing)} of {len(runs)} runs failed or did not finish (above); the '
-                              f'summary holds the others. Run the same command again to retry them{hint}')
 
 
 if __name__ == '__main__':

@@ -242,17 +242,23 @@ def data_dicts_problem(data_dicts):
         return 'no "train" split'
     if not any(all(split in data_dicts for split in names) for names in EVAL_SPLITS):
         return 'neither a "test" split nor "query" and "gallery" splits'
-    splits = ('train',) + eval_splits(data_dicts, 'data dicts')
-    for split in splits:
-        classes = data_dicts[split]
-        if not isinstance(classes, dict) or not classes:
-            return f'the {split} split holds no classes'
-        for key, paths in classes.items():
-            if not isinstance(key, str) or not isinstance(paths, list) or not paths:
-                return f'class {key!r} of the {split} split is not a class name with a non-empty list of images'
-            for path in paths:
-                if not isinstance(path, str) or os.path.isabs(path) or '..' in re.split(r'[\\/]', path):
-                    return f'image path {path!r} of the {split} split is not inside the dataset folder'
+    for split in ('train',) + eval_splits(data_dicts, 'data dicts'):
+        problem = split_problem(split, data_dicts[split])
+        if problem:
+            return problem
+    return None
+
+
+def split_problem(split, classes):
+    """What makes a split of data dicts ({class: [image paths]}) unusable, or None."""
+    if not isinstance(classes, dict) or not classes:
+        return f'the {split} split holds no classes'
+    for key, paths in classes.items():
+        if not isinstance(key, str) or not isinstance(paths, list) or not paths:
+            return f'class {key!r} of the {split} split is not a class name with a non-empty list of images'
+        for path in paths:
+            if not isinstance(path, str) or os.path.isabs(path) or '..' in re.split(r'[\\/]', path):
+                return f'image path {path!r} of the {split} split is not inside the dataset folder'
     return None
 
 
@@ -270,6 +276,12 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def epoch_seed(seed, epoch):
+    """A distinct seed for every (seed, epoch): an epoch's randomness depends on nothing else, so a resumed
+    run repeats exactly what the uninterrupted run would have done."""
+    return seed * 1_000_003 + epoch
 
 
 # ----------------------------------------------------------------------------- meta-class ids
@@ -473,8 +485,8 @@ def to_rgb(image):
 
 
 class ImageReader(Dataset):
-    """Images of a dataset folder with one target each: the (E,) meta-class labels for training,
-    the class index for evaluation. min_side: see load_rgb (None decodes every image whole)."""
+    """Images of a dataset folder with one target each, their class index. min_side: see load_rgb (None decodes
+    every image whole)."""
 
     def __init__(self, root, items, targets, transform, min_side=None):
         self.items = items
@@ -491,7 +503,7 @@ class ImageReader(Dataset):
 
 
 class TrainReader(ImageReader):
-    """Training images with their (E,) meta-class labels, read by (index, augmentation seed) items. An image
+    """Training images with their class index, read by (index, augmentation seed) items. An image
     that cannot be read is replaced by the next readable one (with a warning naming it) and counted, so one
     bad file never stops an epoch."""
 
@@ -681,6 +693,12 @@ def _chunk_statistics(queries, rows, gallery_t, classes, ks, self_retrieval):
     ap_sum = float(((in_top_r * j / ranks).sum(1)[found] / r).sum())
     rp_sum = float((in_top_r.sum(1)[found] / r).sum())
     return hits, ap_sum, rp_sum, int(found.sum())
+
+
+def format_metrics(metrics, recalls):
+    """Retrieval metrics in percent ({'recall@K': ..., 'map@r': ..., 'r_precision': ...}) as one line."""
+    parts = [f'R@{k}: {metrics[f"recall@{k}"]:.2f}%' for k in recalls]
+    return ' '.join(parts) + f' | MAP@R: {metrics["map@r"]:.2f}% | R-precision: {metrics["r_precision"]:.2f}%'
 
 
 def recall(feature_vectors, feature_labels, rank, gallery_vectors=None, gallery_labels=None, **kwargs):

@@ -230,10 +230,24 @@ def loss_becomes(monkeypatch, value, at_step=2):
     calls = []
 
     def diverging(*args):
-        loss, logits = step(*args)
+        loss, correct = step(*args)
         calls.append(1)
-        return (torch.tensor(value) if len(calls) == at_step else loss), logits
+        return (torch.tensor(value) if len(calls) == at_step else loss), correct
     monkeypatch.setattr(engine, 'train_step', diverging)
+
+
+def signal_during_call(monkeypatch, module, name, call, signum):
+    """Make module.name send this process signum during its call-th call (a stop signal that arrives while it runs);
+    returns the function it replaces, to put back."""
+    function, calls = getattr(module, name), []
+
+    def signalled(*args):
+        calls.append(1)
+        if len(calls) == call:
+            os.kill(os.getpid(), signum)
+        return function(*args)
+    monkeypatch.setattr(module, name, signalled)
+    return function
 
 
 def copy_of_run(trained, tmp_path, name='tiny'):
@@ -249,7 +263,7 @@ def interrupt_in_epoch(flags, epoch=2):
     train_one_epoch = train.train_one_epoch
 
     def interrupt(*args):
-        if args[6].startswith(f'Epoch {epoch}/'):  # the description
+        if args[3].epoch == epoch:  # the RunState
             raise KeyboardInterrupt
         return train_one_epoch(*args)
     train.train_one_epoch = interrupt

@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+import data_base
 import figures
 import run_files
 import utils
@@ -53,7 +54,7 @@ def databases(prepared, tmp_path):
     for name, features in (('perfect', perfect), ('confused', confused)):
         path = tmp_path / name / 'tiny_uncropped_fixed_unrandom_layer1_resnet18_1_3_data_base.pth'
         path.parent.mkdir()
-        run_files.atomic_write(str(path), run_files.database_file({'test': (items, features)},
+        run_files.atomic_write(str(path), data_base.database_file({'test': (items, features)},
                                                                   str(prepared / 'data' / 'tiny'), {}, 1))
         paths.append(path)
     return paths
@@ -173,7 +174,7 @@ def test_save_results_writes_the_original_folders(prepared, tmp_path):
 
 def test_a_query_gallery_database_holds_the_train_split(trained, tmp_path):
     """As the original's In-shop databases: ablation.py --data_type train compares within the training classes."""
-    database = run_files.load_database(str(trained / 'results' / f'{prefix("shop")}_data_base.pth'))
+    database = data_base.load_database(str(trained / 'results' / f'{prefix("shop")}_data_base.pth'))
     assert sorted(database) == ['gallery', 'query', 'train'] and len(database['train'][0]) == 12
     path = trained / 'results' / f'{prefix("shop")}_data_base.pth'
     result = run_main('ablation', '--better_data_base', path, '--worse_data_base', path, '--data_type', 'train',

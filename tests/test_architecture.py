@@ -4,13 +4,20 @@ import architecture
 from conftest import run_main
 
 
+def describe(*flags):
+    return architecture.describe(architecture.get_args_parser().parse_args([str(flag) for flag in flags]))
+
+
 def test_the_figure_describes_the_model_code():
-    parts = architecture.describe('resnet18', 'layer1', 4, 12, 256)
+    parts = describe('--ensemble_size', 4, '--image_size', 256)
     assert parts['stem'] == ['conv1', 'bn1', 'relu', 'maxpool', 'layer1']
     assert parts['branch'] == ['layer2', 'layer3', 'layer4']
     assert parts['shared_shape'] == (64, 64, 64) and parts['feature_shape'] == (512, 8, 8)
-    parts = architecture.describe('resnet50', 'none', 3, 4, 64)
+    assert parts['classifier'] == 'fc'
+    parts = describe('--model_type', 'resnet50', '--share_type', 'none', '--ensemble_size', 3, '--meta_class_size', 4,
+                     '--image_size', 64, '--loss', 'normsoftmax')
     assert parts['stem'] == [] and parts['branch'][0] == 'conv1' and parts['feature_shape'] == (2048, 2, 2)
+    assert parts['classifier'] == 'CosineClassifier'
 
 
 def test_the_figure_is_drawn(tmp_path):

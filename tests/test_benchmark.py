@@ -31,9 +31,9 @@ def test_branch_cases_time_every_engine_and_phase():
 def test_training_step_is_the_one_train_py_runs():
     config = dict(device='cpu', share_type='layer3', batch_size=2, amp=False, model_type='resnet18', ensemble_size=2,
                   image_size=32)
-    model, batch, labels = benchmark.branch_setup(config)
+    model, batch = benchmark.branch_setup(config)
     before = [p.clone() for p in model.parameters()]
-    benchmark.time_steps(model, 'train', batch, labels, 0, amp=False)  # the warm-up step only
+    benchmark.time_steps(model, 'train', batch, 0, amp=False)  # the warm-up step only
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
 
 
@@ -57,15 +57,17 @@ def test_photos_are_deterministic_and_sized(tmp_path):
 
 def test_checkpoint_case_writes_what_train_py_writes(tmp_path, monkeypatch):
     written = []
-    checkpoint_file = run_files.checkpoint_file
-    monkeypatch.setattr(run_files, 'checkpoint_file', lambda *args: written.append(args) or checkpoint_file(*args))
+    checkpoint_file = run_files.RunState.checkpoint_file
+    monkeypatch.setattr(run_files.RunState, 'checkpoint_file',
+                        lambda state, trainable, **position: written.append((state, trainable))
+                        or checkpoint_file(state, trainable, **position))
     config = dict(device='cpu', share_type='layer4', batch_size=2, amp=False, model_type='resnet18', ensemble_size=2,
                   image_size=32, rounds=1)
     queue = Queue()
     benchmark.checkpoint_case(config, str(tmp_path), queue)
     row = queue[0]
-    trainable, progress = written[0]
-    assert set(trainable) | set(progress) == set(run_files.CHECKPOINT_KEYS)
+    state, trainable = written[0]
+    assert set(trainable) == set(run_files.TRAINABLE_FORMAT) and isinstance(state, run_files.RunState)
     assert optimizer_moments(trainable['optimizer'])  # after a step, as in a run
     assert 40 < row['size_mib'] < 200 and all(row[key] > 0 for key in ('atomic_s', 'plain_s', 'step_s'))
     assert os.listdir(tmp_path) == []

@@ -10,6 +10,7 @@ from torch import nn
 import engine
 import train
 import utils
+from branch_engines import ENGINES
 from conftest import CUDA, prefix, run_main, run_train
 from model import Model, embed
 
@@ -51,7 +52,8 @@ def test_fp16_training_uses_the_gradient_scaler(tiny, monkeypatch):
 def test_channels_last_and_autocast_compute_the_float32_embedding(impl):
     torch.manual_seed(0)
     device = torch.device('cuda')
-    net = Model(6, 4, share_type='layer1', pretrained=False, branch_impl=impl).eval().to(device)
+    net = Model(6, 4, share_type='layer1', pretrained=False).eval().to(device)
+    net.branch_engine = ENGINES[impl]
     x = torch.randn(4, 3, 64, 64, device=device)
     with torch.no_grad():
         reference = embed(net(x))
@@ -72,7 +74,8 @@ def test_channels_last_and_autocast_compute_the_float32_embedding(impl):
 def test_data_parallel_over_the_gpus_present(impl):
     torch.manual_seed(0)
     gpus = list(range(torch.cuda.device_count()))
-    net = Model(5, 4, share_type='layer2', with_random=True, pretrained=False, branch_impl=impl).to('cuda:0')
+    net = Model(5, 4, share_type='layer2', with_random=True, pretrained=False).to('cuda:0')
+    net.branch_engine = ENGINES[impl]
     parallel = nn.DataParallel(net, device_ids=gpus)
     x = torch.randn(2 * len(gpus), 3, 32, 32, device='cuda:0')
     with torch.no_grad():

@@ -186,9 +186,9 @@ def test_demo_is_large_enough_and_deterministic(tmp_path):
         assert min(image.size) >= 64
     # the same seed draws the same bytes, whichever process draws them
     for index in (0, 150):
-        data_utils.write_demo_class((str(tmp_path / 'b' / 'demo'), index, 'train' if index < 100 else 'test',
-                                     data_utils.DEMO_SEED, data_utils.DEMO_IMAGES_PER_CLASS, data_utils.DEMO_IMAGE_SIZE))
         split = 'train' if index < 100 else 'test'
+        data_utils.write_demo_class((str(tmp_path / 'b' / 'demo'), index, split, data_utils.DEMO_SEED,
+                                     data_utils.DEMO_IMAGES_PER_CLASS, data_utils.DEMO_IMAGE_SIZE))
         for name in os.listdir(tmp_path / 'b' / 'demo' / split / f'class_{index:03d}'):
             relative = os.path.join(split, f'class_{index:03d}', name)
             first, second = (tmp_path / 'a' / 'demo' / relative), (tmp_path / 'b' / 'demo' / relative)

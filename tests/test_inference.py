@@ -4,9 +4,9 @@ import pytest
 import torch
 from PIL import Image
 
+import data_base
 import figures
 import inference
-import run_files
 import utils
 from conftest import assert_one_line_error, prefix, run_main, write_image
 
@@ -83,7 +83,7 @@ def test_database_paths_work_from_another_working_folder(trained, tmp_path, monk
     path = tmp_path / f'{prefix()}_data_base.pth'
     torch.save(database, path)
     monkeypatch.chdir(tmp_path)
-    images = run_files.load_database(str(path))['test'][0]
+    images = data_base.load_database(str(path))['test'][0]
     assert images[0] == os.path.join(str(trained), database['test_images'][0]) and os.path.isfile(images[0])
 
 

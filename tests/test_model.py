@@ -1,14 +1,13 @@
-import copy
 import os
 import urllib.error
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import model as model_module
-from conftest import DEVICES, data_parallel_replica
-from model import BACKBONES, SHARE_TYPES, Model, PretrainedWeightsUnavailable, embed, time_branch_impls
+from branch_engines import ENGINES
+from model import BACKBONES, LOSSES, SHARE_TYPES, CosineClassifier, Model, PretrainedWeightsUnavailable, embed
 
 
 @pytest.mark.parametrize('share_type', SHARE_TYPES)
@@ -94,158 +93,58 @@ def test_model_lives_on_the_device_it_is_given(impl):
     """model.py chooses no device: built under a default device every tensor is there, and the forward pass
     (with --with_random's weights) runs on its input's device. 'meta' tensors have shapes and no memory."""
     with torch.device('meta'):
-        net = Model(5, 3, with_random=True, pretrained=False, branch_impl=impl)
+        net = Model(5, 3, with_random=True, pretrained=False)
+    net.branch_engine = ENGINES[impl]
     assert {t.device.type for t in list(net.parameters()) + list(net.buffers())} == {'meta'}
     for training in (True, False):
         assert net.train(training)(torch.empty(2, 3, 32, 32, device='meta')).shape == (2, 3, 5)
 
 
-# ----------------------------------------------------------------------------- the grouped branch engine
+# ----------------------------------------------------------------------------- losses
 
-def run_engine(net, impl, x, seed):
-    """Logits, parameter gradients and buffers after one training step of the given engine."""
-    net.branch_impl = impl
-    net.zero_grad()
-    torch.manual_seed(seed)  # the same --with_random weights for both engines
-    logits = net(x)
-    (logits.square().mean() + logits[:, :, 0].sum()).backward()
-    grads = {name: p.grad.clone() for name, p in net.named_parameters()}
-    buffers = {name: b.clone() for name, b in net.named_buffers()}
-    return logits.detach(), grads, buffers
-
-
-def assert_engines_agree(net, x, atol, rtol):
-    initial = copy.deepcopy(net.state_dict())
-    loop = run_engine(net, 'loop', x, seed=3)
-    net.load_state_dict(initial)  # the same running statistics before the grouped step
-    grouped = run_engine(net, 'grouped', x, seed=3)
-    assert torch.allclose(loop[0], grouped[0], atol=atol, rtol=rtol), (loop[0] - grouped[0]).abs().max()
-    for name in loop[1]:
-        assert torch.allclose(loop[1][name], grouped[1][name], atol=atol, rtol=rtol), name
-    for name in loop[2]:
-        assert torch.allclose(loop[2][name].double(), grouped[2][name].double(), atol=atol, rtol=rtol), name
-    assert any('running_mean' in n for n in loop[2]) or not list(net.branches[0].features.children())
-
-
-@pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('share_type', SHARE_TYPES)
-def test_grouped_engine_equals_the_loop_for_every_share_type(share_type, device):
+def test_the_original_loss_is_every_branch_cross_entropy_averaged():
     torch.manual_seed(0)
-    net = Model(5, 3, share_type=share_type, with_random=True, pretrained=False).train().to(device)
-    # in float64 the two engines agree to rounding: the same function, gradients and running statistics
-    x = torch.randn(4, 3, 32, 32, dtype=torch.float64).to(device)
-    assert_engines_agree(net.double(), x, atol=1e-10, rtol=1e-9)
+    logits, meta_labels = torch.randn(4, 3, 5), torch.randint(5, (4, 3))
+    # by hand: branch e's mean negative log-likelihood of its own meta-class labels, then the mean over branches
+    per_branch = [-F.log_softmax(logits[:, e], dim=1)[torch.arange(4), meta_labels[:, e]].mean() for e in range(3)]
+    loss = LOSSES['ce'](3, 5, 10)(logits, meta_labels, torch.randint(10, (4,)))
+    assert torch.allclose(loss, torch.stack(per_branch).mean())
 
 
-# the larger backbones take seconds each: resnet18 in the default run, the others in the slow tier
-@pytest.mark.parametrize('model_type', [model_type if model_type == 'resnet18' else
-                                        pytest.param(model_type, marks=pytest.mark.slow) for model_type in BACKBONES])
-def test_grouped_engine_equals_the_loop_for_every_backbone(model_type):
-    torch.manual_seed(0)
-    net = Model(4, 2, share_type='layer2', model_type=model_type, pretrained=False).train().double()
-    # batch 4 at 64 px: with 2 images of 1x1 features, batch norm would amplify rounding itself
-    assert_engines_agree(net, torch.randn(4, 3, 64, 64, dtype=torch.float64), atol=1e-10, rtol=1e-9)
-
-
-# cuDNN chooses among convolution algorithms that sum in other orders than the CPU's
-FLOAT32_TOLERANCE = {'cpu': 1e-5, 'cuda': 1e-4}
-
-
-@pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('share_type', SHARE_TYPES)
-def test_grouped_engine_outputs_agree_in_float32(share_type, device):
-    torch.manual_seed(0)
-    net = Model(6, 4, share_type=share_type, with_random=True, pretrained=False).eval().to(device)
-    x = torch.randn(3, 3, 32, 32).to(device)
+def test_cosine_classifier_gives_cosines_over_the_temperature():
+    classifier = CosineClassifier(2, 3)
     with torch.no_grad():
-        net.branch_impl = 'loop'
-        loop = net(x)
-        net.branch_impl = 'grouped'
-        grouped = net(x)
-    assert (loop - grouped).abs().max() < FLOAT32_TOLERANCE[device]
+        classifier.weight.copy_(torch.tensor([[2.0, 0.0], [0.0, 5.0], [-1.0, -1.0]]))
+    logits = classifier(torch.tensor([[3.0, 0.0], [1.0, 1.0]]))
+    root = 2 ** -0.5
+    assert torch.allclose(logits, torch.tensor([[1.0, 0.0, -root], [root, root, -1.0]]) / 0.05)
 
 
-@pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('share_type', ['layer1', 'layer3'])
-def test_grouped_engine_trains_like_the_loop_in_float32(share_type, device):
-    """One float32 training step: outputs, and every gradient relative to that parameter's largest."""
+def test_normsoftmax_branches_end_in_cosine_classifiers():
+    """With --loss normsoftmax every branch's logits are cosines / 0.05 of its pooled feature and its meta-class
+    weights, and the embedding is formed from them as REIR's is."""
     torch.manual_seed(0)
-    net = Model(5, 3, share_type=share_type, with_random=True, pretrained=False).train().to(device)
-    x = torch.randn(4, 3, 64, 64).to(device)
-    initial = copy.deepcopy(net.state_dict())
-    loop = run_engine(net, 'loop', x, seed=3)
-    net.load_state_dict(initial)
-    grouped = run_engine(net, 'grouped', x, seed=3)
-    assert (loop[0] - grouped[0]).abs().max() < FLOAT32_TOLERANCE[device]
-    for name, gradient in loop[1].items():
-        assert (gradient - grouped[1][name]).abs().max() <= 1e-3 * gradient.abs().max() + 1e-6, name
-
-
-def test_state_dict_does_not_depend_on_the_engine():
-    torch.manual_seed(0)
-    loop = Model(4, 3, pretrained=False, branch_impl='loop')
-    grouped = Model(4, 3, pretrained=False, branch_impl='grouped')
-    assert list(loop.state_dict()) == list(grouped.state_dict())
-    grouped.load_state_dict(loop.state_dict())
+    net = Model(4, 3, share_type='layer3', pretrained=False, classifier=LOSSES['normsoftmax'].classifier).eval()
+    assert all(type(branch.fc) is CosineClassifier for branch in net.branches)
+    assert 'branches.0.fc.weight' in net.state_dict() and 'branches.0.fc.bias' not in net.state_dict()
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
-        assert torch.allclose(loop.eval()(x), grouped.eval()(x), atol=1e-5)
+        logits = net(x)
+        pooled = net.branches[1].features(net.shared(x)).mean(dim=(2, 3))                 # (2, F)
+        cosines = F.normalize(pooled, dim=1) @ F.normalize(net.branches[1].fc.weight, dim=1).t()
+    assert torch.allclose(logits[:, 1], cosines / 0.05, atol=1e-5)
+    assert logits.abs().max() <= 1 / 0.05 + 1e-4
+    assert torch.allclose(net.embedding(x), embed(logits))
 
 
-def rng_states(device):
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device == 'cuda' else [])
-
-
-@pytest.mark.parametrize('device', DEVICES)
-def test_timing_the_engines_leaves_the_model_and_the_random_streams_untouched(device):
+@pytest.mark.parametrize('name', list(LOSSES))
+def test_every_loss_trains_the_model_it_names(name):
+    """A registered loss builds with (E, M, classes), takes (logits, meta-class labels, class labels) and gives a
+    finite scalar whose gradients reach the model's branches, whatever classifier the loss names."""
     torch.manual_seed(0)
-    net = Model(4, 3, share_type='layer2', with_random=True, pretrained=False).eval().to(device)
-    images = torch.randn(2, 3, 32, 32).to(device)
-    before = copy.deepcopy(net.state_dict())
-    rng = rng_states(device)
-    seconds = time_branch_impls(net, images, training=True, rounds=1)
-    assert set(seconds) == {'loop', 'grouped'} and all(0 < s < float('inf') for s in seconds.values())
-    assert all(torch.equal(a, b) for a, b in zip(rng_states(device), rng))
-    after = net.state_dict()
-    assert all(torch.equal(before[name], after[name]) for name in before)  # running statistics included
-    assert all(p.grad is None for p in net.parameters())
-    assert net.branch_impl == 'auto' and not net.training
-
-
-def test_unknown_engine_is_refused():
-    with pytest.raises(ValueError, match='branch_impl'):
-        Model(4, 2, pretrained=False, branch_impl='fast')
-
-
-# ----------------------------------------------------------------------------- concurrent forward passes
-
-ROUNDS = 12  # the engine that shared its tensors between calls failed most of them
-
-
-@pytest.mark.parametrize('device', DEVICES)
-@pytest.mark.parametrize('impl', ['loop', 'grouped'])
-# the race shows in evaluation; training, which updates batch-norm statistics too, is the slow tier's
-@pytest.mark.parametrize('training', [pytest.param(False, id='eval'), pytest.param(True, id='train',
-                                                                                   marks=pytest.mark.slow)])
-def test_concurrent_forward_passes_compute_what_one_pass_computes(impl, training, device):
-    """Two DataParallel-style replicas with different weights, and one model called from two threads: run
-    concurrently, every pass must return what the same call returns alone."""
-    torch.manual_seed(0)
-    # with_random draws its weights from the global generator in training, so threads would draw in any order
-    net = Model(5, 4, share_type='layer3', with_random=not training, pretrained=False, branch_impl=impl).to(device)
-    replicas = [data_parallel_replica(net, 1.0).train(training), data_parallel_replica(net, 1.5).train(training)]
-    net.eval()
-    callers = replicas + [net, net]
-    inputs = [torch.randn(2, 3, 32, 32).to(device) for _ in callers]
-    with torch.no_grad():
-        expected = [call(x) for call, x in zip(callers, inputs)]
-        wrong = 0
-        with ThreadPoolExecutor(len(callers)) as pool:
-            for _ in range(ROUNDS):
-                futures = [pool.submit(call, x) for call, x in zip(callers, inputs)]
-                for future, reference in zip(futures, expected):
-                    try:
-                        wrong += not torch.allclose(future.result(), reference, atol=1e-5)
-                    except RuntimeError:  # a pass that saw another pass's tensors
-                        wrong += 1
-    assert wrong == 0, f'{wrong} of {ROUNDS * len(callers)} concurrent passes differed from the single pass'
+    net = Model(4, 2, share_type='layer4', pretrained=False, classifier=LOSSES[name].classifier)
+    criterion = LOSSES[name](2, 4, 6)
+    loss = criterion(net(torch.randn(3, 3, 32, 32)), torch.randint(4, (3, 2)), torch.randint(6, (3,)))
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    loss.backward()
+    assert all(branch.fc.weight.grad is not None and branch.fc.weight.grad.abs().sum() > 0 for branch in net.branches)

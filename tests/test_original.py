@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import data_base
 import engine
 import original
 import run_files
@@ -210,7 +211,7 @@ def test_an_original_in_shop_database_is_read_as_query_and_gallery(tmp_path, pre
                          f'{split}_labels': [classes.index(key) for _, key in items], f'{split}_features': features})
     path = tmp_path / f'{prefix("shop", share="layer1")}_data_base.pth'
     torch.save(database, path)
-    assert sorted(run_files.load_database(str(path))) == ['gallery', 'query', 'train']
+    assert sorted(data_base.load_database(str(path))) == ['gallery', 'query', 'train']
     result = run_main('evaluate', path, '--recalls', '1,2')
     assert result.returncode == 0, result.stderr
     queries, gallery = database['test_features'], database['gallery_features']
@@ -248,7 +249,7 @@ def test_torch_hub_gives_a_run_as_its_database_embedded_it(trained, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     results = trained / 'results'
     model, transform = torch.hub.load(REPO, 'reir', str(results / prefix()), source='local')
-    database = run_files.load_database(str(results / f'{prefix()}_data_base.pth'))
+    database = data_base.load_database(str(results / f'{prefix()}_data_base.pth'))
     images, _, features = database['test']
     with torch.no_grad():
         embedding = model.embedding(transform(os.path.join(trained, images[0]))[None])

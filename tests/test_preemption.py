@@ -17,10 +17,12 @@ import pytest
 import torch
 
 import engine
+import loaders
 import resume
 import run_files
 import utils
-from conftest import DEVICES, REPO, TINY, TORCHRUN_ENV, one_thread, prefix, run_train, torchrun_command
+from conftest import (DEVICES, REPO, TINY, TORCHRUN_ENV, one_thread, prefix, run_train, signal_during_call,
+                      torchrun_command)
 
 FLAGS = [*TINY, '--num_workers', '1']  # a loader worker, which a signal to the process group reaches too
 STEPS = 4  # of an epoch of the tiny dataset: 16 images, 4 a step
@@ -200,15 +202,7 @@ def test_a_stopped_run_leaves_no_loader_worker(tiny, background, tmp_path):
 def test_a_signal_between_steps_of_one_process_stops_at_the_next_step(tiny, monkeypatch):
     """In this process: a SIGUSR1 during step 2 of epoch 1; the step ends, the checkpoint holds it, the run stops,
     and --resume continues it."""
-    step = engine.train_step
-    calls = []
-
-    def signalled(*args):
-        calls.append(1)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return step(*args)
-    monkeypatch.setattr(engine, 'train_step', signalled)
+    step = signal_during_call(monkeypatch, engine, 'train_step', 2, signal.SIGUSR1)
     result = run_train(tiny, '--checkpoint_every', '0')
     assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
     assert 'stopped by SIGUSR1 at step 2 of 4 of epoch 1' in result.stderr
@@ -226,15 +220,8 @@ def test_a_signal_during_the_evaluation_stops_it_keeping_the_epochs_steps(tiny, 
     """A SIGTERM while epoch 2's test split is embedded: the embedding stops after its batch, the checkpoint holds
     every step of epoch 2 (not its evaluation, whose row is not in the CSV yet), and --resume evaluates the epoch and
     writes the CSV of a run never stopped."""
-    extract = engine.extract_features
-    calls = []
-
-    def signalled(*args):
-        calls.append(1)
-        if len(calls) == 2:  # epoch 1's test split, then epoch 2's (the database is embedded after the last epoch)
-            os.kill(os.getpid(), signal.SIGTERM)
-        return extract(*args)
-    monkeypatch.setattr(engine, 'extract_features', signalled)
+    # epoch 1's test split, then epoch 2's (the database is embedded after the last epoch)
+    extract = signal_during_call(monkeypatch, engine, 'extract_features', 2, signal.SIGTERM)
     with one_thread():
         result = run_train(tiny, *FLAGS)
     assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
@@ -255,39 +242,45 @@ def test_the_sampler_continues_an_epoch_after_its_first_steps():
     batch, steps_done = 6, 2
     for world in (1, 2, 3):
         for rank in range(world):
-            full = list(engine.SeededSampler(20, seed=5, rank=rank, num_replicas=world))
-            sampler = engine.SeededSampler(20, seed=5, rank=rank, num_replicas=world)
+            full = list(loaders.SeededSampler(20, seed=5, rank=rank, num_replicas=world))
+            sampler = loaders.SeededSampler(20, seed=5, rank=rank, num_replicas=world)
             sampler.set_epoch(0, skip=steps_done * batch)
             assert list(sampler) == full[steps_done * batch // world:]
             assert len(sampler) == len(full) - steps_done * batch // world
-    taken = [list(engine.SeededSampler(18, 5, rank, 2))[:steps_done * batch // 2] for rank in range(2)]
+    taken = [list(loaders.SeededSampler(18, 5, rank, 2))[:steps_done * batch // 2] for rank in range(2)]
     rest = []
     for rank in range(3):  # the epoch continued on 3 processes (18 samples: no padding on 2 or 3)
-        sampler = engine.SeededSampler(18, 5, rank, 3)
+        sampler = loaders.SeededSampler(18, 5, rank, 3)
         sampler.set_epoch(0, skip=steps_done * batch)
         rest += list(sampler)
-    assert sorted(sum(taken, []) + rest) == sorted(engine.SeededSampler(18, 5))  # every sample once
-    sampler = engine.SeededSampler(20, 5)
+    assert sorted(sum(taken, []) + rest) == sorted(loaders.SeededSampler(18, 5))  # every sample once
+    sampler = loaders.SeededSampler(20, 5)
     sampler.set_epoch(0, skip=24)  # stopped after the last, short step
     assert len(sampler) == 0 and list(sampler) == []
 
 
+def process(rank, world):
+    return engine.Process(rank, world, torch.device('cpu'), [])
+
+
 def test_epoch_position_on_the_same_or_another_number_of_processes():
     running = [{'sums': [1.5, 3, 4, 0], 'rng': 'rank 0'}, {'sums': [2.5, 2, 4, 1], 'rng': 'rank 1'}]
-    checkpoint = {'epoch': 2, 'step': 3, 'running': running}
-    assert resume.epoch_position(checkpoint, 1, 2) == ((3, [2.5, 2, 4, 1]), 'rank 1')
-    assert resume.epoch_position(checkpoint, 0, 1) == ((3, [4.0, 5, 8, 1]), 'rank 0')
-    assert resume.epoch_position(checkpoint, 2, 3) == ((3, [0.0, 0, 0, 0]), 'rank 0')
-    assert resume.epoch_position({**checkpoint, 'step': 0}, 0, 2) == (resume.EPOCH_START, None)
-    assert resume.epoch_position(None, 0, 1) == (resume.EPOCH_START, None)
+    state = run_files.RunState(args={}, ids=torch.zeros(1, 2).long(), train_items=[], epoch=2, step=3,
+                               running=running)
+    assert resume.epoch_position(state, process(1, 2)) == ((3, [2.5, 2, 4, 1]), 'rank 1')
+    assert resume.epoch_position(state, process(0, 1)) == ((3, [4.0, 5, 8, 1]), 'rank 0')
+    assert resume.epoch_position(state, process(2, 3)) == ((3, [0.0, 0, 0, 0]), 'rank 0')
+    state.step = 0
+    assert resume.epoch_position(state, process(0, 2)) == (resume.EPOCH_START, None)
 
 
 def test_checkpoints_are_due_every_n_steps_or_by_time(monkeypatch):
     def due(every, step, minutes=0.0):
         monkeypatch.setattr(time, 'monotonic', lambda: 0.0)  # (t + 600) - t is not always 600 in floats
-        checkpoints = resume.StepCheckpoints(every, 'unused', {}, None, torch.device('cpu'), [], None)
+        checkpointer = resume.Checkpointer(every, {}, {}, None, None, process(0, 1))
+        checkpointer.saved()
         monkeypatch.setattr(time, 'monotonic', lambda: 60.0 * minutes)
-        return checkpoints.due(step, 10, checkpoints.time_is_up())
+        return checkpointer.due(step, 10, checkpointer.time_is_up())
     assert [step for step in range(1, 11) if due(3, step)] == [3, 6, 9]
     assert not any(due(0, step) for step in range(1, 11))
     assert not due(None, 5, resume.CHECKPOINT_MINUTES - 0.1) and due(None, 5, resume.CHECKPOINT_MINUTES)

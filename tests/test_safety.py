@@ -1,5 +1,6 @@
 """Runs that go wrong stop and say so, and no run loses or mixes up another's files: divergence, batch norm
 on single images, existing files, the per-run lock, failed saves, damaged inputs, missing outputs."""
+import argparse
 import contextlib
 import os
 import re
@@ -14,7 +15,9 @@ import pandas as pd
 import pytest
 import torch
 
+import data_base
 import engine
+import loaders
 import resume
 import run_files
 import train
@@ -34,9 +37,9 @@ def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, monkeypatch):
 
 
 def test_non_finite_embeddings_stop_the_run_keeping_the_last_good_epoch(tiny, monkeypatch):
-    embed, save_epoch = engine.embed, train.save_epoch
+    embed, end_epoch = engine.embed, resume.Checkpointer.end_epoch
     saved = []
-    monkeypatch.setattr(train, 'save_epoch', lambda *args: (save_epoch(*args), saved.append(1)))
+    monkeypatch.setattr(resume.Checkpointer, 'end_epoch', lambda *args: (end_epoch(*args), saved.append(1)))
     monkeypatch.setattr(engine, 'embed', lambda logits: embed(logits) * (float('inf') if saved else 1))
     result = run_train(tiny, '--num_epochs', '2')
     assert_one_line_error(result, 1, 'epoch 2: the test embeddings hold NaN or infinite values',
@@ -63,13 +66,13 @@ def test_single_image_batches_are_refused_or_left_out(tiny):
 
 def test_drop_last_only_where_batch_norm_needs_it():
     args = train.get_args_parser().parse_args(['--image_size', '33', '--batch_size', '5'])
-    assert not train.drop_last_batch(args, 5, 16, replicas=1)  # a 2 x 2 last feature map trains on one image
+    assert not loaders.drop_last_batch(args, 5, 16, replicas=1)  # a 2 x 2 last feature map trains on one image
     args.image_size = 32
-    assert train.drop_last_batch(args, 5, 16, replicas=1)
-    assert not train.drop_last_batch(args, 5, 17, replicas=1)
-    assert train.drop_last_batch(args, 6, 15, replicas=2)  # the last batch of 3 splits 2 + 1 over two GPUs
+    assert loaders.drop_last_batch(args, 5, 16, replicas=1)
+    assert not loaders.drop_last_batch(args, 5, 17, replicas=1)
+    assert loaders.drop_last_batch(args, 6, 15, replicas=2)  # the last batch of 3 splits 2 + 1 over two GPUs
     with pytest.raises(utils.UsageError):
-        train.drop_last_batch(args, 3, 30, replicas=2)
+        loaders.drop_last_batch(args, 3, 30, replicas=2)
 
 
 # ----------------------------------------------------------------------------- nothing is overwritten unasked
@@ -105,9 +108,8 @@ def test_a_loader_worker_left_running_does_not_keep_the_process_from_exiting():
         import sys
         sys.path.insert(0, {REPO!r})
         import torch
-        import engine
-        loader = torch.utils.data.DataLoader(list(range(64)), batch_size=4,
-                                             **engine.loader_options(1, 0, torch.device('cpu')))
+        import loaders
+        loader = loaders.Loader(list(range(64)), batch_size=4, **loaders.loader_options(1, 0, torch.device('cpu')))
         batches = iter(loader)
         next(batches)  # the worker is alive, and the iterator held until the interpreter's exit
         print('exiting', flush=True)
@@ -124,11 +126,11 @@ def test_loader_workers_start_with_the_stop_signals_blocked_until_they_ignore_th
 
     def recording(worker_id):
         mask_file.write_text(','.join(sorted(s.name for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))))
-        engine.ignore_stop_signals(worker_id)
-    options = {**engine.loader_options(1, 0, torch.device('cpu')), 'worker_init_fn': recording}
-    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=4, **options)
+        loaders.ignore_stop_signals(worker_id)
+    options = {**loaders.loader_options(1, 0, torch.device('cpu')), 'worker_init_fn': recording}
+    loader = loaders.Loader(list(range(8)), batch_size=4, **options)
     before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
-    batches = engine.batches(loader)
+    batches = iter(loader)
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
     assert len(list(batches)) == 2
     assert {'SIGTERM', 'SIGUSR1'} <= set(mask_file.read_text().split(','))
@@ -149,18 +151,18 @@ def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
 
 def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
     """A full disk while writing epoch 2's checkpoint: every file still holds epoch 1, none half-written."""
-    checkpoint_file = run_files.checkpoint_file
+    checkpoint_file = run_files.RunState.checkpoint_file
     saves = []
 
-    def full_disk_on_second_save(trainable, progress):
+    def full_disk_on_second_save(state, trainable, **position):
         saves.append(1)
         if len(saves) < 2:
-            return checkpoint_file(trainable, progress)
+            return checkpoint_file(state, trainable, **position)
 
         def write(tmp):
             raise OSError(28, 'No space left on device')
         return write
-    monkeypatch.setattr(run_files, 'checkpoint_file', full_disk_on_second_save)
+    monkeypatch.setattr(run_files.RunState, 'checkpoint_file', full_disk_on_second_save)
     result = run_train(tiny, '--num_epochs', '2')
     assert_one_line_error(result, 1, 'could not write', '_checkpoint.pth (No space left on device)')
     results = tiny / 'results'
@@ -177,10 +179,15 @@ def test_the_checkpoint_is_renamed_last(monkeypatch):
     never a checkpoint that points at a best model not yet in place."""
     order = []
     monkeypatch.setattr(run_files, 'save_together', lambda writers: order.extend(writers))
-    monkeypatch.setattr(run_files, 'checkpoint_file', lambda trainable, progress: None)
-    best = {kind: None for kind in ('model.pth', 'data_base.pth', 'args.json')}
-    with run_files.BackgroundWrites() as writes:
-        train.save_epoch(writes, {kind: kind for kind in run_files.RUN_OUTPUTS}, [], {}, {}, best)
+    monkeypatch.setattr(run_files.RunState, 'checkpoint_file', lambda *args, **position: None)
+    monkeypatch.setattr(data_base, 'best_files', lambda paths, *args: {paths[kind]: None for kind in
+                                                                        ('model.pth', 'data_base.pth', 'args.json')})
+    state = run_files.RunState(args={'num_epochs': 1}, ids=torch.zeros(1, 2).long(), train_items=[])
+    checkpointer = resume.Checkpointer(0, {kind: kind for kind in run_files.RUN_OUTPUTS}, {'model': None}, None,
+                                       argparse.Namespace(received=None, deferred=contextlib.nullcontext),
+                                       engine.Process(0, 1, torch.device('cpu'), []))
+    with checkpointer:
+        checkpointer.end_epoch(state, best_features={})
     assert sorted(order) == sorted(run_files.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
 
 
@@ -188,17 +195,17 @@ def test_a_checkpoint_that_is_not_the_format_is_never_written(tmp_path):
     """What a checkpoint holds is checked when it is written against the same format --resume reads it by."""
     model = torch.nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters())
-    trainable = dict(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]),
+    trainable = dict(model=model, loss=torch.nn.Module(), optimizer=optimizer,
+                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]),
                      scaler=engine.grad_scaler(torch.device('cpu'), False))
-    progress = dict(epoch=1, step=0, running=[], best_recall=-1.0, results=[], args={}, ids=torch.zeros(2, 3).long(),
-                    train_items=[('a.jpg', 0)], held_out=[], elastic_job='', data_fingerprint='')
+    state = run_files.RunState(args={}, ids=torch.zeros(2, 3).long(), train_items=[('a.jpg', 0)])
     path = str(tmp_path / 'checkpoint.pth')
-    run_files.checkpoint_file(trainable, progress)(path)
+    state.checkpoint_file(trainable)(path)
     assert run_files.load_checkpoint(path)['train_items'] == [('a.jpg', 0)]
-    for malformed, fragment in (({**progress, 'extra': 1}, "keys ['extra']"), ({**progress, 'epoch': '1'}, '"epoch"'),
-                                ({k: v for k, v in progress.items() if k != 'ids'}, "keys ['ids']")):
+    for odd, position, fragment in (({}, {'extra': 1}, "keys ['extra']"), ({}, {'epoch': '1'}, '"epoch"'),
+                                    ({'loss'}, {}, "keys ['loss']")):
         with pytest.raises(ValueError, match=re.escape(fragment)):
-            run_files.checkpoint_file(trainable, malformed)
+            state.checkpoint_file({k: v for k, v in trainable.items() if k not in odd}, **position)
 
 
 def test_unwritable_results_dir(tiny):

@@ -2,6 +2,7 @@
 on the unwrapped model, the training images embedded once for the database from the selected model, checkpoints
 written in the background from host copies, no host sync in the training step, stops agreed without a collective at
 every step, fused Adam and torch.compile."""
+import contextlib
 import os
 import signal
 import subprocess
@@ -16,13 +17,15 @@ import torch.distributed as dist
 from torch import nn
 
 import ablation
+import data_base
 import engine
+import loaders
 import resume
 import run_files
 import train
 import utils
 from conftest import REPO, assert_one_line_error, copy_of_run, loss_becomes, prefix, run_train
-from model import Model
+from model import EnsembleCrossEntropy, Model
 
 
 def tiny_model(share_type='layer4'):
@@ -36,7 +39,7 @@ def image_loader(root, split, batch_size):
     transform, min_side = utils.input_pipeline('uncropped', False, 32, data_dicts['mean'], data_dicts['std'], False)
     items = utils.flatten_split(data_dicts[split])
     reader = utils.EvalReader(str(root / 'data' / 'tiny'), items, [0] * len(items), transform, min_side)
-    return engine.eval_loader(reader, batch_size, engine.loader_options(0, 0, torch.device('cpu')))
+    return loaders.eval_loader(reader, batch_size, loaders.loader_options(0, 0, torch.device('cpu')))
 
 
 def read_database(results, name='tiny'):
@@ -104,7 +107,7 @@ def test_the_training_images_are_embedded_once_by_the_selected_model(tiny, monke
     assert database['epoch'] == selected and 'test_features' in database and 'train_features' not in database
     path = str(results / f'{prefix()}_data_base.pth')
     with pytest.raises(utils.ReirError, match='adds its training images after its last epoch: finish it with'):
-        ablation.retrieval_task(run_files.load_database(path), path, 'train')
+        ablation.retrieval_task(data_base.load_database(path), path, 'train')
 
     monkeypatch.setattr(engine, 'extract_features', extract)
     splits = embedded_splits(monkeypatch)
@@ -144,21 +147,21 @@ def test_resume_completes_the_database(trained, tmp_path, damage):
 def test_what_the_database_lacks(tmp_path):
     model, path = tmp_path / 'model.pth', tmp_path / 'data_base.pth'
     items = {'test': [('a.jpg', 'x'), ('b.jpg', 'y')]}
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'lost'
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'lost'
     model.write_bytes(b'')
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
     features = torch.zeros(2, 4)
 
     def write(splits, epoch):
-        run_files.atomic_write(str(path), run_files.database_file(splits, str(tmp_path), {}, epoch))
+        run_files.atomic_write(str(path), data_base.database_file(splits, str(tmp_path), {}, epoch))
     write({'test': (items['test'], features)}, 1)
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
     write({'test': (items['test'][:1], features[:1])}, 2)
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
     write({'test': (items['test'], features)}, 2)
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) == 'train'
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'train'
     write({'test': (items['test'], features), 'train': (items['test'], features)}, 2)
-    assert run_files.database_to_complete(str(path), 2, items, str(model)) is None
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) is None
 
 
 # ----------------------------------------------------------------------------- checkpoints in the background
@@ -194,21 +197,22 @@ def test_the_epoch_files_are_written_from_copies(tmp_path):
     files hold them as they were when the epoch was saved."""
     model = nn.Linear(2, 2)
     optimizer = torch.optim.Adam(model.parameters())
-    trainable = dict(model=model, optimizer=optimizer, scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]),
+    trainable = dict(model=model, loss=nn.Module(), optimizer=optimizer,
+                     scheduler=torch.optim.lr_scheduler.MultiStepLR(optimizer, [1]),
                      scaler=torch.amp.GradScaler('cpu', enabled=False))
     row = {'train_loss': 1.0, 'train_accuracy': 50.0, 'test_recall@1': 50.0, 'test_map@r': 5.0,
            'test_r_precision': 5.0}
-    results = [{'epoch': 1, **row}]
-    progress = dict(epoch=2, step=0, running=[], best_recall=50.0, results=results, args={}, ids=torch.zeros(2, 3),
-                    train_items=[('a.jpg', 0)], held_out=[], elastic_job='', data_fingerprint='')
-    progress['ids'] = progress['ids'].long()
-    paths = run_files.run_paths(str(tmp_path), run_files.RunName.parse(prefix()))
+    state = run_files.RunState(args={'num_epochs': 1}, ids=torch.zeros(2, 3).long(), train_items=[('a.jpg', 0)],
+                               best_recall=50.0, results=[{'epoch': 1, **row}])
+    paths = run_files.RunName.parse(prefix()).paths(str(tmp_path))
     weight = model.weight.detach().clone()
-    with run_files.BackgroundWrites() as writes:
-        train.save_epoch(writes, paths, results, trainable, progress, None)
+    process = engine.Process(0, 1, torch.device('cpu'), [])
+    signals = SimpleNamespace(received=None, deferred=contextlib.nullcontext)
+    with resume.Checkpointer(0, paths, trainable, None, signals, process) as checkpointer:
+        checkpointer.end_epoch(state, best_features=None)
         with torch.no_grad():
             model.weight.add_(1)
-        results.append({'epoch': 2, **row})
+        state.results.append({'epoch': 2, **row})
     checkpoint = torch.load(paths['checkpoint.pth'], weights_only=True)
     assert torch.equal(checkpoint['model']['weight'], weight) and len(checkpoint['results']) == 1
     assert len(pd.read_csv(paths['results.csv'])) == 1
@@ -258,8 +262,8 @@ def test_the_training_step_reads_nothing_from_the_device(tiny, monkeypatch):
         result = run_train(tiny, '--batch_size', batch, '--num_epochs', '1', results=tiny / batch)
         assert result.returncode == 0, result.stderr
         counts.append({name: calls for name, calls in reads.items()
-                       if name in ('train_one_epoch', 'host_sums', 'train_step')})
-    assert counts[0] == counts[1] == {'host_sums': 2}  # the sums in one read, then the skipped images
+                       if name in ('train_one_epoch', 'train_step', 'add', 'read', 'means', 'epoch_stats')})
+    assert counts[0] == counts[1] == {'read': 2}  # at the end: the sums in one read, then the skipped images
 
 
 def test_a_non_finite_loss_read_later_names_its_step(tiny, monkeypatch):
@@ -276,13 +280,14 @@ def test_processes_agree_on_a_stop_every_few_steps(monkeypatch):
     agreed, at = [], []
     monkeypatch.setattr(dist, 'is_initialized', lambda: True)
     monkeypatch.setattr(engine, 'any_process', lambda flags, device: agreed.append(at[-1]) or [False] * len(flags))
-    checkpoints = resume.StepCheckpoints(None, 'unused', {}, SimpleNamespace(received=None), torch.device('cpu'), [],
-                                         None)
+    checkpoints = resume.Checkpointer(None, {}, {}, None, SimpleNamespace(received=None),
+                                      engine.Process(0, 2, torch.device('cpu'), []))
+    checkpoints.saved()
     every = resume.STOP_AGREEMENT_EVERY
     assert every > 1
     for step in range(1, 31):
         at.append(step)
-        checkpoints.after_step({}, step, 40, None)
+        checkpoints.after_step(step, SimpleNamespace(steps=40, read=None))
     assert agreed == list(range(every, 31, every))
     agreed.clear()
     for index in range(31):
@@ -345,13 +350,13 @@ def test_compile_gives_the_same_outputs_and_gradients():
     images = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         torch.testing.assert_close(compiled(images), model(images), rtol=1e-4, atol=1e-5)
-    labels = torch.tensor([[0, 1], [1, 0], [1, 1], [0, 0]])
+    labels, codes = torch.tensor([0, 1, 2, 1]), torch.tensor([[0, 1], [1, 0], [1, 1]])
     losses = []
     for net in (model, compiled):
         net.train()
-        optimizer = torch.optim.Adam(net.parameters(), lr=0)
-        losses.append(engine.train_step(net, images, labels, optimizer, engine.grad_scaler(images.device, False),
-                                        False)[0])
+        trainable = dict(loss=EnsembleCrossEntropy(2, 2, 3), optimizer=torch.optim.Adam(net.parameters(), lr=0),
+                         scaler=engine.grad_scaler(images.device, False))
+        losses.append(engine.train_step(net, trainable, (images, labels), codes, False)[0])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
     gradients = [torch.cat([p.grad.flatten() for p in net.parameters()]) for net in (model, compiled)]
     assert (gradients[1] - gradients[0]).norm() <= 1e-4 * gradients[0].norm()

@@ -10,6 +10,7 @@ from PIL import Image
 import data_utils
 import engine
 import figures
+import loaders
 import run_files
 import train
 import utils
@@ -90,19 +91,22 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
     args = train.get_args_parser().parse_args(['--results_dir', str(tmp_path), '--data_name', 'big', '--label_type',
                                                label_type, '--ensemble_size', '4', '--meta_class_size', '2'])
     run = run_files.RunName.from_args(args)
-    paths = run_files.run_paths(args.results_dir, run)
-    ids, drawn, _ = train.run_lists(args, run, paths, train_dict, checkpoint=None)
+    paths = run.paths(args.results_dir)
+
+    def begin():
+        return run_files.RunState.begin(args, run, paths, {'train': train_dict}, None, '')
+    drawn = begin()
     assert os.listdir(tmp_path) == []  # written only once the run starts, every check passed
-    run_files.start_run(args, paths, ids)
+    run_files.start_run(args, paths, drawn.ids)
     args.load_ids = True
-    loaded_ids, loaded, _ = train.run_lists(args, run, paths, train_dict, checkpoint=None)
-    assert torch.equal(loaded_ids, ids) and loaded == drawn
-    assert len(drawn) == 3 * utils.MAX_IMAGES_PER_CLASS
+    loaded = begin()
+    assert torch.equal(loaded.ids, drawn.ids) and loaded.train_items == drawn.train_items
+    assert len(drawn.train_items) == 3 * utils.MAX_IMAGES_PER_CLASS
     args.load_ids, args.seed = False, 2
     with pytest.raises(utils.UsageError, match='other ids'):  # another seed would replace the saved ids
-        train.run_lists(args, run, paths, train_dict, checkpoint=None)
+        begin()
     args.overwrite = True
-    assert train.run_lists(args, run, paths, train_dict, checkpoint=None)[1] != drawn
+    assert begin().train_items != drawn.train_items
 
 
 def test_training_learns(trained):
@@ -127,7 +131,7 @@ def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 4)
     monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 2)
     args = train.get_args_parser().parse_args(['--data_path', str(tmp_path / 'data'), '--data_name', 'demo'])
-    dicts = train.load_data_dicts(args, None)
+    dicts = train.load_data_dicts(args, engine.Process(0, 1, torch.device('cpu'), []))
     assert len(dicts['train']) == 2 and len(dicts['test']) == 2
 
 
@@ -136,7 +140,7 @@ def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
     (the loop on the CPU) reproduces its recall."""
     result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random', '--share_type', 'layer1')
     assert result.returncode == 0, result.stderr
-    assert 'branch engine: grouped (--branch_impl grouped)' in result.stdout
+    assert 'branch engine: grouped (--branch_impl grouped; checked against the loop on this model)' in result.stdout
     run = prefix(share='layer1', with_random=True)
     model_path = tiny / 'results' / f'{run}_model.pth'
     assert list(torch.load(model_path, weights_only=True)) == list(Model(2, 2, pretrained=False).state_dict())
@@ -267,8 +271,8 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
 
 
 def test_seeded_sampler_shards_cover_every_sample():
-    sampler = engine.SeededSampler(10, seed=0, rank=1, num_replicas=3)
+    sampler = loaders.SeededSampler(10, seed=0, rank=1, num_replicas=3)
     assert len(sampler) == 4 and len(list(sampler)) == 4
-    shards = [[i for i, _ in engine.SeededSampler(10, 0, r, 3)] for r in range(3)]
+    shards = [[i for i, _ in loaders.SeededSampler(10, 0, r, 3)] for r in range(3)]
     assert sorted(set(sum(shards, []))) == list(range(10))
-    assert list(engine.SeededSampler(10, 0)) == list(engine.SeededSampler(10, 0))
+    assert list(loaders.SeededSampler(10, 0)) == list(loaders.SeededSampler(10, 0))

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import data_utils
+import engine
 import run_files
-import train
 from conftest import (TINY, assert_one_line_error, interrupt_in_epoch, make_folder_dataset, one_thread, prefix,
                       run_main, run_train)
 
@@ -63,14 +63,14 @@ def test_held_out_classes_are_kept_out_of_training_and_ids(six, val_run):
 def test_the_held_out_classes_follow_the_seed():
     train_dict = {f'c{i:02d}': [f'c{i:02d}/0.jpg'] for i in range(20)}
     args = type('Args', (), dict(val_classes=5, meta_class_size=2, seed=1))
-    first = train.split_validation(args, train_dict)
-    assert train.split_validation(args, train_dict) == first
+    first = run_files.split_validation(args, train_dict)
+    assert run_files.split_validation(args, train_dict) == first
     assert len(first[1]) == 5 and not set(first[0]) & set(first[1]) and set(first[0]) | set(first[1]) == set(
         train_dict)
     args.seed = 2
-    assert set(train.split_validation(args, train_dict)[1]) != set(first[1])
+    assert set(run_files.split_validation(args, train_dict)[1]) != set(first[1])
     args.val_classes = 0
-    assert train.split_validation(args, train_dict) == (train_dict, {})
+    assert run_files.split_validation(args, train_dict) == (train_dict, {})
 
 
 def test_the_csv_has_val_columns_and_the_run_names_its_selection(val_run):
@@ -88,15 +88,16 @@ def test_the_csv_has_val_columns_and_the_run_names_its_selection(val_run):
 
 def test_the_model_is_chosen_by_validation_not_test(six, tmp_path, monkeypatch):
     """Epoch 2 has the best validation R@1 and the worst test R@1: its model and database are the run's."""
-    evaluate_epoch, features_of = train.evaluate_epoch, {}
+    evaluate_epoch, features_of = engine.evaluate_epoch, {}
     test_r1, val_r1 = {1: 90.0, 2: 10.0, 3: 50.0}, {1: 20.0, 2: 60.0, 3: 40.0}
 
-    def scripted(model, test_data, val_data, args, device, stop_requested=None):
-        metrics, val_metrics, features = evaluate_epoch(model, test_data, val_data, args, device, stop_requested)
+    def scripted(model, data, args, device, stop_requested=None):
+        metrics, features = evaluate_epoch(model, data, args, device, stop_requested)
         epoch = len(features_of) + 1
         features_of[epoch] = features
-        return {**metrics, 'recall@1': test_r1[epoch]}, {**val_metrics, 'recall@1': val_r1[epoch]}, features
-    monkeypatch.setattr(train, 'evaluate_epoch', scripted)
+        return {'test': {**metrics['test'], 'recall@1': test_r1[epoch]},
+                'val': {**metrics['val'], 'recall@1': val_r1[epoch]}}, features
+    monkeypatch.setattr(engine, 'evaluate_epoch', scripted)
     result = run_train(six, *VAL, '--num_epochs', '3', name='six', results=tmp_path)
     assert result.returncode == 0, result.stderr
     assert 'selected epoch 2 by val recall@1 (60.00%): test R@1: 10.00%' in result.stdout
@@ -158,13 +159,14 @@ def test_selection_picks_the_first_best_validation_epoch():
 
 
 def test_a_checkpoint_from_before_val_classes_resumes(six, tmp_path):
-    """A run started before --val_classes existed: its checkpoint has neither the flag nor held_out."""
+    """A run started before --val_classes and --loss existed: its checkpoint has neither flag, nor held_out, nor a
+    loss state (it resumes as a ce run)."""
     flags = ['--recalls', '1,2', '--num_epochs', '1', '--ensemble_size', '3']  # 8 codes for the 6 classes
     result = run_train(six, *flags, name='six', results=tmp_path)
     assert result.returncode == 0, result.stderr
     path = tmp_path / f'{prefix("six", E=3)}_checkpoint.pth'
     checkpoint = torch.load(path, weights_only=True)
-    del checkpoint['held_out'], checkpoint['args']['val_classes']
+    del checkpoint['held_out'], checkpoint['args']['val_classes'], checkpoint['loss'], checkpoint['args']['loss']
     torch.save(checkpoint, path)
     result = run_train(six, *flags, '--resume', name='six', results=tmp_path)
     assert result.returncode == 0, result.stderr
