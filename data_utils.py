@@ -289,7 +289,7 @@ def map_in_workers(function, tasks, num_workers, description, unit):
         return list(tqdm(pool.imap(function, tasks, chunksize=8), **progress))
 
 
-def sorted_outcomes(tasks, outcomes):
+def collect_outcomes(tasks, outcomes):
     """(unreadable images, the channel statistics of those that gave some, {image: the paths its copies were written
     to}) of check_image's outcomes of tasks."""
     bad, stats, outputs = set(), [], {}
@@ -325,7 +325,7 @@ def prepare(data_path, name, num_workers, short_side=None):
     action = 'verifying' + (' and cropping' if boxes else '') + (' and resizing' if short_side else '')
     outcomes = map_in_workers(check_image, tasks, num_workers, f'{name}: {action}', 'img')
 
-    bad, stats, outputs = sorted_outcomes(tasks, outcomes)
+    bad, stats, outputs = collect_outcomes(tasks, outcomes)
     if bad:
         print(f'warning: {name}: excluded {len(bad)} unreadable or truncated images: {shown(bad)}', file=sys.stderr)
     mean, std = KNOWN_STATS[name] if name in KNOWN_STATS else channel_stats(stats, root)
