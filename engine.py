@@ -150,7 +150,7 @@ def elastic_job():
 
 
 def gather_shards(local, total, device):
-    """Reassemble a tensor whose rows rank, rank + G, ... were computed by process rank (ShardSampler)."""
+    """Reassemble a tensor whose rows rank, rank + G, ... were computed by process rank (loaders.ShardSampler)."""
     if not dist.is_initialized():
         return local
     world = dist.get_world_size()
@@ -419,8 +419,8 @@ def optimizer_step(optimizer, scaler):
 
 
 def batches_of_every_shard(loader):
-    """How many batches every process's shard of an evaluation loader has (ShardSampler's shards differ in length by
-    at most one image, so the last batch of a longer shard may have no counterpart)."""
+    """How many batches every process's shard of an evaluation loader has (loaders.ShardSampler's shards differ in
+    length by at most one image, so the last batch of a longer shard may have no counterpart)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     return -(-(len(loader.dataset) // world) // loader.batch_size)
 
@@ -432,7 +432,7 @@ def extract_features(model, loader, device, amp, stop_requested=None):
     (DataParallel would copy every weight to its other GPUs for every batch) and the embeddings stay on the device
     until one copy at the end. Under torch.distributed every process embeds its shard and all receive the whole.
     stop_requested(batch index) is asked after every batch that every process has (it agrees across processes:
-    StepCheckpoints.stop_requested); when it is true the embedding stops (utils.StopRequested)."""
+    resume.Checkpointer.stop_requested); when it is true the embedding stops (utils.StopRequested)."""
     model = unwrap(model)
     model.eval()
     features = torch.empty(len(loader.sampler), model.ensemble_size * model.meta_class_size, device=device)

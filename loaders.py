@@ -205,7 +205,7 @@ class SeededSampler(Sampler):
 
 
 class ShardSampler(Sampler):
-    """Evaluation indices rank, rank + num_replicas, ... of a dataset (gather_shards puts them back in order)."""
+    """Evaluation indices rank, rank + num_replicas, ... of a dataset (engine.gather_shards puts them back in order)."""
 
     def __init__(self, num_samples, rank=0, num_replicas=1):
         self.indices = range(rank, num_samples, num_replicas)
