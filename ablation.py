@@ -21,6 +21,7 @@ original REIR saved can be compared, with each other or with this repository's (
 file name).
 """
 import argparse
+import contextlib
 import os
 import shutil
 import tempfile
@@ -160,30 +161,45 @@ def save_results(tasks, counts, k, folder):
     wins = torch.nonzero(counts[0] > counts[1]).flatten().tolist()
     norms = [(task[2] if task[3] is None else task[3]).float().norm(dim=1) for task in tasks]  # (N,) of each run
     parent = os.path.dirname(folder) or '.'
-    os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
+    with writing(folder):
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(dir=parent, prefix=f'.{os.path.basename(folder)}.')
     try:
         for query in tqdm(wins, desc='saving the queries the better run wins', leave=False):
             query_path, query_label = tasks[0][0][query], tasks[0][1][query]
             query_dir = os.path.join(staging, figures.query_name(query_path))
-            os.makedirs(query_dir)
-            figures.framed(query_path).save(os.path.join(query_dir, 'query_img.jpg'))
+            images = {os.path.join(query_dir, 'query_img.jpg'): figures.framed(query_path)}
             for run, task, gallery_norms, width in zip(RUNS, tasks, norms, (5, 8)):
-                os.mkdir(os.path.join(query_dir, run))
                 query_norm = task[2][query].float().norm().item()
                 indices, scores = top_images(task, query, k)
                 for rank, (i, score) in enumerate(zip(indices, scores), start=1):
                     norm = query_norm * gallery_norms[i].item()
                     cosine = score / norm if norm else 0.0  # an all-zero embedding (a collapsed model)
                     image = figures.framed(task[4][i], task[5][i] == query_label, width)
-                    image.save(os.path.join(query_dir, run, f'retrieval_img_{rank}_{cosine:.4f}.jpg'))
-        replace_folder(staging, folder)
+                    images[os.path.join(query_dir, run, f'retrieval_img_{rank}_{cosine:.4f}.jpg')] = image
+            with writing(folder):
+                for path, image in images.items():
+                    os.makedirs(os.path.dirname(path), exist_ok=True)
+                    image.save(path)
+        with writing(folder):
+            replace_folder(staging, folder)
     except utils.UNREADABLE_IMAGE_ERRORS as e:
         raise utils.ReirError(f'cannot save the retrieved images ({e}): run from the folder the databases were '
                               f'written in, or keep the dataset where it was') from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return len(wins)
+
+
+@contextlib.contextmanager
+def writing(folder):
+    """A failed write of the results folder as one line, in the operating system's words (ReirError is no OSError, so
+    that it is not taken for an unreadable image)."""
+    try:
+        yield
+    except OSError as e:
+        raise utils.ReirError(f'could not write {folder} ({e.strerror or e}); an earlier folder there is '
+                              f'unchanged') from None
 
 
 def replace_folder(new, folder):
@@ -199,7 +215,7 @@ def replace_folder(new, folder):
 
 def main(args):
     paths = [data_base.resolve_database(name) for name in (args.better_data_base, args.worse_data_base)]
-    tasks = [retrieval_task(data_base.load_database(path), path, args.data_type) for path in paths]
+    tasks = [retrieval_task(data_base.load_run_database(path), path, args.data_type) for path in paths]
     tasks[1] = comparable(tasks[1], tasks[0], paths)
     numbered = utils.class_indices({'query': tasks[0][1], 'gallery': tasks[0][5]})
     query_labels, gallery_labels = torch.tensor(numbered['query']), torch.tensor(numbered['gallery'])

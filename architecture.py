@@ -84,8 +84,6 @@ def main(args):
     figure.tight_layout()
     try:
         run_files.atomic_write(args.output, lambda tmp: figure.savefig(tmp, format='png', dpi=110))
-    except OSError as e:
-        raise utils.ReirError(f'cannot write the figure to {args.output} ({e.strerror or type(e).__name__})') from None
     finally:
         plt.close(figure)
     print(f'-> {args.output}')

@@ -391,8 +391,8 @@ class SeededItems(torch.utils.data.Dataset):
 def checkpoint_case(config, folder, queue):
     """The checkpoint of a run after two training steps (Adam's moments exist), with CUB-sized ids and training list:
     its size on disk, the best of config['rounds'] writes as train.py writes it (run_files.save_together: a temporary
-    file, fsync, rename) and of a plain torch.save of the same dict (the baseline), and the seconds of the second
-    step."""
+    file written through Python's file object, which keeps the operating system's error, fsync, rename) and of a plain
+    torch.save of the same dict to the path (the baseline), and the seconds of the second step."""
     model, (images, labels, codes) = branch_setup(config)
     trainable = training_objects(model, images.device, False)
     model.train()
@@ -411,7 +411,7 @@ def checkpoint_case(config, folder, queue):
         size = os.path.getsize(path)
         os.remove(path)
         start = time.perf_counter()
-        state.checkpoint_file(trainable)(path)  # torch.save straight to the file
+        torch.save(state.checkpoint(trainable), path)  # straight to the file, in torch's own writer
         plain = min(plain, time.perf_counter() - start)
         os.remove(path)
     queue.put(dict(size_mib=size / 2 ** 20, atomic_s=atomic, plain_s=plain, step_s=step_seconds))
@@ -725,4 +725,4 @@ def get_args_parser():
 
 if __name__ == '__main__':
     arguments = get_args_parser().parse_args()
-    arguments.run(arguments)
+    utils.run_cli(arguments.run, arguments)

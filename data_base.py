@@ -19,8 +19,9 @@ def best_files(paths, model, data, features, epoch):
     holds the evaluation splits' features and the held-out classes' as 'val'; those of the training classes join it
     once, from the selected model, at the end of the run (complete_database)."""
     database = {split: (items, features[split]) for split, items in data.items.items()}
-    return {paths['model.pth']: run_files.torch_file(run_files.host_copy(model.state_dict())),
-            paths['data_base.pth']: database_file(database, data.root, data.settings, epoch),
+    weights = run_files.host_copy(model.state_dict())
+    return {paths['model.pth']: run_files.torch_file(weights),
+            paths['data_base.pth']: database_file(database, data.root, data.settings, epoch, weights),
             paths['args.json']: run_files.json_file(data.settings)}
 
 
@@ -53,35 +54,44 @@ def complete_database(model, data, paths, results, args, device, stop_requested)
         database = {split: (items, features[split]) for split, items in data.items.items()}
         database['train'] = ([item for item, ok in zip(data.database.dataset.items, readable.tolist()) if ok],
                              train_features[readable])
-        run_files.atomic_write(paths['data_base.pth'], database_file(database, data.root, data.settings, selected))
+        weights = engine.unwrap(model).state_dict()
+        run_files.atomic_write(paths['data_base.pth'], database_file(database, data.root, data.settings, selected,
+                                                                     weights))
 
 
 # ----------------------------------------------------------------------------- its format
 
-def database_file(splits, dataset_root, settings, epoch):
+def database_file(splits, dataset_root, settings, epoch, weights):
     """The embedding database that evaluate.py and inference.py read: for every split, from
     splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
     the working folder, the class keys and the features in float16; with the folder those paths start from,
-    the run's settings (plain values) and the epoch of the model that embedded them, so that the file describes
-    itself."""
+    the run's settings (plain values), the epoch of the model that embedded them and the fingerprint of its weights
+    (the state_dict weights; hashed as the file is written, in the background during training), so that the file
+    describes itself."""
     database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch}
     for split, (items, features) in splits.items():
         database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
         database[f'{split}_labels'] = [key for _, key in items]
         database[f'{split}_features'] = features.half()
-    return run_files.torch_file(database)
+
+    def write(tmp):
+        database['model_fingerprint'] = utils.weights_fingerprint(weights)
+        run_files.torch_file(database)(tmp)
+    return write
 
 
 def database_to_complete(path, selected, database_items, model_path):
     """What a run's embedding database at path lacks, which train.py embeds after the last epoch: None when it is
     whole and of the selected epoch (its database_items {split: items} all there), else 'train' (the images of the
-    training classes) or, when it is missing or of another epoch, 'all'; 'lost' when the selected model at model_path
-    is missing."""
+    training classes) or, when it is missing, of another epoch or of another model than the selected one at
+    model_path, 'all'; 'lost' when that model is missing."""
     if not os.path.isfile(model_path):
         return 'lost'
     stored = utils.safe_load(path, 'embedding database') if os.path.isfile(path) else None
     if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
             len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
+        return 'all'
+    if stored.get('model_fingerprint') not in (None, utils.weights_fingerprint(utils.safe_load(model_path, 'model'))):
         return 'all'
     return None if 'train_features' in stored else 'train'
 
@@ -120,6 +130,43 @@ def database_problem(splits):
     if len(widths) > 1:
         return f'its splits have features of different widths ({", ".join(map(str, sorted(widths)))})'
     return None
+
+
+def embedding_model(path):
+    """The fingerprint of the weights that embedded the database at path (utils.weights_fingerprint), or None where it
+    names none (the original's, and databases written before it did)."""
+    database = utils.safe_load(path, 'embedding database', verify=False, mmap=True)
+    fingerprint = database.get('model_fingerprint') if isinstance(database, dict) else None
+    return fingerprint if isinstance(fingerprint, str) else None
+
+
+def check_embedded_by(database_path, model_path, weights):
+    """Refuse a model (at model_path, its state_dict weights) that is not the one that embedded the database at
+    database_path, where the database names it: a query or a score would mix two networks."""
+    stored = embedding_model(database_path)
+    if stored is not None and stored != utils.weights_fingerprint(weights):
+        raise utils.ReirError(f'{database_path} was embedded by another model than {model_path} (their weights '
+                              f'differ): use the model and database one run wrote together')
+
+
+def load_run_database(path):
+    """load_database, refused where the model of the database's run beside it did not embed it: a database scored or
+    compared alone must still be that model's."""
+    database = load_database(path)
+    check_model_beside(path)
+    return database
+
+
+def check_model_beside(database_path):
+    """check_embedded_by for the model of the database's run beside it, where there is one."""
+    try:
+        model_path = run_files.run_of_file(database_path, kinds=('data_base.pth',))[1]['model.pth']
+    except utils.UsageError:
+        return  # a file name without a run's prefix: no model beside it to check
+    if os.path.isfile(model_path) and embedding_model(database_path) is not None:
+        weights = utils.safe_load(model_path, 'model', mmap=True)
+        if run_files.is_model_state(weights):
+            check_embedded_by(database_path, model_path, weights)
 
 
 def load_database(path):

@@ -78,12 +78,17 @@ class Process:
 
 def start_process(args):
     """The Process of a run with train.py's flags args: joins torchrun's process group (init_distributed), refuses a
-    --batch_size the processes cannot share, takes its devices, and says where --amp cannot act."""
+    --batch_size the processes cannot share, takes its devices, refuses --compile where it cannot build its kernels,
+    and says where --amp cannot act; before the run claims its files."""
     rank, world, local_rank = init_distributed()
     if args.batch_size % world:
         raise utils.UsageError(f'--batch_size {args.batch_size} is the batch over all {world} processes: '
                                f'make it a multiple of {world}')
     device, gpu_ids = select_process_devices(args.gpu_ids, local_rank, world)
+    problem = compiler_problem(device) if args.compile else None
+    if problem:
+        raise utils.UsageError(f'--compile: {problem}, which torch.compile needs to build its kernels; install it or '
+                               f'leave out --compile')
     if args.amp and device.type != 'cuda':
         utils.warn('--amp only acts on CUDA: running in float32')
     return Process(rank, world, device, gpu_ids, elastic_job())
@@ -160,6 +165,15 @@ def gather_shards(local, total, device):
     shards = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(shards, padded)
     return torch.stack(shards, dim=1).flatten(0, 1)[:total]   # (size, G, ...) -> rows in dataset order
+
+
+def use_main_buffers(model):
+    """Give every process the main process's buffers (batch-norm running statistics): DistributedDataParallel sends
+    them only at the start of a training step, so after the last one each process holds its own, and an evaluation
+    that every process embeds a shard of would mix as many networks as processes."""
+    if dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
 
 
 def all_reduce_sum(values, device):
@@ -277,11 +291,7 @@ def place_model(model, process, batch, amp, branch_impl='auto', training=True, c
     choice = choose_branch_engine(model, branch_impl, device, (replica_batch, batch[1]), amp, training)
     model.branch_engine = branch_engines.ENGINES[broadcast_from_main(branch_engines.engine_name(model))]
     utils.log(choice)
-    if compile:
-        problem = compiler_problem(device)
-        if problem:
-            raise utils.UsageError(f'--compile: {problem}, which torch.compile needs to build its kernels; install '
-                                   f'it or leave out --compile')
+    if compile:  # start_process checked that the compiler is there
         model.compile()  # in place: the state_dict keeps its keys
     if dist.is_initialized():
         return nn.parallel.DistributedDataParallel(model, device_ids=gpu_ids or None)
@@ -425,29 +435,30 @@ def batches_of_every_shard(loader):
     return -(-(len(loader.dataset) // world) // loader.batch_size)
 
 
-@torch.inference_mode()
 def extract_features(model, loader, device, amp, stop_requested=None):
     """(N, E * M) float32 CPU embeddings of a loader's images in the dataset's order, and an (N,) bool
     tensor of which images could be read (unreadable ones get a blank image's embedding). The unwrapped model embeds
     (DataParallel would copy every weight to its other GPUs for every batch) and the embeddings stay on the device
-    until one copy at the end. Under torch.distributed every process embeds its shard and all receive the whole.
+    until one copy at the end. Under torch.distributed every process embeds its shard, with the main process's
+    buffers, and all receive the whole.
     stop_requested(batch index) is asked after every batch that every process has (it agrees across processes:
     resume.Checkpointer.stop_requested); when it is true the embedding stops (utils.StopRequested)."""
     model = unwrap(model)
     model.eval()
+    use_main_buffers(model)  # the embeddings of every shard come from the model rank 0 saves
     features = torch.empty(len(loader.sampler), model.ensemble_size * model.meta_class_size, device=device)
     readable = torch.empty(len(loader.sampler), dtype=torch.uint8)
     checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
     for batch_index, (images, _, batch_readable) in enumerate(loader):
-        with autocast(device, amp):
+        with torch.inference_mode(), autocast(device, amp):
             logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
-        features[start:start + images.shape[0]] = embed(logits.float())
+            features[start:start + images.shape[0]] = embed(logits.float())
         readable[start:start + images.shape[0]] = batch_readable
         start += images.shape[0]
         if batch_index < checked and stop_requested(batch_index + 1):
             raise utils.StopRequested('a stop signal')
-    total = len(loader.dataset)
+    total = len(loader.dataset)  # gathered outside inference mode, whose tensors gloo cannot receive into (torch 2.4)
     return gather_shards(features, total, device).cpu(), gather_shards(readable, total, device).cpu().bool()
 
 

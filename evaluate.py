@@ -48,8 +48,9 @@ def get_args_parser():
 
 
 def evaluate_database(path, recalls):
-    """{'test': metrics, and 'val': metrics when the database holds the run's held-out classes}."""
-    database = data_base.load_database(path)
+    """{'test': metrics, and 'val': metrics when the database holds the run's held-out classes}; refused where the
+    run's model beside it is not the one that embedded it."""
+    database = data_base.load_run_database(path)
     roles = {'test': utils.eval_splits(database, path)}
     if 'val' in database:
         roles['val'] = ('val',)

@@ -84,6 +84,7 @@ def query_embedding(args, run, database_path, database):
         raise utils.ReirError(f'{model_path} is the model of {own.prefix}, not of the database\'s run {run.prefix}')
     model, transform = trained.load_run(model_path, run.prefix, args.image_size, args.exact_pipeline,
                                         args.data_path)
+    data_base.check_embedded_by(database_path, model_path, model.state_dict())
     try:
         query = transform(args.query_img_name)[None]                                 # (1, 3, S, S)
     except utils.UNREADABLE_IMAGE_ERRORS as e:

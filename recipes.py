@@ -48,9 +48,24 @@ RECIPES = {
 }
 
 
-def published_metrics(name, model_type):
-    """{'published_recall@K': percent} of a recipe for a backbone; empty for a backbone the original did not
-    publish."""
+# the flags that make a run the configuration the original published its numbers for (with the backbone)
+PUBLISHED_FOR = ('data_name', 'crop_type', 'ensemble_size', 'meta_class_size')
+
+
+def departures(name, args):
+    """The flags of PUBLISHED_FOR on which a run of args (train.py's namespace) departs from the recipe name, as
+    '--flag value' of the run."""
+    flags = RECIPES[name].flags
+    return [f'--{flag} {getattr(args, flag)}' for flag in PUBLISHED_FOR
+            if str(getattr(args, flag)) != flags[flags.index(f'--{flag}') + 1]]
+
+
+def published_metrics(name, args):
+    """{'published_recall@K': percent} the original published for the configuration of recipe name that a run of args
+    trained, for each K of the run's --recalls it published; empty where the run departs from the recipe's
+    configuration (departures) or its backbone has no published numbers."""
     chosen = RECIPES[name]
-    numbers = chosen.published.get(model_type, ())
-    return {f'published_recall@{k}': value for k, value in zip(chosen.recalls, numbers)}
+    if departures(name, args):
+        return {}
+    numbers = dict(zip(chosen.recalls, chosen.published.get(args.model_type, ())))
+    return {f'published_recall@{k}': numbers[k] for k in args.recalls if k in numbers}

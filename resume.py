@@ -62,6 +62,9 @@ def restore(checkpoint, trainable, data, paths, state, args, process):
     results CSV and curves, args.json beside a model (lost_files), and the files of the best epoch where its model is
     lost and the checkpoint holds that epoch (refused where it does not: best_files_lost). data: loaders.RunData."""
     path = paths['checkpoint.pth']
+    if state.step > len(data.train):
+        raise utils.ReirError(f'{path}: it stands at step {state.step} of an epoch of {len(data.train)} steps; delete '
+                              f'it and start again without --resume')
     for name, obj in trainable.items():
         try:
             obj.load_state_dict(checkpoint[name])
@@ -96,19 +99,27 @@ def epoch_position(state, process):
 
 
 def best_files_lost(paths, state):
-    """Whether --resume must write the best epoch's model again: it can when the checkpoint (its RunState) holds the
-    best epoch's model, and refuses when that model is lost. (A missing database is embedded again from the model at
-    the end of the run: data_base.complete_database.)"""
-    if not state.results or os.path.isfile(paths['model.pth']):
+    """Whether --resume must write the best epoch's model again (its file missing or not whole): it can when the
+    checkpoint (its RunState) holds the best epoch's model, and refuses when that model is lost. (A missing database
+    is embedded again from the model at the end of the run: data_base.complete_database.)"""
+    if not state.results:
         return False  # inside the first epoch there is no best epoch yet
+    problem = run_files.model_problem(paths['model.pth'])
+    if problem is None:
+        return False
     best = run_files.selected_row(state.results)['epoch']
-    if state.step or best != state.epoch - 1:
-        raise utils.ReirError(f'{paths["model.pth"]} missing: the model of the best epoch, {best}, is lost (the '
-                              f'checkpoint holds {position_note(state.epoch, state.step)}); put the file back, or '
-                              f'start over with --overwrite')
-    utils.warn(f'{paths["model.pth"]} missing: writing it again from the checkpoint, which holds the best '
-               f'epoch ({best})')
+    if not best_model_in_checkpoint(state.results, state.epoch, state.step):
+        raise utils.ReirError(f'{problem}: the model of the best epoch, {best}, is lost (the checkpoint holds '
+                              f'{position_note(state.epoch, state.step)}); put the file back, or start over with '
+                              f'--overwrite')
+    utils.warn(f'{problem}: writing it again from the checkpoint, which holds the best epoch ({best})')
     return True
+
+
+def best_model_in_checkpoint(results, epoch, step):
+    """Whether a checkpoint at (epoch, step) holds the model of the best epoch of results: it was written at that
+    epoch's end."""
+    return not step and run_files.selected_row(results)['epoch'] == epoch - 1
 
 
 def lost_files(paths, results, settings):
@@ -160,6 +171,10 @@ class StopSignals:
     def __enter__(self):
         self.received, self.deferring = None, False
         self.previous = {signum: signal.signal(signum, self.record) for signum in loaders.STOP_SIGNALS}
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, loaders.STOP_SIGNALS)  # one held back as train.py started comes
+        except utils.StopRequested as stop:
+            self.__exit__(type(stop), stop, None)  # the block has not begun: stopped before anything was written
         return self
 
     def record(self, signum, frame):

@@ -2,6 +2,7 @@
 writes (temporary files renamed into place together), the formats of the files a run writes and the scripts read
 (results CSV and the selection rule, settings, checkpoint), each checked in one place, and the RunState its
 checkpoint holds besides the trainable states."""
+import contextlib
 import copy
 import errno
 import fcntl
@@ -119,9 +120,11 @@ def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None):
 
 def save_together(writers):
     """Write a set of files {path: write(tmp_path)}: each to a temporary beside it, fsynced, then all renamed
-    into place. A failure while writing (a full disk, a quota, a Ctrl-C) removes the temporaries and leaves
-    the files as they were, never a mix of old and new; a disk error becomes a ReirError naming the file."""
+    into place. A failure at any of these (a folder that cannot be made or written, a full disk, a file-size limit,
+    a Ctrl-C) removes the temporaries and leaves the files as they were, never a mix of old and new; a disk error
+    becomes a ReirError naming the file and the operating system's reason."""
     temporaries = {}
+    path = None
     try:
         for path, write in writers.items():
             directory = os.path.dirname(path) or '.'
@@ -130,21 +133,24 @@ def save_together(writers):
                                                      suffix='.tmp')
             os.close(fd)
             os.chmod(temporaries[path], 0o666 & ~current_umask())  # mkstemp makes 0600 files
-            try:
-                write(temporaries[path])
-                with open(temporaries[path], 'rb+') as f:
-                    os.fsync(f.fileno())
-            except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError
-                reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
-                raise utils.ReirError(f'could not write {path} ({reason}); the files there before are '
-                                      f'unchanged') from None
+            write(temporaries[path])
+            with open(temporaries[path], 'rb+') as f:
+                os.fsync(f.fileno())
         for path, tmp in temporaries.items():
             os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write it cannot trace as a RuntimeError
+        remove_temporaries(temporaries)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
+        raise utils.ReirError(f'could not write {path} ({reason}); the files there before are unchanged') from None
     except BaseException:
-        for tmp in temporaries.values():
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        remove_temporaries(temporaries)
         raise
+
+
+def remove_temporaries(temporaries):
+    for tmp in temporaries.values():
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
 
 
 class BackgroundWrites:
@@ -221,8 +227,35 @@ def remove_stale_temporaries(directory, prefix):
             os.remove(os.path.join(directory, name))
 
 
+class _RecordedFile:
+    """A file torch.save writes to through Python, which keeps the operating system's error: torch reports a write
+    that failed (no space, a file-size limit) only as '[enforce fail at inline_container.cc] unexpected pos'."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
 def torch_file(obj):
-    return lambda tmp: torch.save(obj, tmp)
+    def write(tmp):
+        with open(tmp, 'wb') as f:
+            recorded = _RecordedFile(f)
+            try:
+                torch.save(obj, recorded)
+            except RuntimeError:
+                if recorded.error is not None:
+                    raise recorded.error from None
+                raise
+    return write
 
 
 def json_file(obj):
@@ -243,21 +276,37 @@ def atomic_torch_save(obj, path):
 
 # ----------------------------------------------------------------------------- claiming a run
 
-class RunLock:
-    """An exclusive lock on results/.<prefix>.lock, held while the process lives: a second start of the same
-    run fails at once instead of writing over the first's files. A POSIX record lock (lockf): the data loader's
-    worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. The lock
+def open_lock_file(path):
+    """The lock file at path, opened (made, with its folder, where missing) for a POSIX record lock (lockf): the data
+    loader's worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. A lock
     file stays (removing it would let two processes lock two files of one name)."""
+    directory = os.path.dirname(path) or '.'
+    try:
+        os.makedirs(directory, exist_ok=True)
+        return open(path, 'a')
+    except OSError as e:
+        raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
+                              f'--results_dir') from None
+
+
+def held_elsewhere(path):
+    """Whether another process holds the lock file at path (a run in progress, RunLock). This process must not hold
+    it: closing any file of a lock releases the process's lock."""
+    try:
+        with open(path, 'a') as f:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        return e.errno in (errno.EACCES, errno.EAGAIN)
+    return False
+
+
+class RunLock:
+    """An exclusive lock on results/.<prefix>.lock (open_lock_file), held while the process lives: a second start of
+    the same run fails at once instead of writing over the first's files."""
 
     def __init__(self, path, prefix):
         self.path = path
-        directory = os.path.dirname(path) or '.'
-        try:
-            os.makedirs(directory, exist_ok=True)
-            self.file = open(self.path, 'a')
-        except OSError as e:
-            raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
-                                  f'--results_dir') from None
+        self.file = open_lock_file(path)
         try:
             fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -277,6 +326,15 @@ class RunLock:
         self.release()
 
 
+@contextlib.contextmanager
+def ids_lock(path):
+    """The meta-class ids file at path to this process alone, waited for (.<ids name>.lock beside it): runs that share
+    it check what it holds and write it one at a time, so that none trains on ids another replaces."""
+    with open_lock_file(os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock')) as f:
+        fcntl.lockf(f, fcntl.LOCK_EX)
+        yield
+
+
 def claim_run(args, run, paths):
     """Lock the run's prefix (RunLock) and refuse a start that would replace an earlier run with this prefix
     unasked: its files need --resume (continue it) or --overwrite (start_run removes them once the run is certain to
@@ -292,23 +350,31 @@ def claim_run(args, run, paths):
     return lock
 
 
-def start_run(args, paths, ids):
+def start_run(args, run, paths, ids):
     """What the main process writes once every check that could refuse the run has passed: with --overwrite the
-    earlier run's files go, and a run that drew its meta-class ids saves them (draw_or_load_ids checked that no
-    other run's ids are replaced)."""
+    earlier run's files go, and a run that drew its meta-class ids saves them, checked again under the ids file's
+    lock (ids_refusal): another run that shares the file may have written it since draw_or_load_ids looked."""
+    if args.resume or args.load_ids:
+        remove_earlier_files(args, paths)
+        return
+    with ids_lock(paths['ids']):
+        refusal = ids_refusal(args, run, paths['ids'], ids)
+        if refusal:
+            raise utils.UsageError(refusal)
+        remove_earlier_files(args, paths)
+        atomic_torch_save(ids, paths['ids'])
+
+
+def remove_earlier_files(args, paths):
     if args.overwrite:
         for kind in RUN_OUTPUTS:
             if os.path.exists(paths[kind]):
                 os.remove(paths[kind])
-    if not (args.resume or args.load_ids):
-        atomic_torch_save(ids, paths['ids'])
 
 
 def draw_or_load_ids(args, run, paths, num_class, generator):
     """The run's meta-class ids (E, C): those saved under --results_dir with --load_ids, else drawn. Writes nothing
-    (start_run writes drawn ids); refuses to draw ids other than the saved ones, unless --overwrite replaces them,
-    which it may only where no other run's files use them (runs that differ in share type, backbone or
-    --with_random share one ids file)."""
+    (start_run writes drawn ids); refuses to draw ids other than the saved ones (ids_refusal)."""
     path = paths['ids']
     if args.load_ids:
         ids = utils.safe_load(path, 'meta-class ids')
@@ -320,28 +386,44 @@ def draw_or_load_ids(args, run, paths, num_class, generator):
         ids = utils.create_id(args.meta_class_size, num_class, args.ensemble_size, args.label_type, generator)
     except ValueError as e:
         raise utils.UsageError(str(e)) from None
-    if utils.is_main_process() and os.path.isfile(path):
-        saved = utils.safe_load(path, 'meta-class ids')
-        if not (isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids)):
-            sharing = runs_sharing_ids(args.results_dir, run)
-            if not args.overwrite:
-                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws: reuse them with '
-                                       f'--load_ids, or pass --overwrite to replace them')
-            if sharing:
-                raise utils.UsageError(f'{path} holds other ids than --seed {args.seed} draws, and the run '
-                                       f'{sharing[0]} uses them: reuse them with --load_ids, or train in another '
-                                       f'--results_dir')
+    refusal = ids_refusal(args, run, path, ids) if utils.is_main_process() else None
+    if refusal:
+        raise utils.UsageError(refusal)
     return ids
 
 
+def ids_refusal(args, run, path, ids):
+    """Why the drawn ids may not be saved at path, or None: the file holds other ids, which --overwrite may replace
+    only where no other run uses them (runs that differ in share type, backbone, --with_random or --loss share one ids
+    file: its files, or a run of it in progress)."""
+    if not os.path.isfile(path):
+        return None
+    saved = utils.safe_load(path, 'meta-class ids')
+    if isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids):
+        return None
+    sharing = runs_sharing_ids(args.results_dir, run)
+    if sharing:
+        return (f'{path} holds other ids than --seed {args.seed} draws, and the run {sharing[0]} uses them: reuse '
+                f'them with --load_ids, or train in another --results_dir')
+    if not args.overwrite:
+        return (f'{path} holds other ids than --seed {args.seed} draws: reuse them with --load_ids, or pass '
+                f'--overwrite to replace them')
+    return None
+
+
 def runs_sharing_ids(results_dir, run):
-    """The prefixes of the other runs in results_dir whose files name the same meta-class ids file as run's."""
+    """The prefixes of the other runs in results_dir that use the same meta-class ids file as run: whose files name
+    it, or which are being trained (their RunLock held)."""
     prefixes = set()
     for name in os.listdir(results_dir) if os.path.isdir(results_dir) else []:
         for kind in RUN_OUTPUTS:
             other = RunName.parse(name[:-len(kind) - 1]) if name.endswith(f'_{kind}') else None
             if other is not None and other != run and other.ids_name == run.ids_name:
                 prefixes.add(other.prefix)
+        other = RunName.parse(name[1:-len('.lock')]) if name.startswith('.') and name.endswith('.lock') else None
+        if other is not None and other != run and other.ids_name == run.ids_name \
+                and held_elsewhere(os.path.join(results_dir, name)):
+            prefixes.add(other.prefix)
     return sorted(prefixes)
 
 
@@ -466,6 +548,7 @@ def embedding_settings(paths, overrides, model_needed):
     recorded normalization, or None (see normalization); held_out_classes the training classes it held out for
     validation (--val_classes)."""
     saved = run_settings(paths) or {}
+    check_settings_agree(paths, saved, [k for k in EMBEDDING_SETTINGS if overrides.get(k) is None])
     settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
     settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -477,6 +560,17 @@ def embedding_settings(paths, overrides, model_needed):
                               f'and {os.path.basename(paths["checkpoint.pth"])} are gone; pass --image_size N and '
                               f'--exact_pipeline or --no-exact_pipeline as the run was trained')
     return SimpleNamespace(**settings)
+
+
+def check_settings_agree(paths, saved, keys):
+    """Refuse settings of keys that <prefix>_args.json (saved) and the run's checkpoint both hold and disagree on (a
+    hand-edited file): the model would embed otherwise than it was trained."""
+    checkpoint = peek_checkpoint(paths['checkpoint.pth']) if os.path.isfile(paths['args.json']) else None
+    trained_with = checkpoint['args'] if checkpoint else {}
+    for key in keys:
+        if key in saved and key in trained_with and saved[key] != trained_with[key]:
+            raise utils.ReirError(f'{paths["args.json"]} says {key} {saved[key]!r}, the run\'s checkpoint '
+                                  f'{trained_with[key]!r}: put back the file the run wrote, or pass --{key}')
 
 
 def normalization(settings, data_dicts):
@@ -495,6 +589,16 @@ def is_model_state(value):
     return is_state(value) and all(isinstance(tensor, torch.Tensor) for tensor in value.values())
 
 
+def model_problem(path):
+    """What keeps the file at path from being a whole model state_dict (missing, truncated, something else), or None;
+    read memory-mapped, as far as its index says."""
+    try:
+        model = utils.safe_load(path, 'model', verify=False, mmap=True)
+    except utils.ReirError as e:
+        return str(e)
+    return None if is_model_state(model) else f'{path}: not a model state_dict'
+
+
 # the trainable objects a checkpoint holds, each by its state_dict: {name: (what it must be, test)}
 TRAINABLE_FORMAT = {
     'model': ('a state_dict of tensors', is_model_state),
@@ -510,10 +614,19 @@ def _held(kind, fits, **default):
     return field(metadata={'format': (kind, fits)}, **default)
 
 
+def _is_rng_state(value):
+    """Whether value is a state of torch's CPU generator (a ByteTensor of its size), as torch.set_rng_state takes."""
+    return isinstance(value, torch.Tensor) and value.dtype == torch.uint8 and value.shape == torch.get_rng_state().shape
+
+
 def _is_running(value):
+    """Whether value holds the running sums and random states of each process (resume.rng_states)."""
     return isinstance(value, list) and all(
         isinstance(p, dict) and isinstance(p.get('sums'), list) and len(p['sums']) == 4
-        and all(utils.is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict) for p in value)
+        and all(utils.is_number(x) for x in p['sums']) and isinstance(p.get('rng'), dict)
+        and _is_rng_state(p['rng'].get('cpu')) and isinstance(p['rng'].get('cuda'), list)
+        and all(isinstance(state, torch.Tensor) and state.dtype == torch.uint8 for state in p['rng']['cuda'])
+        for p in value)
 
 
 @dataclass
@@ -556,6 +669,10 @@ class RunState:
                                   f'names another copy); resume on that data, or start over with --overwrite')
         if checkpoint is not None:
             lists = _checked_lists(checkpoint, paths['checkpoint.pth'], args, data_dicts['train'])
+            problem = _position_problem(checkpoint, args)
+            if problem:
+                raise utils.ReirError(f'{paths["checkpoint.pth"]}: {problem}; delete it and start again without '
+                                      f'--resume')
             return cls(**lists, **current, **{key: checkpoint[key] for key in
                                               ('epoch', 'step', 'running', 'best_recall', 'results')})
         train_dict, held_out = split_validation(args, data_dicts['train'])
@@ -590,18 +707,23 @@ class RunState:
         return (f'selected epoch {row["epoch"]} by {column.replace("_", " ")} ({row[column]:.2f}%): test '
                 f'{utils.format_metrics(test, self.args["recalls"])} -> {model_path}')
 
-    def checkpoint_file(self, trainable, **position):
-        """The run's checkpoint, as a writer for save_together (or BackgroundWrites: it holds a host copy): this
-        state, with position (epoch, step, running) where given, and the trainable objects (model, loss, optimizer,
-        scheduler, scaler by name) by their state_dict. What is written is what load_checkpoint reads: a checkpoint
-        that is not exactly what CHECKPOINT_FORMAT says is a bug, refused before anything is written."""
+    def checkpoint(self, trainable, **position):
+        """The run's checkpoint, a host copy: this state, with position (epoch, step, running) where given, and the
+        trainable objects (model, loss, optimizer, scheduler, scaler by name) by their state_dict. What is written is
+        what load_checkpoint reads: a checkpoint that is not exactly what CHECKPOINT_FORMAT says is a bug, refused
+        before anything is written."""
         saved = {key.name: getattr(self, key.name) for key in fields(self)}
         checkpoint = host_copy({**{name: obj.state_dict() for name, obj in trainable.items()}, **saved, **position})
         odd = set(checkpoint) ^ set(CHECKPOINT_KEYS)
         problem = f'keys {sorted(odd)} are not those of CHECKPOINT_FORMAT' if odd else checkpoint_problem(checkpoint)
         if problem:
             raise ValueError(f'a checkpoint to write is malformed: {problem}')
-        return torch_file(checkpoint)
+        return checkpoint
+
+    def checkpoint_file(self, trainable, **position):
+        """The run's checkpoint (checkpoint) as a writer for save_together, or BackgroundWrites: it holds a host
+        copy."""
+        return torch_file(self.checkpoint(trainable, **position))
 
 
 # what <prefix>_checkpoint.pth holds, everything --resume needs, as {key: (what it must be, test)}
@@ -625,17 +747,44 @@ def split_validation(args, train_dict):
 
 def _checked_lists(checkpoint, path, args, train_dict):
     """The meta-class ids, training list and held-out classes of the run a checkpoint (at path) holds, refused where
-    they no longer fit the dataset's training classes or the flags."""
+    they no longer fit the dataset's training classes or the flags: the list must name images of the training classes
+    it indexes (sorted, the held-out ones left out), every class among them, as utils.sample_train_images draws it."""
     missing = [key for key in checkpoint['held_out'] if key not in train_dict]
     if missing:
         raise utils.ReirError(f'--resume: held-out class {missing[0]} of the run is no longer in the dataset\'s '
                               f'training split; prepare the dataset as it was, or start over with --overwrite')
-    num_class = len(train_dict) - len(checkpoint['held_out'])
-    utils.check_ids(checkpoint['ids'], path, args.ensemble_size, num_class, args.meta_class_size)
+    classes = [set(train_dict[key]) for key in sorted(train_dict) if key not in checkpoint['held_out']]
+    utils.check_ids(checkpoint['ids'], path, args.ensemble_size, len(classes), args.meta_class_size)
     items = [tuple(item) for item in checkpoint['train_items']]
-    if not items or any(not 0 <= index < num_class for _, index in items):
-        raise utils.ReirError(f'{path}: its training list does not index the {num_class} training classes')
+    if any(not 0 <= index < len(classes) or image not in classes[index] for image, index in items):
+        raise utils.ReirError(f'{path}: its training list names images that are not of the {len(classes)} training '
+                              f'classes it indexes; delete it and start again without --resume')
+    if len({index for _, index in items}) != len(classes):
+        raise utils.ReirError(f'{path}: its training list leaves out training classes; delete it and start again '
+                              f'without --resume')
     return dict(ids=checkpoint['ids'].long(), train_items=items, held_out=sorted(checkpoint['held_out']))
+
+
+def _position_problem(checkpoint, args):
+    """What makes where a checkpoint says its run stands unusable for a run of args, or None: the epoch beyond the
+    one after --num_epochs, the results not one row for every epoch before it or without the columns of --recalls,
+    the best recall not that of the results, a position inside an epoch without the processes' running sums."""
+    epoch, step, results = checkpoint['epoch'], checkpoint['step'], checkpoint['results']
+    roles = ('test', 'val') if checkpoint['held_out'] else ('test',)
+    needed = {'train_loss', 'train_accuracy', *(f'{role}_recall@{k}' for role in roles for k in args.recalls)}
+    if epoch > args.num_epochs + 1 or (epoch == args.num_epochs + 1 and step):
+        return f'it stands at {"step " + str(step) + " of " if step else ""}epoch {epoch} of a run of {args.num_epochs}'
+    if [row['epoch'] for row in results] != list(range(1, epoch)):
+        return f'its results are not one row for each epoch before epoch {epoch}'
+    missing = sorted(needed - set.intersection(*(set(row) for row in results))) if results else []
+    if missing or any(set(row) != set(results[0]) for row in results):
+        return f'its results lack {missing[0] if missing else "some of their columns in some rows"}'
+    selected = max((row[selection_column(list(results[0]))] for row in results), default=-1.0)
+    if checkpoint['best_recall'] != selected:
+        return f'its best recall {checkpoint["best_recall"]} is not its results\' ({selected})'
+    if step and not checkpoint['running']:
+        return f'it stands at step {step} without the running sums of those steps'
+    return None
 
 
 def checkpoint_problem(checkpoint, required=CHECKPOINT_KEYS):

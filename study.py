@@ -152,20 +152,34 @@ def check_varied_flags(varied, train_flags):
     --, and a switch given a value other than true/false."""
     defaults = vars(train.get_args_parser().parse_args([]))
     flags = [flag for flag, _ in varied]
+    given = named_flags(train_flags)
     for flag, values in varied:
         if flag not in defaults:
             raise utils.UsageError(f'--vary {flag}: train.py has no flag --{flag}')
         if flag in STUDY_FLAGS:
             raise utils.UsageError(f'--vary {flag}: the study sets --{flag} itself (use --seeds for seeds)')
-        if flags.count(flag) > 1 or f'--{flag}' in train_flags:
+        if flags.count(flag) > 1 or flag in given:
             raise utils.UsageError(f'--{flag} is given more than once (--vary and after --): give it once')
         if isinstance(defaults[flag], bool) and not all(v.lower() in SWITCH_VALUES for v in values):
             raise utils.UsageError(f'--vary {flag}: a switch takes true or false, not {", ".join(values)}')
         check_distinct(flag, values, defaults)
     for flag in STUDY_FLAGS:
-        if f'--{flag}' in train_flags:
+        if flag in given:
             raise utils.UsageError(f'--{flag} after --: the study sets it for every run')
     return defaults
+
+
+def named_flags(train_flags):
+    """The names of the train.py flags after -- (--seed=5 names seed), refused where one is unknown or abbreviated
+    (argparse would take --overw for --overwrite): the study checks them by name."""
+    parse_train_flags(train_flags)
+    parser = train.get_args_parser()
+    parser.allow_abbrev = False
+    _, abbreviated = parser.parse_known_args(train_flags)
+    if abbreviated:
+        raise utils.UsageError(f'{abbreviated[0]} after --: give train.py\'s flags whole (the study checks them by '
+                               f'name)')
+    return [token.split('=', 1)[0][2:] for token in train_flags if token.startswith('--')]
 
 
 def check_distinct(flag, values, defaults):
@@ -246,6 +260,8 @@ def run_state(run):
         problem = database_without_training_images(run)  # stopped after its last epoch: train.py --resume embeds them
     if problem is None:
         return 'finished', None
+    if checkpoint is not None and best_model_lost(run, checkpoint):
+        return 'damaged', f'{problem}, and its checkpoint holds a later epoch than the best'
     if checkpoint is not None:
         return 'interrupted', problem
     if not any(os.path.exists(run.paths[kind]) for kind in run_files.RUN_OUTPUTS):
@@ -263,14 +279,14 @@ def unfinished(run):
         return str(e)
     if epochs != run.args.num_epochs:
         return f'{path} holds {epochs} of {run.args.num_epochs} epochs'
-    path = run.paths['model.pth']
-    try:
-        model = utils.safe_load(path, 'model', verify=False, mmap=True)  # whole, as far as its index says
-    except utils.ReirError as e:
-        return str(e)
-    if not run_files.is_model_state(model):
-        return f'{path}: not a model state_dict'
-    return None
+    return run_files.model_problem(run.paths['model.pth'])
+
+
+def best_model_lost(run, checkpoint):
+    """Whether the model of a run's best epoch is lost for good: its file is not whole, and its checkpoint (peeked)
+    does not hold that epoch's model, which train.py --resume would write again."""
+    return bool(checkpoint['results']) and run_files.model_problem(run.paths['model.pth']) is not None \
+        and not resume.best_model_in_checkpoint(checkpoint['results'], checkpoint['epoch'], checkpoint['step'])
 
 
 def database_without_training_images(run):
@@ -448,7 +464,7 @@ def summarize(runs, metrics, selections):
             mean, std, ci95 = summary_statistics([metrics[i][name] for i in done])
             row.update({f'{name}_mean': mean, f'{name}_std': std, f'{name}_ci95': ci95})
         if 'recipe' in row:
-            row.update(recipes.published_metrics(row['recipe'], runs[done[0]].args.model_type))
+            row.update(recipes.published_metrics(row['recipe'], runs[done[0]].args))
         rows.append(row)
     return rows
 
@@ -537,6 +553,20 @@ def prepared_runs(runs):
     return kept
 
 
+def warn_of_departures(runs):
+    """One line for each recipe that runs trained otherwise than the original published it (another dataset, crop, E
+    or M): their rows of the summary leave the published numbers out."""
+    departed = {}
+    for run in runs:
+        recipe = dict(run.config).get('recipe')
+        flags = recipes.departures(recipe, run.args) if recipe else []
+        if flags:
+            departed.setdefault(recipe, flags)
+    for recipe, flags in departed.items():
+        utils.warn(f'recipe {recipe} ({recipes.RECIPES[recipe].title}) runs with {" ".join(flags)}, not as the '
+                   f'original published it: the summary leaves its published Recall@K out')
+
+
 def prepare_data(runs):
     """Check every dataset of the study before any run starts, so that a missing one is one error, not a failed
     run each; the demo is drawn here, once, when it is missing (runs side by side would each draw it)."""
@@ -564,6 +594,7 @@ def main(args, train_flags):
 def run_study(args, train_flags):
     study_dir, runs = grid(args, train_flags)
     runs = prepared_runs(runs)
+    warn_of_departures(runs)
     gpus_per_run, slots = default_resources(args)
     states = report_states(args, study_dir, runs, slots)
     runnable = ('interrupted', 'new', 'damaged') if args.retrain_damaged else ('interrupted', 'new')
@@ -628,7 +659,7 @@ def write_summary(args, runs, metrics, selections):
     png_path = os.path.join(args.results_dir, f'study_{args.name}.png')
     run_files.save_together({csv_path: run_files.csv_file(rows),
                              png_path: plot_file(rows, study_axes(args), args.name)})
-    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}'))
+    print(pd.DataFrame(rows).to_string(index=False, float_format=lambda v: f'{v:.2f}', na_rep=''))
     utils.log(f'-> {csv_path}, {png_path}')
     on_test = sum(selection.startswith('test_') for selection in selections.values())
     if on_test:

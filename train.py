@@ -16,6 +16,13 @@ evaluation batch) with a checkpoint (exit code utils.STOPPED_EXIT_CODE); under t
 run continues from its checkpoint. Nothing is written, and --overwrite removes nothing, before every check that can
 refuse the command has passed.
 """
+import signal
+
+if __name__ == '__main__':
+    # a stop signal that arrives while the modules below load (seconds) waits until the run can say that it stopped
+    # (resume.StopSignals unblocks loaders.STOP_SIGNALS); the default action would end the process without a word
+    signal.pthread_sigmask(signal.SIG_BLOCK, (signal.SIGTERM, signal.SIGUSR1))
+
 import argparse
 import contextlib
 import os
@@ -169,7 +176,7 @@ def train(args, run, paths, process, signals):
 
     # ------------------------------------------------------------------ the run starts, or resumes
     if process.main:
-        run_files.start_run(args, paths, state.ids)  # every check that can refuse a new run has passed
+        run_files.start_run(args, run, paths, state.ids)  # every check that can refuse a new run has passed
     if checkpoint is not None:
         resume.restore(checkpoint, trainable, data, paths, state, args, process)
 

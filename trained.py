@@ -62,11 +62,13 @@ def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=N
     <prefix>_args.json or checkpoint beside the model; a model the original saved embeds as the original did
     (256 pixels, whole images decoded). image_size and exact_pipeline override them; a run whose files no longer
     say them needs them."""
+    if image_size is not None and not (utils.is_int(image_size) and image_size > 0):
+        raise utils.UsageError(f'image_size {image_size!r}: the side of the network input is a positive integer')
     path = model_file(run)
     name, paths, _ = run_files.run_of_file(path, kinds=('model.pth',), prefix=prefix)
+    model = engine.load_model(path, name).to(device)  # first: a missing model, or one of another prefix, is the error
     overrides = dict(image_size=image_size, exact_pipeline=exact_pipeline, data_path=data_path)
     settings = run_files.embedding_settings(paths, overrides, model_needed=True)
     transform, min_side = utils.input_pipeline(name.crop_type, False, settings.image_size,
                                                *run_normalization(name, settings), settings.exact_pipeline)
-    model = engine.load_model(path, name).to(device)
     return model, Preprocess(transform, min_side)

@@ -79,6 +79,10 @@ def run_cli(main_function, args, interrupted='interrupted'):
     except ReirError as error:
         print(f'error: {error}', file=sys.stderr)
         sys.exit(1)
+    except OSError as error:  # a file operation no part of the script expected to fail: the operating system's words
+        where = f'{error.filename}: ' if error.filename else ''
+        print(f'error: {where}{error.strerror or error}', file=sys.stderr)
+        sys.exit(1)
     except torch.cuda.OutOfMemoryError:
         print('error: CUDA out of memory: lower --batch_size, --ensemble_size or --image_size, or pass --amp',
               file=sys.stderr)
@@ -187,9 +191,12 @@ def safe_load(path, what='file', verify=True, mmap=False):
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap and not legacy)
     except pickle.UnpicklingError as e:
-        if 'Weights only load failed' not in str(e) or 'Unsupported operand' in str(e):  # bytes that are no pickle
+        # an object it would build by running code, in the words of torch 2.4 to 2.14 ('Unsupported class', then
+        # 'Unsupported global', 'unsupported GLOBAL'); else bytes that are no pickle, or a truncated one
+        refused = re.compile(r'unsupported (global|class)', re.IGNORECASE)
+        if not refused.search(str(e)):
             raise ReirError(f'{damaged} (UnpicklingError); delete it or write it again') from None
-        lines = [line.strip() for line in str(e).splitlines() if 'Unsupported global' in line]
+        lines = [line.strip() for line in str(e).splitlines() if refused.search(line)]
         reason = lines[0] if lines else 'it holds objects other than tensors and plain containers'
         raise ReirError(f'{path}: refused to load {what}, which could run code when loaded ({reason})') from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, TypeError, OSError, KeyError) as e:
@@ -267,6 +274,17 @@ def data_fingerprint(data_dicts):
     prepared again with other images (or copies, --short_side) has another."""
     canonical = json.dumps(data_dicts, sort_keys=True, separators=(',', ':'))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def weights_fingerprint(state_dict):
+    """A short hash of a model's weights (the names, types, shapes and values of its state_dict): which model embedded
+    an embedding database."""
+    digest = hashlib.sha256()
+    for name in sorted(state_dict):
+        tensor = state_dict[name].detach().cpu().contiguous()
+        digest.update(f'{name}:{tensor.dtype}:{tuple(tensor.shape)};'.encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------- randomness

@@ -55,7 +55,7 @@ def databases(prepared, tmp_path):
         path = tmp_path / name / 'tiny_uncropped_fixed_unrandom_layer1_resnet18_1_3_data_base.pth'
         path.parent.mkdir()
         run_files.atomic_write(str(path), data_base.database_file({'test': (items, features)},
-                                                                  str(prepared / 'data' / 'tiny'), {}, 1))
+                                                                  str(prepared / 'data' / 'tiny'), {}, 1, {}))
         paths.append(path)
     return paths
 

@@ -5,6 +5,8 @@ import pandas as pd
 import pytest
 import torch
 
+import trained as trained_runs
+import utils
 from conftest import assert_one_line_error, prefix, run_main
 
 
@@ -136,3 +138,27 @@ def test_damaged_run_settings_are_one_line(trained, tmp_path, change, fragment, 
     flags = [tmp_path / f'{prefix()}_model.pth'] if script == 'evaluate' else \
         ['--query_img_name', query, '--data_base', tmp_path / f'{prefix()}_data_base.pth']
     assert_one_line_error(run_main(script, *flags), 1, f'{path}: {fragment}')
+
+
+def test_an_args_json_that_disagrees_with_the_checkpoint_is_refused(trained, tmp_path):
+    """A hand-edited image size in args.json was used silently; a flag that says it settles it."""
+    for kind in ('model.pth', 'args.json', 'checkpoint.pth'):
+        shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
+    settings = json.loads((tmp_path / f'{prefix()}_args.json').read_text())
+    (tmp_path / f'{prefix()}_args.json').write_text(json.dumps({**settings, 'image_size': 64}))
+    flags = [tmp_path / f'{prefix()}_model.pth', '--batch_size', '4', '--num_workers', '0']
+    assert_one_line_error(run_main('evaluate', *flags), 1, 'args.json says image_size 64, the run\'s checkpoint 32',
+                          '--image_size')
+    assert run_main('evaluate', *flags, '--image_size', '32').returncode == 0
+
+
+def test_load_run_names_what_is_wrong_with_the_model(trained, tmp_path):
+    """trained.load_run (torch.hub's entry) blamed the data or args.json for a missing model or one of another prefix,
+    and ended an image size of 0 in a ZeroDivisionError."""
+    results = trained / 'results'
+    with pytest.raises(utils.ReirError, match='model not found'):
+        trained_runs.load_run(str(tmp_path / f'{prefix()}_model.pth'))
+    with pytest.raises(utils.ReirError, match='does not fit the model'):
+        trained_runs.load_run(str(results / f'{prefix()}_model.pth'), prefix=prefix(E=3))
+    with pytest.raises(utils.UsageError, match='image_size 0'):
+        trained_runs.load_run(str(results / prefix()), image_size=0)

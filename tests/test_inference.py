@@ -1,4 +1,5 @@
 import os
+import shutil
 
 import pytest
 import torch
@@ -111,3 +112,28 @@ def test_the_grid_ranks_ties_as_the_metrics_do(k):
     counted = utils.same_class_in_top_k(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), k, features,
                                         torch.tensor([0, 1, 0, 1]))
     assert sum(labels[i] == 'a' for i in top) == int(counted[0])
+
+
+def test_a_database_names_its_model_and_another_model_is_refused(trained, tmp_path):
+    """Run B (the same prefix in another folder, other weights): its model cannot embed a query for run A's database,
+    and a database beside a model that did not embed it is neither scored nor compared."""
+    results = trained / 'results'
+    database = results / f'{prefix()}_data_base.pth'
+    weights = torch.load(results / f'{prefix()}_model.pth', weights_only=True)
+    assert torch.load(database, weights_only=True)['model_fingerprint'] == utils.weights_fingerprint(weights)
+    other = tmp_path / 'other'
+    other.mkdir()
+    weights['classifier.weight' if 'classifier.weight' in weights else next(iter(weights))].add_(1)
+    torch.save(weights, other / f'{prefix()}_model.pth')
+    shutil.copy(results / f'{prefix()}_args.json', other)
+    query = trained / 'data' / 'tiny' / 'test' / 'class_01' / '0.jpg'
+    result = run_main('inference', '--query_img_name', query, '--data_base', database, '--model',
+                      other / f'{prefix()}_model.pth')
+    assert_one_line_error(result, 1, 'was embedded by another model than', str(other))
+    shutil.copy(database, other)
+    mixed = other / f'{prefix()}_data_base.pth'
+    assert_one_line_error(run_main('evaluate', mixed), 1, 'was embedded by another model')
+    assert_one_line_error(run_main('ablation', '--better_data_base', mixed, '--worse_data_base', database,
+                                   '--results_dir', tmp_path / 'out'), 1, 'was embedded by another model')
+    assert run_main('ablation', '--better_data_base', database, '--worse_data_base', database, '--results_dir',
+                    tmp_path / 'out').returncode == 0

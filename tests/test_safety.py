@@ -271,7 +271,8 @@ def test_resume_refuses_when_the_best_model_is_lost(trained, tmp_path):
     results = copy_of_run(trained, tmp_path)
     checkpoint_path = results / f'{prefix()}_checkpoint.pth'
     checkpoint = torch.load(checkpoint_path, weights_only=True)
-    checkpoint['results'][0]['test_recall@1'] = 101.0  # epoch 1 the best: its weights are not in the checkpoint
+    checkpoint['results'][0]['test_recall@1'] = checkpoint['best_recall'] = 101.0  # epoch 1 the best: its weights
+    # are not in the checkpoint
     torch.save(checkpoint, checkpoint_path)
     (results / f'{prefix()}_model.pth').unlink()
     result = run_train(trained, '--resume', results=results)
@@ -345,6 +346,48 @@ def test_overwrite_never_replaces_ids_another_run_uses(trained, tmp_path):
     assert torch.load(ids_file, weights_only=True).shape == (2, 2)
 
 
+def test_a_refusal_of_shared_ids_does_not_advise_the_overwrite_it_would_refuse(trained, tmp_path):
+    """Only the other run's files and the ids: the refusal names that run and does not advise --overwrite."""
+    results = tmp_path / 'results'
+    results.mkdir()
+    shutil.copy(trained / 'results' / 'tiny_uncropped_fixed_2_2_ids.pth', results)
+    shutil.copy(trained / 'results' / f'{prefix()}_results.csv', results / f'{prefix(share="layer2")}_results.csv')
+    result = run_train(trained, '--val_classes', '2', '--recalls', '1,2', results=results)
+    assert_one_line_error(result, 2, 'holds other ids', f'the run {prefix(share="layer2")} uses them')
+    assert '--overwrite' not in result.stderr
+
+
+# holds the lock file argv[1] as a run in progress does (run_files.RunLock), until killed
+HOLD_LOCK = ('import fcntl, sys, time; f = open(sys.argv[1], "a"); fcntl.lockf(f, fcntl.LOCK_EX); '
+             'print(1, flush=True); time.sleep(120)')
+
+
+def test_a_run_that_shares_the_ids_file_cannot_replace_the_ids_another_just_wrote(tiny, monkeypatch):
+    """Two runs that share one ids file (they differ in share type) start together with other seeds: run A, in
+    progress, writes its ids after run B checked the file. B must not save its own over them (both runs would claim
+    ids only one trained on): its start is refused, under the ids file's lock, and A's ids stay."""
+    results, other = tiny / 'results', prefix(share='layer2')
+    ids_file = results / 'tiny_uncropped_fixed_2_2_ids.pth'
+    theirs = 1 - utils.create_id(2, 4, 2, 'fixed', torch.Generator().manual_seed(2))  # not what --seed 2 draws
+    training_model, holders = engine.training_model, []
+
+    def another_run_writes_meanwhile(*args):
+        holders.append(subprocess.Popen([sys.executable, '-c', HOLD_LOCK, str(results / f'.{other}.lock')],
+                                        stdout=subprocess.PIPE, text=True))
+        holders[0].stdout.readline()
+        torch.save(theirs, ids_file)
+        return training_model(*args)
+    monkeypatch.setattr(engine, 'training_model', another_run_writes_meanwhile)
+    try:
+        result = run_train(tiny, '--seed', '2')
+    finally:
+        holders[0].kill()
+        holders[0].wait()
+    assert_one_line_error(result, 2, 'holds other ids than --seed 2 draws', f'the run {other} uses them')
+    assert torch.equal(torch.load(ids_file, weights_only=True), theirs)
+    assert file_digests(results) == {ids_file.name: file_digests(results)[ids_file.name]}  # nothing else written
+
+
 @pytest.mark.slow
 def test_a_crop_type_the_demo_lacks_is_one_line_and_draws_nothing(tmp_path):
     """It drew the whole demo again, then hung in a forked pool."""
@@ -387,6 +430,20 @@ def test_a_stop_signal_before_training_ends_the_run_at_once(tiny, monkeypatch):
     assert os.listdir(tiny / 'results') == [f'.{prefix()}.lock']
 
 
+@pytest.mark.slow
+def test_a_stop_signal_while_train_py_loads_its_modules_is_one_line(tiny):
+    """train.py takes seconds to import torch and the rest: a SIGTERM then ended it with -15 and no word."""
+    process = subprocess.Popen([sys.executable, os.path.join(REPO, 'train.py'), '--data_path', tiny / 'data',
+                                '--data_name', 'tiny', '--results_dir', tiny / 'results', *TINY],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == utils.STOPPED_EXIT_CODE, stderr
+    assert stderr.splitlines()[-1].startswith('stopped by SIGTERM before training: no checkpoint was written')
+    assert not (tiny / 'results').exists()
+
+
 @pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGINT], ids=['SIGTERM', 'Ctrl-C'])
 @pytest.mark.slow
 def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, signum):
@@ -427,7 +484,11 @@ def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, sign
     (lambda c: c.pop('optimizer'), 'missing optimizer'),
     (lambda c: c['model'].pop(next(iter(c['model']))), 'its model state does not fit this run'),
     (lambda c: c.update(ids=c['ids'][:, :3]), 'ids of shape (2, 3) do not fit'),
-    (lambda c: c.update(train_items=[('train/x.jpg', 7)]), 'its training list does not index'),
+    (lambda c: c.update(train_items=[('train/x.jpg', 7)]), 'its training list names images that are not'),
+    (lambda c: c.update(train_items=c['train_items'][:1]), 'its training list leaves out training classes'),
+    (lambda c: inside_epoch_2(c, running=[]), 'it stands at step 2 without the running sums'),
+    (lambda c: inside_epoch_2(c, step=50), 'it stands at step 50 of an epoch of 4 steps'),
+    (lambda c: inside_epoch_2(c, running=[{'sums': [0, 0, 0, 0], 'rng': {}}]), 'its "running" is not'),
 ])
 def test_a_damaged_checkpoint_is_one_line_on_resume(trained, tmp_path, change, fragment):
     results = copy_of_run(trained, tmp_path)
@@ -437,6 +498,34 @@ def test_a_damaged_checkpoint_is_one_line_on_resume(trained, tmp_path, change, f
     torch.save(checkpoint, path)
     assert_one_line_error(run_train(trained, '--resume', results=results), 1, f'{path}: ' * ('ids' not in fragment),
                           fragment)
+
+
+@pytest.mark.parametrize('change, fragment', [
+    (lambda c: c.update(epoch=5), 'it stands at epoch 5 of a run of 2'),
+    (lambda c: c.update(results=c['results'] + c['results'][-1:]), 'not one row for each epoch before epoch 3'),
+    (lambda c: c['results'][1].pop('test_recall@1'), 'its results lack test_recall@1'),
+    (lambda c: c.update(best_recall=c['best_recall'] - 1), 'its best recall'),
+])
+def test_a_checkpoint_whose_position_does_not_fit_the_run_is_refused(trained, change, fragment):
+    """What --resume did with them: an epoch beyond the last "finished" the run with its rows; a row twice or a best
+    recall not the results' went on to write a CSV and select a model that do not agree."""
+    path = trained / 'results' / f'{prefix()}_checkpoint.pth'
+    checkpoint = run_files.load_checkpoint(str(path))
+    change(checkpoint)
+    args = train.get_args_parser().parse_args(['--data_path', str(trained / 'data'), '--data_name', 'tiny', *TINY,
+                                               '--results_dir', str(trained / 'results'), '--resume'])
+    run = run_files.RunName.from_args(args)
+    data_dicts = utils.load_data_dicts(args.data_path, 'tiny', 'uncropped')
+    with pytest.raises(utils.ReirError, match=re.escape(fragment)):
+        run_files.RunState.begin(args, run, run.paths(args.results_dir), data_dicts, checkpoint, '')
+
+
+def inside_epoch_2(checkpoint, **changes):
+    """A finished tiny run's checkpoint as if written after step 2 of epoch 2, changed."""
+    first = checkpoint['results'][0]
+    checkpoint.update(epoch=2, step=2, results=[first], best_recall=first['test_recall@1'],
+                      running=[{'sums': [1.0, 4, 8, 0], 'rng': {'cpu': torch.get_rng_state(), 'cuda': []}}])
+    checkpoint.update(changes)
 
 
 def test_a_resumed_run_refuses_data_prepared_again(trained, tmp_path):

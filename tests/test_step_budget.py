@@ -150,10 +150,12 @@ def test_what_the_database_lacks(tmp_path):
     assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'lost'
     model.write_bytes(b'')
     assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
+    weights = {'weight': torch.ones(3)}
+    torch.save(weights, model)
     features = torch.zeros(2, 4)
 
-    def write(splits, epoch):
-        run_files.atomic_write(str(path), data_base.database_file(splits, str(tmp_path), {}, epoch))
+    def write(splits, epoch, embedded_by=weights):
+        run_files.atomic_write(str(path), data_base.database_file(splits, str(tmp_path), {}, epoch, embedded_by))
     write({'test': (items['test'], features)}, 1)
     assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
     write({'test': (items['test'][:1], features[:1])}, 2)
@@ -162,6 +164,8 @@ def test_what_the_database_lacks(tmp_path):
     assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'train'
     write({'test': (items['test'], features), 'train': (items['test'], features)}, 2)
     assert data_base.database_to_complete(str(path), 2, items, str(model)) is None
+    write({'test': (items['test'], features)}, 2, embedded_by={'weight': torch.zeros(3)})  # another model's
+    assert data_base.database_to_complete(str(path), 2, items, str(model)) == 'all'
 
 
 # ----------------------------------------------------------------------------- checkpoints in the background
@@ -382,7 +386,7 @@ def test_compile_without_a_compiler_is_one_line_before_anything_is_written(tiny,
     assert 'no C++ compiler' in engine.compiler_problem(torch.device('cpu'))
     result = run_train(tiny, '--compile')
     assert_one_line_error(result, 2, '--compile: no C++ compiler', 'leave out --compile')
-    assert not [name for name in os.listdir(tiny / 'results') if not name.startswith('.')]
+    assert not (tiny / 'results').exists()  # not even the run's lock
 
 
 def test_data_parallel_says_when_torchrun_is_faster():

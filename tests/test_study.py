@@ -183,6 +183,11 @@ def test_a_missing_dataset_stops_the_study_before_any_run(tmp_path):
     (('ensemble_size=3,3',), [], '--vary ensemble_size: 3 is given twice'),
     (('lr=0.1,1e-1',), [], '--vary lr: 0.1 and 1e-1 are the same value'),
     (('with_random=true,on',), [], '--vary with_random: true and on are the same value'),
+    (('ensemble_size=2',), ['--seed=5'], '--seed after --: the study sets it'),
+    (('ensemble_size=2',), ['--ensemble_size=3'], '--ensemble_size is given more than once'),
+    (('ensemble_size=2',), ['--overw'], "--overw after --: give train.py's flags whole"),
+    (('ensemble_size=2',), ['--resum'], "--resum after --: give train.py's flags whole"),
+    (('ensemble_size=2',), ['--num_ep', '1'], "--num_ep after --: give train.py's flags whole"),
 ])
 def test_flags_the_study_cannot_run_exit_2(prepared, tmp_path, vary, extra, fragment):
     result = run_as_command('study.py', *study_command(prepared, tmp_path, vary=vary), *extra)
@@ -257,6 +262,30 @@ def test_a_run_stopped_while_its_database_was_embedded_is_resumed(prepared, tmp_
     assert study.run_state(run) == ('finished', None)
 
 
+@pytest.mark.slow
+def test_a_finished_run_whose_best_model_is_lost_is_damaged_unless_its_checkpoint_holds_it(prepared, tmp_path):
+    """The model file deleted or truncated: where the checkpoint (the end of epoch 2) holds the best epoch's weights,
+    train.py --resume writes the file again, so the study resumes the run; where epoch 1 was the best, nothing can,
+    and the study names the run damaged instead of resuming it for ever."""
+    run = study_runs(study_command(prepared, tmp_path / 'results', vary=('ensemble_size=2',), seeds='1'))[0]
+    assert run_main('train', *run.flags).returncode == 0
+    checkpoint = torch.load(run.paths['checkpoint.pth'], weights_only=True)
+    column = run_files.selection_column(list(checkpoint['results'][0]))
+    model, whole = run.paths['model.pth'], open(run.paths['model.pth'], 'rb').read()
+    for best, state in ((1, 'damaged'), (2, 'interrupted')):
+        results = [dict(row, **{column: 100.0 if row['epoch'] == best else 0.0}) for row in checkpoint['results']]
+        torch.save({**checkpoint, 'results': results}, run.paths['checkpoint.pth'])
+        for damage in (os.remove, lambda path: open(path, 'wb').write(whole[:len(whole) // 2])):
+            damage(model)
+            assert study.run_state(run)[0] == state, study.run_state(run)
+    result = run_main('train', *run.flags, '--resume')  # the model truncated, the checkpoint holding the best epoch
+    assert result.returncode == 0, result.stderr
+    assert 'writing it again from the checkpoint' in result.stderr
+    restored = torch.load(model, weights_only=True)
+    assert all(torch.equal(restored[name], checkpoint['model'][name]) for name in restored)
+    assert study.run_state(run) == ('finished', None)
+
+
 def test_each_state_tells_train_py_what_to_do():
     run = study.Run((), 1, 'f', ['--x'], train.get_args_parser().parse_args(['--gpu_ids', 'cpu']))
     assert study.job_command(run, 'interrupted', 0)[-1] == '--resume'
@@ -281,16 +310,18 @@ def readme_recipe_command():
     return shlex.split(lines[0])[2:]
 
 
-# the tiny model for one epoch, over the recipe's own flags
-EPOCHS = TINY.index('--num_epochs')
-RECIPE_OVERRIDES = [*TINY[:EPOCHS], '--num_epochs', '1', *TINY[EPOCHS + 2:]]
+# the tiny model for one epoch, over the recipe's own flags, keeping its E and M (whose published numbers it sets
+# beside), which share_type layer4 makes 48 small heads
+RECIPE_OVERRIDES = ['--no_pretrained', '--image_size', '32', '--share_type', 'layer4', '--batch_size', '4',
+                    '--num_epochs', '1', '--num_workers', '0']
 
 
 @pytest.fixture
 def demo_as_cub(tmp_path, monkeypatch):
-    """A small demo (8 classes of 6 images) standing where CUB-200-2011 is prepared: a folder holding data dicts."""
-    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 8)
-    monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 6)
+    """A small demo (24 classes of 4 images: 12 to train, the recipe's M) standing where CUB-200-2011 is prepared: a
+    folder holding data dicts."""
+    monkeypatch.setattr(data_utils, 'DEMO_CLASSES', 24)
+    monkeypatch.setattr(data_utils, 'DEMO_IMAGES_PER_CLASS', 4)
     data = tmp_path / 'data'
     data_utils.prepare(str(data), 'demo', num_workers=1)
     os.rename(data / 'demo', data / 'cub')
@@ -313,7 +344,7 @@ def test_recipes_give_whole_configurations_and_a_grid_crosses_them():
     assert (sop.args.data_name, sop.args.meta_class_size, sop.args.recalls, sop.args.model_type) == \
         ('sop', 512, [1, 10, 100, 1000], 'resnet50')
     assert sop.args.num_epochs == 1  # the flags after -- override the recipe's 40
-    assert recipes.published_metrics('sop', 'resnet50') == {
+    assert recipes.published_metrics('sop', sop.args) == {
         'published_recall@1': 85.3, 'published_recall@10': 90.7, 'published_recall@100': 93.9,
         'published_recall@1000': 96.8}
     assert_one_line_error(run_as_command('study.py', '--name', 'r', '--seeds', '1'), 2, '--vary', '--recipes')
@@ -348,6 +379,35 @@ def test_the_readme_recipe_command_skips_absent_datasets_and_sets_the_published_
     assert (row['recipe'], row['selected_by'], row['published_recall@1'], row['published_recall@8']) == \
         ('cub', 'test_recall@1', 82.0, 95.6)
     assert row['test_recall@1_mean'] == pytest.approx(best)
+
+
+def test_published_numbers_only_beside_the_configuration_they_were_published_for(capsys):
+    """Another dataset, crop, E or M under a recipe's name: one warning, and no published number beside its row;
+    only the K the run measured."""
+    def runs_of(*train_flags):
+        return study_runs(['--name', 'r', '--recipes', 'car', '--seeds', '1', '--', *train_flags])
+
+    for flags in (['--data_name', 'mini'], ['--crop_type', 'cropped'], ['--ensemble_size', '12'],
+                  ['--meta_class_size', '6']):
+        runs = runs_of(*flags)
+        assert recipes.published_metrics('car', runs[0].args) == {}
+        study.warn_of_departures(runs + runs)
+        warnings = capsys.readouterr().err.splitlines()
+        assert warnings == [f'warning: recipe car (Cars196) runs with {" ".join(flags)}, not as the original '
+                            f'published it: the summary leaves its published Recall@K out']
+        rows = study.summarize(runs, {0: {'test_recall@1': 50.0}}, {0: 'test_recall@1'})
+        assert not any(column.startswith('published_') for column in rows[0])
+    measured = runs_of('--recalls', '1,2')[0].args
+    assert recipes.published_metrics('car', measured) == {'published_recall@1': 93.4, 'published_recall@2': 96.6}
+
+
+def test_the_printed_summary_leaves_a_single_seeds_spread_empty(capsys, tmp_path):
+    args = study.get_args_parser().parse_args(['--name', 'one', '--vary', 'lr=0.1', '--seeds', '1',
+                                               '--results_dir', str(tmp_path)])
+    runs = study.grid(args, [])[1]
+    study.write_summary(args, runs, {0: {'test_recall@1': 50.0}}, {0: 'val_recall@1'})
+    printed = capsys.readouterr().out
+    assert 'NaN' not in printed and '50.00' in printed
 
 
 @pytest.mark.slow

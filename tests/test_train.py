@@ -57,7 +57,8 @@ def test_query_gallery_dataset_end_to_end(trained):
     database = torch.load(trained / 'results' / f'{prefix("shop")}_data_base.pth', weights_only=True)
     # the train split too, as the original's In-shop databases
     assert set(database) == {f'{s}_{k}' for s in ('train', 'query', 'gallery')
-                             for k in ('images', 'labels', 'features')} | {'working_dir', 'settings', 'epoch'}
+                             for k in ('images', 'labels', 'features')} | {'working_dir', 'settings', 'epoch',
+                                                                         'model_fingerprint'}
     assert database['settings']['image_size'] == int(TINY[TINY.index('--image_size') + 1])
 
 
@@ -97,7 +98,7 @@ def test_load_ids_trains_on_the_list_of_the_run_that_drew_them(tmp_path, label_t
         return run_files.RunState.begin(args, run, paths, {'train': train_dict}, None, '')
     drawn = begin()
     assert os.listdir(tmp_path) == []  # written only once the run starts, every check passed
-    run_files.start_run(args, paths, drawn.ids)
+    run_files.start_run(args, run, paths, drawn.ids)
     args.load_ids = True
     loaded = begin()
     assert torch.equal(loaded.ids, drawn.ids) and loaded.train_items == drawn.train_items
@@ -256,10 +257,13 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     assert distributed.stdout.count('Epoch 3/3 |') == 1  # only rank 0 prints
     assert '2 processes of 2 images a step' in distributed.stdout
     assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in run_files.RUN_OUTPUTS]
-                                                 + ['tiny_uncropped_fixed_2_2_ids.pth', f'.{prefix()}.lock'])
+                                                 + ['tiny_uncropped_fixed_2_2_ids.pth', f'.{prefix()}.lock',
+                                                    '.tiny_uncropped_fixed_2_2_ids.pth.lock'])
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order
+    model = torch.load(results / f'{prefix()}_model.pth', weights_only=True)
+    assert database['model_fingerprint'] == utils.weights_fingerprint(model)
     held_out = json.loads((results / f'{prefix()}_args.json').read_text())['held_out_classes']
     every_training_image = list(zip(reference['train_images'], reference['train_labels']))
     assert len(held_out) == 2
@@ -268,6 +272,20 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     assert database['train_features'].shape == (8, 4) and database['val_features'].shape == (8, 4)
     frame = pd.read_csv(results / f'{prefix()}_results.csv')
     assert len(frame) == 3 and frame[['test_recall@1', 'val_recall@4']].stack().between(0, 100).all()
+
+
+@pytest.mark.slow
+def test_evaluate_reproduces_the_best_row_of_a_torchrun_run(gloo_run):
+    """Every process embeds its shard with the main process's batch-norm statistics: the model that is saved."""
+    assert gloo_run.result().returncode == 0, gloo_run.result().stderr
+    result = run_main('evaluate', gloo_run.results / f'{prefix()}_model.pth', '--batch_size', '4',
+                      '--num_workers', '0')
+    assert result.returncode == 0, result.stderr
+    history = pd.read_csv(gloo_run.results / f'{prefix()}_results.csv')
+    best = history.loc[history['val_recall@1'].idxmax()]
+    evaluation = pd.read_csv(gloo_run.results / f'{prefix()}_eval.csv')
+    for column in evaluation.columns:
+        assert evaluation[column].iloc[0] == pytest.approx(best[column], abs=1e-4), column
 
 
 def test_seeded_sampler_shards_cover_every_sample():

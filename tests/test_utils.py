@@ -358,7 +358,7 @@ def test_run_names_parse_back(data_name, model_type):
     ('data_utils.py', ['--data_path', 'missing'], 1, 'not found'),
     ('evaluate.py', ['missing/something.pth'], 2, 'prefix'),
     ('inference.py', ['--query_img_name', 'x.jpg', '--data_base', 'missing/x_data_base.pth'], 1, 'not found'),
-    ('architecture.py', ['--output', 'a_file/figure.png'], 1, 'cannot write the figure')])
+    ('architecture.py', ['--output', 'a_file/figure.png'], 1, 'could not write a_file/figure.png')])
 def test_every_script_reports_a_user_error_in_one_line(tmp_path, script, args, code, fragment):
     """Each script, run as `python script ...` runs it, ends a user's error with one line and its exit code."""
     (tmp_path / 'a_file').write_text('not a folder')
