@@ -271,8 +271,8 @@ def test_resume_refuses_when_the_best_model_is_lost(trained, tmp_path):
     results = copy_of_run(trained, tmp_path)
     checkpoint_path = results / f'{prefix()}_checkpoint.pth'
     checkpoint = torch.load(checkpoint_path, weights_only=True)
-    checkpoint['results'][0]['test_recall@1'] = checkpoint['best_recall'] = 101.0  # epoch 1 the best: its weights
-    # are not in the checkpoint
+    # epoch 1 the best: its weights are not in the checkpoint
+    checkpoint['results'][0]['test_recall@1'] = checkpoint['best_recall'] = 101.0
     torch.save(checkpoint, checkpoint_path)
     (results / f'{prefix()}_model.pth').unlink()
     result = run_train(trained, '--resume', results=results)
