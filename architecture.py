@@ -14,9 +14,10 @@ import torch
 from matplotlib import patches
 from matplotlib import pyplot as plt
 
+import loss_choice
 import run_files
 import utils
-from model import BACKBONES, DEFAULT_LOSS, LOSSES, SHARE_TYPES, Model
+from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES, MetricLearningLoss, Model
 
 STEM, BRANCH, OUTPUT = '#dbe8f6', '#fbe3c8', '#d9efd9'
 SHOWN_BRANCHES = 3  # branches drawn before the ellipsis and the last one
@@ -27,13 +28,21 @@ def describe(args):
     on the meta device."""
     with torch.device('meta'):
         model = Model(args.meta_class_size, args.ensemble_size, args.share_type, args.model_type, pretrained=False,
-                      classifier=LOSSES[args.loss].classifier)
+                      classifier=loss_choice.LossChoice.parse(args.loss).classifier())
         shared = model.shared(torch.empty(1, 3, args.image_size, args.image_size))      # (1, C, H, W)
         features = model.branches[0].features(shared)                                   # (1, F, h, w)
     classifier = model.branches[0].fc
     return dict(stem=list(model.shared._modules), branch=list(model.branches[0].features._modules),
                 shared_shape=tuple(shared.shape[1:]), feature_shape=tuple(features.shape[1:]),
                 classifier='fc' if type(classifier) is torch.nn.Linear else type(classifier).__name__)
+
+
+def what_trains(loss):
+    """What the loss of --loss trains, in words."""
+    cls = loss_choice.loss_class(loss_choice.LossChoice.parse(loss).name)
+    if issubclass(cls, MetricLearningLoss):
+        return f'the embedding learns the classes by pytorch-metric-learning\'s {cls.library_loss.__name__}'
+    return f'branch e is a classifier of ids[e, class] ({cls.__name__}, model.py)'
 
 
 def box(axis, x, y, width, height, text, colour):
@@ -78,7 +87,7 @@ def main(args):
         arrow(axis, (9.35, y + 0.3), (9.65, middle + 0.3))
     box(axis, 9.7, middle, 1.2, 0.6, f'embedding\n{E} × {M} = {E * M}', OUTPUT)
     axis.text(0.1, -0.4, f'{args.model_type}, share_type {args.share_type}, {E} branches of {M} meta-classes. In '
-                         f'training branch e is a classifier of ids[e, class] ({LOSSES[args.loss].__name__}, model.py)'
+                         f'training {what_trains(args.loss)}'
                          + ('; w = softmax(rand(E)) in training, 1/E in evaluation' if args.with_random else ''),
               fontsize=7.5, color='#333333')
     figure.tight_layout()
@@ -97,7 +106,7 @@ def get_args_parser():
     parser.add_argument('--meta_class_size', default=12, type=utils.positive_int)
     parser.add_argument('--image_size', default=256, type=utils.positive_int)
     parser.add_argument('--with_random', action='store_true')
-    parser.add_argument('--loss', default=DEFAULT_LOSS, choices=list(LOSSES))
+    parser.add_argument('--loss', default=DEFAULT_LOSS, type=loss_choice.loss_flag)
     parser.add_argument('--output', default=os.path.join(run_files.RESULTS_DIR, 'architecture.png'))
     return parser
 

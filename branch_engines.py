@@ -3,7 +3,8 @@
 The grouped engine (grouped_branches) runs the E branches as one grouped computation, as Packed-Ensembles (Laurent
 et al., ICLR 2023) do. It knows torchvision's stages and Branch's pooling, so a Branch changed in model.py would
 train as the old one under it: choose() lets it run only where it computes what the loop computes on the run's
-model, outputs and gradients (engine_difference), and on the CUDA devices where it is faster (time_engines).
+model, outputs and gradients in training and outputs in evaluation (engine_difference), and then only on the CUDA
+devices where it is faster (time_engines).
 """
 import contextlib
 import math
@@ -186,10 +187,18 @@ def _timed(function, device, cuda):
     return time.perf_counter() - start
 
 
-def engine_difference(model, images, training=True, autocast=contextlib.nullcontext, amp=False):
-    """None when the grouped engine computes what the loop computes on this model and batch: the same outputs and,
-    in training, the same parameters' gradients, within TOLERANCE of their norms, from the same state and random
-    streams; else what differs, in words."""
+def engine_difference(model, images, autocast=contextlib.nullcontext, amp=False):
+    """None when the grouped engine computes what the loop computes on this model and batch, in training (the same
+    outputs and the same parameters' gradients) and in evaluation (the same outputs), within TOLERANCE of their norms,
+    from the same state and random streams; else what differs, in words, and in which mode."""
+    for training in (True, False):
+        difference = _mode_difference(model, images, training, autocast, amp)
+        if difference is not None:
+            return f'{difference} in {"training" if training else "evaluation"}'
+    return None
+
+
+def _mode_difference(model, images, training, autocast, amp):
     results = {}
     for name in ENGINES:
         with left_as_found(model, images.device):
@@ -197,10 +206,13 @@ def engine_difference(model, images, training=True, autocast=contextlib.nullcont
             model.branch_engine = ENGINES[name]
             model.zero_grad(set_to_none=True)
             torch.manual_seed(0)  # the same --with_random weights for both
-            try:
+            if name == 'loop':  # the model's own function: what fails here fails in training, where it says so
                 logits = step(model, images, training, autocast)
-            except (TypeError, RuntimeError) as e:  # a module it cannot run, or shapes it does not give
-                return f'it fails on this model ({type(e).__name__}: {str(e).splitlines()[0]})'
+            else:
+                try:
+                    logits = step(model, images, training, autocast)
+                except Exception as e:  # a module it cannot run, shapes it does not give, whatever the module raises
+                    return f'it fails on this model ({type(e).__name__}: {str(e).strip().splitlines()[0]})'
             results[name] = logits, [p.grad for p in model.parameters()]
     tolerance = TOLERANCE['autocast' if amp else 'float32']
     (loop, loop_grads), (grouped, grouped_grads) = results['loop'], results['grouped']
@@ -243,9 +255,11 @@ def check_images(images):
 def choose(model, flag, images, training=True, autocast=contextlib.nullcontext, amp=False):
     """Set model.branch_engine for --branch_impl flag and return the line that says which engine runs and why.
     loop: the loop. grouped: the grouped engine, refused (EngineRefused) unless it computes what the loop computes on
-    this model (engine_difference, on check_images). auto: on the TIMED_DEVICES the faster of the two on images
-    (time_engines), where grouped also passes that check (otherwise the line says why the loop runs); elsewhere the
-    loop. images: a batch of the run's shape on the model's device."""
+    this model, in training and in evaluation (engine_difference, on check_images). auto: on the TIMED_DEVICES, where
+    grouped passes that check (otherwise the line says why the loop runs), the faster of the two on images
+    (time_engines, a training step where training, else a forward pass); elsewhere the loop. The check comes before
+    any timing: an engine is timed only on a model it computes. images: a batch of the run's shape on the model's
+    device."""
     device = images.device
     model.branch_engine = None
     if flag == 'loop':
@@ -253,6 +267,13 @@ def choose(model, flag, images, training=True, autocast=contextlib.nullcontext, 
     if flag == 'auto' and device.type not in TIMED_DEVICES:
         return f'branch engine: loop (--branch_impl auto on the {device.type.upper()}, where grouped convolutions ' \
                f'measured slower)'
+    difference = engine_difference(model, check_images(images), autocast, amp)
+    if difference is not None and flag == 'grouped':
+        raise EngineRefused(f'--branch_impl grouped does not compute this model\'s branches: {difference}; '
+                            f'use --branch_impl loop or auto')
+    if difference is not None:
+        return f'branch engine: loop (--branch_impl auto; the grouped engine does not compute this model\'s ' \
+               f'branches: {difference})'
     timing = ''
     if flag == 'auto':
         seconds = time_engines(model, images, training, autocast)
@@ -262,12 +283,6 @@ def choose(model, flag, images, training=True, autocast=contextlib.nullcontext, 
                   + f' per {step_name} of {images.shape[0]} images')
         if seconds['loop'] <= seconds['grouped']:
             return f'branch engine: loop (--branch_impl auto{timing})'
-    difference = engine_difference(model, check_images(images), training, autocast, amp)
-    if difference is not None and flag == 'grouped':
-        raise EngineRefused(f'--branch_impl grouped does not compute this model\'s branches: {difference}; '
-                            f'use --branch_impl loop or auto')
-    if difference is not None:
-        return f'branch engine: loop (--branch_impl auto{timing}; the grouped engine does not compute this ' \
-               f'model\'s branches: {difference})'
     model.branch_engine = grouped_branches
-    return f'branch engine: grouped (--branch_impl {flag}{timing}; checked against the loop on this model)'
+    return f'branch engine: grouped (--branch_impl {flag}{timing}; checked against the loop on this model, in ' \
+           f'training and in evaluation)'

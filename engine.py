@@ -2,7 +2,9 @@
 building and placing the model (its branch engine, torch.compile, DataParallel or DistributedDataParallel), the
 training step, embedding and retrieval evaluation. train.py, evaluate.py and benchmark.py all run models through
 these functions, so that each is written once."""
+import copy
 import importlib.util
+import itertools
 import os
 import shutil
 import socket
@@ -15,7 +17,8 @@ from torch import nn
 import branch_engines
 import original
 import utils
-from model import LOSSES, Model, PretrainedWeightsUnavailable, embed
+from loss_choice import LossChoice
+from model import Model, PretrainedWeightsUnavailable, embed
 
 DEFAULT_GPU_IDS = '0,1'
 # images per batch when embedding (evaluation, databases): sized for throughput; an image's embedding depends on it
@@ -213,12 +216,14 @@ def any_process(flags, device):
 # ----------------------------------------------------------------------------- the model
 
 def build_model(run, pretrained):
-    """The Model a RunName describes, its branches ending in the classifier of the run's loss."""
-    if run.loss not in LOSSES:
-        raise utils.UsageError(f'{run.prefix}: no loss {run.loss!r} in model.LOSSES ({", ".join(LOSSES)})')
+    """The Model a RunName describes, its branches ending in the classifier of the run's loss and its settings."""
+    try:
+        classifier = LossChoice.parse(run.loss).classifier()
+    except ValueError as e:
+        raise utils.UsageError(f'{run.prefix}: {e}') from None
     try:
         return Model(run.meta_class_size, run.ensemble_size, run.share_type, run.model_type, run.with_random,
-                     pretrained=pretrained, classifier=LOSSES[run.loss].classifier)
+                     pretrained=pretrained, classifier=classifier)
     except PretrainedWeightsUnavailable as e:
         raise utils.ReirError(str(e)) from None
 
@@ -320,6 +325,53 @@ def data_parallel_note(model, gpu_ids):
             f'from GPU {gpu_ids[0]} to the others and sums the gradients back; where that outweighs the step (small '
             f'batches, GPUs without NVLink) torchrun --nproc_per_node={len(gpu_ids)} train.py ... is faster '
             f'(README: Speed)')
+
+
+def training_loss(args, num_classes, loader, device):
+    """The loss of --loss (loss_choice.LossChoice) that a run on num_classes training classes trains with, on the
+    device, once it has computed a loss and its gradient on the classes of every process's first batch of the training
+    loader: a loss that cannot (a library loss that needs several images of a class in a batch, or inputs other than
+    labelled embeddings) is refused with one line before anything is written, and one that gives no gradient there
+    (a loss of pairs of a class, on a batch without two images of one) is warned of."""
+    try:
+        criterion = LossChoice.parse(args.loss).build(args.ensemble_size, args.meta_class_size, num_classes)
+    except Exception as e:  # a library loss's constructor checks its settings with its own exceptions
+        raise utils.UsageError(f'--loss {args.loss}: {type(e).__name__}: {first_line(e)}') from None
+    criterion = criterion.to(device)
+    labels = [loader.dataset.targets[index] for index, _ in itertools.islice(loader.sampler, loader.batch_size)]
+    problems = [p for p in gather_objects(loss_problem(criterion, labels, args, device)) if p]
+    if problems and problems[0].startswith('no gradient'):
+        utils.warn(f'--loss {args.loss} gives {problems[0]}: losses that compare images of a class need several of '
+                   f'one in a batch (--m_per_class)')
+    elif problems:
+        pairs = [index // 2 for index in range(len(labels))]  # a batch of groups of 2 images of a class
+        grouped = not args.m_per_class and loss_problem(criterion, pairs, args, device) is None
+        raise utils.UsageError(f'--loss {args.loss} cannot train on this run\'s batches ({problems[0]})'
+                               + ('; it trains on batches of groups of images of a class: pass --m_per_class'
+                                  if grouped else ''))
+    return criterion
+
+
+def loss_problem(criterion, labels, args, device):
+    """Why the loss cannot train on a batch of these class indices, or None: it fails on random logits, or gives
+    them no gradient. Tried on a copy, with the random streams forked: the run's loss and draws are untouched."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (len(labels), args.ensemble_size, args.meta_class_size)
+    logits = torch.randn(shape, generator=generator).to(device).requires_grad_()
+    meta_labels = torch.randint(args.meta_class_size, shape[:2], generator=generator).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == 'cuda' else []):
+        try:
+            copy.deepcopy(criterion)(logits, meta_labels, torch.tensor(labels, device=device)).backward()
+        except Exception as e:  # whatever a library loss raises on inputs it cannot take
+            return f'{type(e).__name__}: {first_line(e)}'
+    if logits.grad is None or not logits.grad.any():
+        return f'no gradient on the first batch of {len(labels)} images of {len(set(labels))} classes'
+    return None
+
+
+def first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else 'no message'
 
 
 def adam(params, lr, device):

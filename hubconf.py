@@ -5,7 +5,7 @@
 """
 import trained
 
-dependencies = ['torch', 'torchvision', 'numpy', 'PIL']
+dependencies = ['torch', 'torchvision', 'numpy', 'PIL', 'pytorch_metric_learning']
 
 
 def reir(run, prefix=None, image_size=None, exact_pipeline=None, data_path=None, device='cpu'):

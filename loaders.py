@@ -63,14 +63,19 @@ class RunData:
 
 def train_loader(args, data_dicts, train_items, options, process):
     """The sampled training list [(path, class index)], each image with its class index (a class's meta-classes
-    are its column of the ids), shuffled and augmented from (--seed, epoch) (SeededSampler); under torch.distributed
-    each process reads its share, --batch_size / world images a step."""
+    are its column of the ids), shuffled and augmented from (--seed, epoch) (SeededSampler), or drawn as groups of
+    --m_per_class images of a class (ClassGroupSampler); under torch.distributed each process reads its share,
+    --batch_size / world images a step."""
     transform, min_side = utils.input_pipeline(args.crop_type, True, args.image_size, data_dicts['mean'],
                                                data_dicts['std'], args.exact_pipeline)
-    dataset = utils.TrainReader(os.path.join(args.data_path, args.data_name), train_items,
-                                [index for _, index in train_items], transform, min_side)
-    sampler = SeededSampler(len(dataset), args.seed, process.rank, process.world)
+    labels = [index for _, index in train_items]
+    dataset = utils.TrainReader(os.path.join(args.data_path, args.data_name), train_items, labels, transform, min_side)
     batch_size = args.batch_size // process.world
+    if args.m_per_class:
+        check_class_groups(args, len(set(labels)), process.world)
+        sampler = ClassGroupSampler(labels, args.m_per_class, args.batch_size, args.seed, process.rank, process.world)
+    else:
+        sampler = SeededSampler(len(dataset), args.seed, process.rank, process.world)
     drop_last = drop_last_batch(args, batch_size, len(sampler), max(1, len(process.gpu_ids)))
     return Loader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last, **options)
 
@@ -202,6 +207,60 @@ class SeededSampler(Sampler):
         order, seeds = torch.cat([order, order[:padding]]), torch.cat([seeds, seeds[:padding]])
         mine = slice(self.skip + self.rank, None, self.num_replicas)
         return iter(zip(order[mine].tolist(), seeds[mine].tolist()))
+
+
+def check_class_groups(args, num_classes, world):
+    """Refuse, before any work, an --m_per_class that cannot form the batches of a run on num_classes training classes
+    over world processes: each process's share of a batch must be whole groups, of distinct classes."""
+    m, per_process = args.m_per_class, args.batch_size // world
+    if per_process % m:
+        share = f'each of the {world} processes\' {per_process} images' if world > 1 else f'--batch_size {per_process}'
+        raise utils.UsageError(f'--m_per_class {m}: {share} cannot be groups of {m} images of a class; make '
+                               f'--batch_size a multiple of {m * world}')
+    if args.batch_size // m > num_classes:
+        raise utils.UsageError(f'--m_per_class {m}: a batch of {args.batch_size} images would need '
+                               f'{args.batch_size // m} classes, and the run trains on {num_classes}; lower '
+                               f'--batch_size or raise --m_per_class')
+
+
+class ClassGroupSampler(Sampler):
+    """Batches of batch_size images as groups of m images of a class, batch_size / m distinct classes each, for the
+    losses that compare images of a class: every batch's classes drawn at random, and m images of each, without
+    replacement where the class has m or more (as pytorch-metric-learning's MPerClassSampler draws them, which cannot
+    serve here: it draws from numpy's global random state, which neither (seed, epoch) nor a checkpoint gives back).
+    An epoch has as many batches as the uniform draw (ceil(images / batch_size)), drawn from (seed, epoch) alone, with
+    an augmentation seed per sample, as SeededSampler; under torch.distributed each of num_replicas processes takes its
+    contiguous part of every batch (whole groups: check_class_groups), so that skipping k steps skips k batches."""
+
+    def __init__(self, labels, m, batch_size, seed, rank=0, num_replicas=1):
+        self.m, self.batch_size, self.seed, self.epoch, self.skip = m, batch_size, seed, 0, 0
+        self.rank, self.num_replicas = rank, num_replicas
+        by_class = {}
+        for index, label in enumerate(labels):
+            by_class.setdefault(label, []).append(index)
+        self.members = [torch.tensor(by_class[label]) for label in sorted(by_class)]  # each class's sample indices
+        self.batches = -(-len(labels) // batch_size)
+
+    def set_epoch(self, epoch, skip=0):
+        """Sample epoch, leaving out the first skip samples of its order (whole batches)."""
+        self.epoch, self.skip = epoch, skip
+
+    def __len__(self):
+        return (self.batches - self.skip // self.batch_size) * (self.batch_size // self.num_replicas)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(utils.epoch_seed(self.seed, self.epoch))
+        groups = []
+        for _ in range(self.batches):
+            for c in torch.randperm(len(self.members), generator=generator)[:self.batch_size // self.m].tolist():
+                own = self.members[c]
+                pick = (torch.randperm(len(own), generator=generator)[:self.m] if len(own) >= self.m
+                        else torch.randint(len(own), (self.m,), generator=generator))
+                groups.append(own[pick])
+        order = torch.cat(groups).view(self.batches, self.num_replicas, -1)   # (batches, processes, images of each)
+        seeds = torch.randint(2 ** 62, order.shape, generator=generator)
+        mine = (slice(self.skip // self.batch_size, None), self.rank)
+        return iter(zip(order[mine].flatten().tolist(), seeds[mine].flatten().tolist()))
 
 
 class ShardSampler(Sampler):

@@ -7,15 +7,19 @@ retrieves with the concatenation of their L2-normalized outputs. REIR shares the
 members, so that the ensemble is one network trained jointly.
 
 To try an idea, change it here: a loss is one class and its entry in LOSSES (EnsembleCrossEntropy shows what a
-loss is given), and a loss names the classifier every branch ends with. Nothing here knows of files, devices or
-processes.
+loss is given), its settings the keyword arguments of its constructor, with their defaults, and a loss names the
+classifier every branch ends with. Every loss of pytorch-metric-learning trains REIR's embedding through
+MetricLearningLoss. Nothing here knows of files, devices or processes.
 """
 import copy
+import functools
+import inspect
 import math
 from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
+from pytorch_metric_learning import losses as pml_losses
 from torch import nn
 from torchvision import models
 
@@ -92,7 +96,7 @@ class Model(nn.Module):
     its expectation, so that embeddings are deterministic.
 
     classifier: the layer every branch ends with, given (in_features, meta_class_size): nn.Linear, or the one the
-    run's loss names (a loss's classifier attribute).
+    run's loss names (its classifier(settings)).
 
     branch_engine: None runs the branches one after the other; a function (branches, shared feature, weights or
     None) -> (B, E, M) that computes the same faster may replace the loop (branch_engines.py, which checks that it
@@ -155,13 +159,17 @@ class EnsembleCrossEntropy(nn.Module):
     over the branches, every branch ending in nn.Linear.
 
     What every loss is: an nn.Module built with (ensemble_size, meta_class_size, num_classes), the number of
-    training classes, and called with the logits (B, E, M), every image's meta-class for each branch (B, E) and its
-    training class (B,), returning the batch's loss. Its parameters are trained with the model's and its state is
-    saved in the run's checkpoint. `classifier` is the layer its branches end with."""
-    classifier = nn.Linear
+    training classes, and its settings (keyword arguments with defaults, which --loss NAME:KEY=VALUE sets), and called
+    with the logits (B, E, M), every image's meta-class for each branch (B, E) and its training class (B,), returning
+    the batch's loss. Its parameters are trained with the model's and its state is saved in the run's checkpoint.
+    classifier(settings) names the layer its branches end with, (in_features, meta_class_size) -> module."""
 
     def __init__(self, ensemble_size, meta_class_size, num_classes):
         super().__init__()
+
+    @classmethod
+    def classifier(cls, settings):
+        return nn.Linear
 
     def forward(self, logits, meta_labels, labels):
         return F.cross_entropy(logits.flatten(0, 1), meta_labels.flatten())  # (B * E, M) against (B * E,)
@@ -169,10 +177,84 @@ class EnsembleCrossEntropy(nn.Module):
 
 class NormSoftmaxLoss(EnsembleCrossEntropy):
     """Normalized softmax (Zhai & Wu, BMVC 2019; pytorch-metric-learning's NormalizedSoftmaxLoss) for every
-    branch: its classifier is a CosineClassifier (temperature 0.05), trained with the same averaged cross-entropy.
-    The model's logits are then those cosines over the temperature, and the embedding is formed from them."""
-    classifier = CosineClassifier
+    branch: its classifier is a CosineClassifier, trained with the same averaged cross-entropy. The model's logits are
+    then those cosines over the temperature, and the embedding is formed from them.
+    temperature: the classifier's (0.05, the paper's); the classifier holds it, the loss only names it."""
+
+    def __init__(self, ensemble_size, meta_class_size, num_classes, temperature=0.05):
+        super().__init__(ensemble_size, meta_class_size, num_classes)
+
+    @classmethod
+    def classifier(cls, settings):
+        return functools.partial(CosineClassifier, temperature=settings['temperature'])
+
+
+class MetricLearningLoss(nn.Module):
+    """A loss of pytorch-metric-learning (--loss pml.<ClassName>, Musgrave et al.) on REIR's retrieval embedding,
+    embed(logits) (B, E * M), against the images' training classes: the meta-classes are not used, and the branches
+    end in nn.Linear. MetricLearningLoss.of(class name) is the loss class for one of the library's losses, its
+    settings the library loss's own keyword arguments (margin=0.1, alpha=32 for ProxyAnchorLoss). A loss that holds
+    proxies or weights (ProxyAnchorLoss, ArcFaceLoss, ...) is built for that embedding size and the training classes
+    (SIZES); its tensors that are neither parameters nor buffers (DynamicSoftMarginLoss's histogram) become buffers,
+    so that the run's checkpoint holds all of its state."""
+    library_loss = None  # the library's loss class, set by of()
+    # the constructor arguments filled in for the run rather than set: (E, M, training classes) -> value
+    SIZES = {'num_classes': lambda E, M, C: C, 'embedding_size': lambda E, M, C: E * M,
+             'descriptors_dim': lambda E, M, C: E * M,  # P2SGradLoss's name for the embedding size
+             'l': lambda E, M, C: E * M}                # ManifoldLoss's
+    # constructor arguments that are not settings: objects (a distance, a reducer, regularizers and their weights,
+    # another loss) and record keeping
+    NOT_SETTINGS = ('distance', 'reducer', 'embedding_regularizer', 'embedding_reg_weight', 'weight_regularizer',
+                    'weight_reg_weight', 'weight_init_func', 'mat_based_loss', 'collect_stats')
+
+    def __init__(self, ensemble_size, meta_class_size, num_classes, **settings):
+        super().__init__()
+        accepted = constructor_arguments(self.library_loss)
+        sizes = {name: size(ensemble_size, meta_class_size, num_classes) for name, size in self.SIZES.items()
+                 if name in accepted}
+        self.loss = self.library_loss(**sizes, **settings)
+        for module in self.loss.modules():
+            for name, value in list(vars(module).items()):
+                if isinstance(value, torch.Tensor):  # a plain attribute (parameters and buffers are not in vars):
+                    delattr(module, name)             # it would be left out of the state_dict, and of a checkpoint
+                    module.register_buffer(name, value)
+
+    @classmethod
+    def of(cls, class_name):
+        """The loss class of pytorch-metric-learning's loss of that name; ValueError where the library has none (its
+        bases and the wrappers of other losses are not losses by themselves)."""
+        found = getattr(pml_losses, class_name, None)
+        if not (inspect.isclass(found) and issubclass(found, pml_losses.BaseMetricLossFunction)) \
+                or found in (pml_losses.BaseMetricLossFunction, pml_losses.GenericPairLoss):
+            kind = 'is a base or a wrapper of its losses' if inspect.isclass(found) else 'is not one of its losses'
+            raise ValueError(f'pytorch-metric-learning\'s {class_name} {kind}: name one of them, e.g. '
+                             f'{PML_PREFIX}ProxyAnchorLoss or {PML_PREFIX}MultiSimilarityLoss')
+        return type(f'MetricLearning{class_name}', (cls,), {'library_loss': found})
+
+    @classmethod
+    def classifier(cls, settings):
+        return nn.Linear
+
+    def forward(self, logits, meta_labels, labels):
+        return self.loss(embed(logits), labels)
+
+
+def constructor_arguments(loss_class):
+    """{name: default, or inspect.Parameter.empty where required} of every argument loss_class takes by name: its
+    __init__'s, and where that hands **kwargs on, its bases' (as pytorch-metric-learning's losses do)."""
+    arguments = {}
+    for cls in loss_class.__mro__:
+        if '__init__' not in vars(cls):
+            continue
+        parameters = list(inspect.signature(vars(cls)['__init__']).parameters.values())[1:]  # after self
+        for parameter in parameters:
+            if parameter.kind not in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
+                arguments.setdefault(parameter.name, parameter.default)
+        if not any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters):
+            break
+    return arguments
 
 
 LOSSES = {'ce': EnsembleCrossEntropy, 'normsoftmax': NormSoftmaxLoss}
 DEFAULT_LOSS = 'ce'  # the original REIR's
+PML_PREFIX = 'pml.'  # --loss pml.<ClassName>: MetricLearningLoss over that loss of pytorch-metric-learning

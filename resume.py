@@ -26,7 +26,7 @@ CHECKPOINT_MINUTES = 10  # without --checkpoint_every, a checkpoint inside an ep
 RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids', 'data_path', 'results_dir',
                      'branch_impl', 'checkpoint_every', 'eval_batch_size', 'compile')
 # flags added after runs were started: what a checkpoint without them was trained with
-LATER_FLAG_DEFAULTS = {'val_classes': 0, 'loss': DEFAULT_LOSS}
+LATER_FLAG_DEFAULTS = {'val_classes': 0, 'loss': DEFAULT_LOSS, 'm_per_class': 0}
 EPOCH_START = (0, [0.0, 0, 0, 0])  # (steps done, running sums: loss, correct labels, images, skipped images)
 # under torch.distributed, the processes agree on a stop or a timed checkpoint (a collective) every this many steps
 # or evaluation batches

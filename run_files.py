@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import loss_choice
 import original
 import utils
 from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES
@@ -43,7 +44,9 @@ HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training
 class RunName:
     """The settings that name a run's files: every file of a run starts with its prefix,
     <data_name>_<crop_type>_<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>, as the original
-    REIR's, followed by _<loss> for a loss other than the original's (model.DEFAULT_LOSS)."""
+    REIR's, followed by _<loss> for a loss other than the original's (model.DEFAULT_LOSS), its settings given other
+    values than their defaults after it (_normsoftmax-temperature=0.1: loss_choice.prefix_part). loss: the --loss
+    text (loss_choice.LossChoice.text)."""
     data_name: str
     crop_type: str
     label_type: str
@@ -58,7 +61,7 @@ class RunName:
         rf'^(?P<data_name>.+)_(?P<crop_type>{"|".join(utils.CROP_TYPES)})_(?P<label_type>{"|".join(utils.LABEL_TYPES)})'
         rf'_(?P<randomness>random|unrandom)_(?P<share_type>{"|".join(SHARE_TYPES)})'
         rf'_(?P<model_type>{"|".join(BACKBONES)})_(?P<ensemble_size>\d+)_(?P<meta_class_size>\d+)'
-        rf'(?:_(?P<loss>[a-z][a-z0-9]*))?$')
+        rf'(?:_(?P<loss>{loss_choice.PREFIX_PATTERN}))?$')
 
     @classmethod
     def from_args(cls, args):
@@ -72,12 +75,13 @@ class RunName:
             return None
         return cls(match['data_name'], match['crop_type'], match['label_type'], match['randomness'] == 'random',
                    match['share_type'], match['model_type'], int(match['ensemble_size']),
-                   int(match['meta_class_size']), match['loss'] or DEFAULT_LOSS)
+                   int(match['meta_class_size']),
+                   loss_choice.text_of_prefix_part(match['loss']) if match['loss'] else DEFAULT_LOSS)
 
     @property
     def prefix(self):
         randomness = 'random' if self.with_random else 'unrandom'
-        loss = '' if self.loss == DEFAULT_LOSS else f'_{self.loss}'
+        loss = '' if self.loss == DEFAULT_LOSS else f'_{loss_choice.prefix_part(self.loss)}'
         return (f'{self.data_name}_{self.crop_type}_{self.label_type}_{randomness}_{self.share_type}_'
                 f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}{loss}')
 
@@ -475,11 +479,11 @@ def selected_row(rows):
 # ----------------------------------------------------------------------------- settings
 
 def recorded_settings(args, data_dicts, held_out):
-    """What <prefix>_args.json and the database record of the run: its flags, the normalization it used (a
-    folder dataset prepared again with more images gets another mean and std) and the training classes it held
-    out for validation."""
-    return dict(vars(args), mean=list(data_dicts['mean']), std=list(data_dicts['std']),
-                held_out_classes=sorted(held_out))
+    """What <prefix>_args.json and the database record of the run: its flags, every setting of its loss (those --loss
+    left at their defaults too), the normalization it used (a folder dataset prepared again with more images gets
+    another mean and std) and the training classes it held out for validation."""
+    return dict(vars(args), loss_settings=loss_choice.LossChoice.parse(args.loss).settings(),
+                mean=list(data_dicts['mean']), std=list(data_dicts['std']), held_out_classes=sorted(held_out))
 
 
 # what the recorded settings of a run (<prefix>_args.json, the checkpoint's args) hold where present, as (what it

@@ -108,13 +108,28 @@ def recipe_list(text):
 
 
 def varied_flag(text):
-    """FLAG=V1,V2,... as (flag, [values])."""
+    """FLAG=V1,V2,... as (flag, [values]). A loss's settings are separated by commas too: in loss=V1,V2,... a KEY=VALUE
+    after a value is one more of its settings (loss=ce,pml.ProxyAnchorLoss:margin=0.2,alpha=16 is two losses)."""
     flag, _, values = text.partition('=')
     flag = flag.strip().removeprefix('--')
     values = [v.strip() for v in values.split(',') if v.strip()]
+    if flag == 'loss':
+        values = loss_values(values)
     if not flag or not values:
         raise argparse.ArgumentTypeError(f'{text!r} is not FLAG=V1,V2,...')
     return flag, values
+
+
+def loss_values(pieces):
+    """The --loss values of the comma-separated pieces of loss=V1,V2,...: a KEY=VALUE after a value with settings is
+    one more of them."""
+    values = []
+    for piece in pieces:
+        if values and ':' in values[-1] and '=' in piece and ':' not in piece:
+            values[-1] += f',{piece}'
+        else:
+            values.append(piece)
+    return values
 
 
 # ----------------------------------------------------------------------------- the grid

@@ -5,7 +5,7 @@
         --ensemble_size 12 --batch_size 32 --num_epochs 8
     torchrun --nproc_per_node=4 train.py --data_name sop --batch_size 40
 
-A run's story, in train(): the data, the model, its loss (model.LOSSES, --loss), the optimizer, what a --resume
+A run's story, in train(): the data, the model, its loss (--loss, loss_choice.py), the optimizer, what a --resume
 continues, the epochs (train_one_epoch, evaluation, the epoch's files), and the embedding database of the selected
 model. Everything a run writes starts with its prefix (run_files.RunName): <prefix>_results.csv (a row per epoch),
 _model.pth, _args.json and _data_base.pth (at the best Recall@K for the first K of --recalls: on the test split as
@@ -38,11 +38,12 @@ from tqdm import tqdm
 import data_base
 import engine
 import loaders
+import loss_choice
 import resume
 import run_files
 import utils
 from branch_engines import BRANCH_IMPLS
-from model import BACKBONES, DEFAULT_LOSS, LOSSES, SHARE_TYPES
+from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES
 
 LR_MILESTONES = (0.5, 0.7)  # fractions of the epochs where the learning rate drops
 LR_GAMMA = 0.1
@@ -96,10 +97,12 @@ def add_method_flags(group):
                             'without the distinct-code check (the original\'s create_random_id)')
     group.add_argument('--with_random', action='store_true',
                        help='scale the shared feature per branch by softmax(rand(E)) in training')
-    group.add_argument('--loss', default=DEFAULT_LOSS, choices=list(LOSSES),
+    group.add_argument('--loss', default=DEFAULT_LOSS, type=loss_choice.loss_flag, metavar='NAME[:KEY=VALUE,...]',
                        help='ce: cross-entropy of every branch, the original\'s; normsoftmax: every branch a '
-                            'normalized-softmax classifier (cosine / 0.05). A run of another loss than ce ends its '
-                            'prefix with _<loss>')
+                            'normalized-softmax classifier (settings: temperature=0.05); pml.<ClassName>: that loss of '
+                            'pytorch-metric-learning on the embedding, against the classes (pml.ProxyAnchorLoss:'
+                            'margin=0.1,alpha=32). A run of another loss than ce, or of other settings than its '
+                            'defaults, ends its prefix with them (_normsoftmax-temperature=0.1)')
     group.add_argument('--load_ids', action='store_true',
                        help='reuse the meta-class ids saved under results/ instead of drawing new ones')
     group.add_argument('--no_pretrained', action='store_true', help='start from random weights, not ImageNet')
@@ -108,6 +111,9 @@ def add_method_flags(group):
 def add_training_flags(group):
     group.add_argument('--batch_size', default=10, type=utils.int_in_range(1),
                        help='images per step (all GPUs together)')
+    group.add_argument('--m_per_class', default=0, type=utils.int_in_range(0),
+                       help='draw every batch as groups of N images of a class, as losses that compare images of a '
+                            'class need (pml.MultiSimilarityLoss, ...); 0: images drawn uniformly, as the original')
     group.add_argument('--num_epochs', default=20, type=utils.int_in_range(1))
     group.add_argument('--lr', default=1e-4, type=utils.positive_float,
                        help='Adam learning rate (the original 1e-4 suits ImageNet weights; from scratch try 1e-3)')
@@ -167,10 +173,10 @@ def train(args, run, paths, process, signals):
 
     # ------------------------------------------------------------------ model, loss, optimizer
     model, module = engine.training_model(run, args, process)
-    criterion = LOSSES[args.loss](args.ensemble_size, args.meta_class_size, data.num_classes).to(process.device)
+    criterion = engine.training_loss(args, data.num_classes, data.train, process.device)
     optimizer = engine.adam([*model.parameters(), *criterion.parameters()], args.lr, process.device)
-    milestones = [int(args.num_epochs * fraction) for fraction in LR_MILESTONES]
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=LR_GAMMA)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=lr_milestones(args.num_epochs),
+                                                     gamma=LR_GAMMA)
     trainable = dict(model=module, loss=criterion, optimizer=optimizer, scheduler=scheduler,
                      scaler=engine.grad_scaler(process.device, args.amp))
 
@@ -235,6 +241,12 @@ def train_one_epoch(model, trainable, loader, state, start, checkpointer, args):
             last_read = time.monotonic()
         checkpointer.after_step(step, sums)
     return sums.epoch_stats()
+
+
+def lr_milestones(num_epochs):
+    """The epochs after which the learning rate drops: 50% and 70% of the run, as the original. A milestone at epoch 0
+    (a run of one epoch) is left out: it would lower the rate before the first step."""
+    return [epoch for epoch in (int(num_epochs * fraction) for fraction in LR_MILESTONES) if epoch > 0]
 
 
 def step_scheduler(scheduler):

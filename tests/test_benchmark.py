@@ -77,6 +77,7 @@ def optimizer_moments(optimizer):
     return [state['exp_avg'] for state in optimizer.state_dict()['state'].values()]
 
 
+@pytest.mark.slow
 def test_the_step_profile_times_every_phase_of_train_py_s_step(tmp_path, monkeypatch):
     """benchmark.py step on a toy model: the phases of engine.train_step (the step train.py runs) timed, operations
     counted, the checkpoint written as train.py writes it with steps run while it is written, and the embedding

@@ -10,7 +10,7 @@ from torch import nn
 import branch_engines
 import model as model_module
 from branch_engines import ENGINES, grouped_branches, time_engines
-from conftest import DEVICES, data_parallel_replica
+from conftest import DEVICES, assert_one_line_error, data_parallel_replica, run_train, written_files
 from model import BACKBONES, SHARE_TYPES, CosineClassifier, Model
 
 
@@ -212,6 +212,72 @@ def test_grouped_asked_for_on_a_changed_branch_is_refused(changed_branch):
     assert net.branch_engine is None
 
 
+def max_pooled_in_evaluation(self, x):
+    """A Branch.forward that trains as REIR's and embeds otherwise: max pooling in evaluation only."""
+    pool = F.adaptive_avg_pool2d if self.training else F.adaptive_max_pool2d
+    return self.fc(torch.flatten(pool(self.features(x), 1), 1))
+
+
+def with_dropout(net):
+    """Every branch's stages followed by a Dropout, a module the grouped engine does not know."""
+    for branch in net.branches:
+        branch.features.append(nn.Dropout(0.1))
+    return net
+
+
+@pytest.fixture
+def timed_after_the_check(monkeypatch):
+    """auto's CUDA path on the CPU: timed (grouped faster) by a fake timer that records when it runs, after the real
+    check or not at all."""
+    events = []
+    check = branch_engines.engine_difference
+
+    def checked(*args, **kwargs):
+        events.append('check')
+        return check(*args, **kwargs)
+
+    def timed(*args, **kwargs):
+        events.append('timing')
+        return {'loop': 2.0, 'grouped': 1.0}
+    monkeypatch.setattr(branch_engines, 'TIMED_DEVICES', ('cuda', 'cpu'))
+    monkeypatch.setattr(branch_engines, 'engine_difference', checked)
+    monkeypatch.setattr(branch_engines, 'time_engines', timed)
+    return events
+
+
+def test_auto_checks_before_it_times_and_falls_back_on_either_change(monkeypatch, timed_after_the_check):
+    """A branch that embeds otherwise in evaluation, and one with a module the grouped engine cannot run, each run the
+    loop under auto, with one line saying why, and neither is timed; an unchanged model is checked, then timed."""
+    net = Model(5, 3, share_type='layer3', pretrained=False)
+    line = branch_engines.choose(net, 'auto', torch.randn(4, 3, 64, 64))
+    assert net.branch_engine is grouped_branches and timed_after_the_check == ['check', 'timing']
+    timed_after_the_check.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(model_module.Branch, 'forward', max_pooled_in_evaluation)
+        net = Model(5, 3, share_type='layer3', pretrained=False)
+        line = branch_engines.choose(net, 'auto', torch.randn(4, 3, 64, 64))
+    assert net.branch_engine is None and timed_after_the_check == ['check']
+    assert line.startswith('branch engine: loop (--branch_impl auto; the grouped engine does not compute this')
+    assert 'its logits differ from the loop\'s by' in line and line.endswith('of their norm in evaluation)')
+    timed_after_the_check.clear()
+    net = with_dropout(Model(5, 3, share_type='layer3', pretrained=False))
+    line = branch_engines.choose(net, 'auto', torch.randn(4, 3, 64, 64))
+    assert net.branch_engine is None and timed_after_the_check == ['check']
+    assert line.endswith('it fails on this model (TypeError: the grouped branch engine cannot run Dropout) in '
+                         'training)')
+
+
+def test_grouped_is_refused_on_either_change_in_one_line(monkeypatch, tiny):
+    net = with_dropout(Model(5, 3, share_type='layer3', pretrained=False))
+    with pytest.raises(branch_engines.EngineRefused, match='cannot run Dropout'):
+        branch_engines.choose(net, 'grouped', torch.randn(4, 3, 64, 64))
+    monkeypatch.setattr(model_module.Branch, 'forward', max_pooled_in_evaluation)
+    result = run_train(tiny, '--branch_impl', 'grouped', '--image_size', '64')
+    assert_one_line_error(result, 2, '--branch_impl grouped does not compute this model\'s branches: its logits '
+                                     'differ', 'in evaluation; use --branch_impl loop or auto')
+    assert not (tiny / 'results').exists() or not written_files(tiny / 'results')
+
+
 def test_the_engines_are_compared_where_batch_norm_does_not_amplify_rounding():
     """A run's batch can be 2 images of 1 x 1 last feature maps, where batch norm amplifies float rounding into
     gradients 2% apart; the engines are compared on a batch of their own."""
@@ -226,8 +292,7 @@ def test_checking_an_engine_leaves_the_model_untouched():
     torch.manual_seed(0)
     net = Model(4, 3, share_type='layer2', with_random=True, pretrained=False).eval()
     before, rng = copy.deepcopy(net.state_dict()), torch.get_rng_state()
-    assert branch_engines.engine_difference(net, branch_engines.check_images(torch.empty(1, 3, 8, 8)),
-                                            training=True) is None
+    assert branch_engines.engine_difference(net, branch_engines.check_images(torch.empty(1, 3, 8, 8))) is None
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters()) and not net.training and net.branch_engine is None

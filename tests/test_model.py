@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 import model as model_module
 from branch_engines import ENGINES
+from loss_choice import LossChoice
 from model import BACKBONES, LOSSES, SHARE_TYPES, CosineClassifier, Model, PretrainedWeightsUnavailable, embed
 
 
@@ -124,7 +125,8 @@ def test_normsoftmax_branches_end_in_cosine_classifiers():
     """With --loss normsoftmax every branch's logits are cosines / 0.05 of its pooled feature and its meta-class
     weights, and the embedding is formed from them as REIR's is."""
     torch.manual_seed(0)
-    net = Model(4, 3, share_type='layer3', pretrained=False, classifier=LOSSES['normsoftmax'].classifier).eval()
+    net = Model(4, 3, share_type='layer3', pretrained=False, classifier=LossChoice.parse('normsoftmax').classifier())
+    net.eval()
     assert all(type(branch.fc) is CosineClassifier for branch in net.branches)
     assert 'branches.0.fc.weight' in net.state_dict() and 'branches.0.fc.bias' not in net.state_dict()
     x = torch.randn(2, 3, 32, 32)
@@ -137,13 +139,27 @@ def test_normsoftmax_branches_end_in_cosine_classifiers():
     assert torch.allclose(net.embedding(x), embed(logits))
 
 
-@pytest.mark.parametrize('name', list(LOSSES))
+def test_normsoftmax_s_temperature_is_its_classifier_s():
+    """--loss normsoftmax:temperature=0.5: the branches' logits are the cosines of the default 0.05, over 0.5."""
+    x = torch.randn(2, 3, 32, 32)
+    logits = {}
+    for text in ('normsoftmax', 'normsoftmax:temperature=0.5'):
+        torch.manual_seed(0)
+        net = Model(4, 3, share_type='layer4', pretrained=False, classifier=LossChoice.parse(text).classifier()).eval()
+        with torch.no_grad():
+            logits[text] = net(x)
+    assert {branch.fc.temperature for branch in net.branches} == {0.5}
+    assert torch.allclose(logits['normsoftmax:temperature=0.5'] * 0.5, logits['normsoftmax'] * 0.05, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', [*LOSSES, 'normsoftmax:temperature=0.1', 'pml.ProxyAnchorLoss:margin=0.2'])
 def test_every_loss_trains_the_model_it_names(name):
-    """A registered loss builds with (E, M, classes), takes (logits, meta-class labels, class labels) and gives a
-    finite scalar whose gradients reach the model's branches, whatever classifier the loss names."""
+    """A registered loss builds with (E, M, classes) and its settings, takes (logits, meta-class labels, class labels)
+    and gives a finite scalar whose gradients reach the model's branches, whatever classifier the loss names."""
     torch.manual_seed(0)
-    net = Model(4, 2, share_type='layer4', pretrained=False, classifier=LOSSES[name].classifier)
-    criterion = LOSSES[name](2, 4, 6)
+    choice = LossChoice.parse(name)
+    net = Model(4, 2, share_type='layer4', pretrained=False, classifier=choice.classifier())
+    criterion = choice.build(2, 4, 6)
     loss = criterion(net(torch.randn(3, 3, 32, 32)), torch.randint(4, (3, 2)), torch.randint(6, (3,)))
     assert loss.dim() == 0 and torch.isfinite(loss)
     loss.backward()

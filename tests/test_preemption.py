@@ -199,6 +199,7 @@ def test_a_stopped_run_leaves_no_loader_worker(tiny, background, tmp_path):
     assert no_process_left(process.pid)
 
 
+@pytest.mark.slow
 def test_a_signal_between_steps_of_one_process_stops_at_the_next_step(tiny, monkeypatch):
     """In this process: a SIGUSR1 during step 2 of epoch 1; the step ends, the checkpoint holds it, the run stops,
     and --resume continues it."""
@@ -350,6 +351,26 @@ def test_a_worker_killed_under_torchrun_is_restarted_and_resumes(gloo_run, prepa
     assert reference.returncode == 0, reference.stderr
     name = f'{prefix()}_results.csv'
     assert (results / name).read_text() == (gloo_run.results / name).read_text()
+
+
+@pytest.mark.slow
+def test_a_torchrun_run_in_class_groups_is_restarted_and_resumes(prepared, background, tmp_path):
+    """--m_per_class 2 over 2 gloo processes (each its share of a batch, one group of a class), rank 0 SIGKILLed
+    inside epoch 2 under torchrun --max-restarts=1: the restarted workers continue from the checkpoint and write the
+    CSV of the same run never stopped."""
+    flags = ['--m_per_class', '2']
+    reference = background(torchrun_command(['--standalone', '--nproc_per_node=2'], prepared, tmp_path / 'reference',
+                                            *flags), tmp_path / 'ran', TORCHRUN_ENV)
+    assert reference.wait(timeout=180) == 0, (tmp_path / 'ran' / 'stderr').read_text()
+    results = tmp_path / 'elastic'
+    agent = background(torchrun_command(['--standalone', '--nproc_per_node=2', '--max-restarts=1'], prepared, results,
+                                        *flags, '--checkpoint_every', '1'), tmp_path, TORCHRUN_ENV)
+    wait_for_position(agent, results / f'{prefix()}_checkpoint.pth', (2, 1))
+    rank_0_worker(agent).kill()
+    assert agent.wait(timeout=180) == 0, (tmp_path / 'stderr').read_text()
+    assert 'torchrun restart 1: continuing the run from its checkpoint' in (tmp_path / 'stdout').read_text()
+    name = f'{prefix()}_results.csv'
+    assert (results / name).read_text() == (tmp_path / 'reference' / name).read_text()
 
 
 def free_port():

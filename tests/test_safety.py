@@ -36,6 +36,7 @@ def test_non_finite_loss_stops_the_run_naming_epoch_and_step(tiny, monkeypatch):
     assert not (tiny / 'results' / f'{prefix()}_model.pth').exists()
 
 
+@pytest.mark.slow
 def test_non_finite_embeddings_stop_the_run_keeping_the_last_good_epoch(tiny, monkeypatch):
     embed, end_epoch = engine.embed, resume.Checkpointer.end_epoch
     saved = []
@@ -149,6 +150,7 @@ def test_stale_temporaries_are_matched_by_the_exact_prefix(tmp_path):
     assert os.listdir(tmp_path) == [f'.{other}_model.pth.x2.tmp']
 
 
+@pytest.mark.slow
 def test_a_failed_save_keeps_the_previous_epoch(tiny, monkeypatch):
     """A full disk while writing epoch 2's checkpoint: every file still holds epoch 1, none half-written."""
     checkpoint_file = run_files.RunState.checkpoint_file
@@ -327,6 +329,7 @@ def test_overwrite_refused_by_a_later_check_keeps_the_earlier_run(trained, tmp_p
     assert file_digests(results) == before
 
 
+@pytest.mark.slow
 def test_overwrite_never_replaces_ids_another_run_uses(trained, tmp_path):
     """Runs that differ only in share type share one ids file: --overwrite of one with other ids (another
     --val_classes draws ids for fewer classes) must leave the other's ids alone; alone, the run may replace them."""

@@ -82,6 +82,7 @@ def embedded_splits(monkeypatch):
     return splits
 
 
+@pytest.mark.slow
 def test_the_training_images_are_embedded_once_by_the_selected_model(tiny, monkeypatch):
     """Each epoch embeds its test split; the training images are embedded after the last epoch, once. A stop signal
     then leaves the database of the best epoch's evaluated splits beside its model, and --resume of the finished run
@@ -254,6 +255,7 @@ def count_host_reads(monkeypatch):
     return reads
 
 
+@pytest.mark.slow
 def test_the_training_step_reads_nothing_from_the_device(tiny, monkeypatch):
     """With the progress bar's reads out of the way, the training loop and its step read nothing from the device,
     and an epoch reads its sums at its end, however many steps it has: 4 images a step (4 steps an epoch) or 2 (8

@@ -246,6 +246,7 @@ def test_a_run_is_judged_by_what_its_files_verifiably_hold(prepared, tmp_path):
     assert summary['seeds'].tolist() == ['1,2']
 
 
+@pytest.mark.slow
 def test_a_run_stopped_while_its_database_was_embedded_is_resumed(prepared, tmp_path):
     """A run stopped after its last epoch, while the selected model embedded the training images: its CSV and model
     are whole, but the study resumes it to complete its database; once its checkpoint is gone, nothing can, and the
@@ -352,6 +353,7 @@ def test_recipes_give_whole_configurations_and_a_grid_crosses_them():
     assert result.returncode == 2 and "'cars': the recipes are car, car_cropped, cub" in result.stderr
 
 
+@pytest.mark.slow
 def test_the_readme_recipe_command_skips_absent_datasets_and_sets_the_published_numbers_beside(
         demo_as_cub, tmp_path):
     """The README's command with the tiny model over the recipes: only cub is prepared (the demo standing in for

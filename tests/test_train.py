@@ -72,6 +72,7 @@ def test_curves_are_drawn_after_every_epoch(trained, tmp_path):
     assert (tmp_path / 'one.png').read_bytes() != (tmp_path / 'two.png').read_bytes()
 
 
+@pytest.mark.slow
 def test_load_ids_reuses_the_saved_ids(trained, tmp_path):
     ids_file = 'tiny_uncropped_fixed_2_2_ids.pth'
     (tmp_path / 'results').mkdir()
@@ -136,12 +137,14 @@ def test_demo_is_prepared_when_missing(tmp_path, monkeypatch):
     assert len(dicts['train']) == 2 and len(dicts['test']) == 2
 
 
+@pytest.mark.slow
 def test_grouped_engine_run_is_evaluated_by_the_loop(tiny):
     """A run trained with --branch_impl grouped: its checkpoint has the loop's layout, and evaluate.py
     (the loop on the CPU) reproduces its recall."""
     result = run_train(tiny, '--num_epochs', '1', '--branch_impl', 'grouped', '--with_random', '--share_type', 'layer1')
     assert result.returncode == 0, result.stderr
-    assert 'branch engine: grouped (--branch_impl grouped; checked against the loop on this model)' in result.stdout
+    assert 'branch engine: grouped (--branch_impl grouped; checked against the loop on this model, in training and ' \
+           'in evaluation)' in result.stdout
     run = prefix(share='layer1', with_random=True)
     model_path = tiny / 'results' / f'{run}_model.pth'
     assert list(torch.load(model_path, weights_only=True)) == list(Model(2, 2, pretrained=False).state_dict())
@@ -294,3 +297,14 @@ def test_seeded_sampler_shards_cover_every_sample():
     shards = [[i for i, _ in loaders.SeededSampler(10, 0, r, 3)] for r in range(3)]
     assert sorted(set(sum(shards, []))) == list(range(10))
     assert list(loaders.SeededSampler(10, 0)) == list(loaders.SeededSampler(10, 0))
+
+
+def test_the_schedule_never_lowers_the_rate_before_the_first_step(trained):
+    """The rate drops after 50% and 70% of the epochs, as the original's; a drop at epoch 0 (a run of one epoch, where
+    the original trains at --lr / 100) is left out: the session's one-epoch run trained at --lr."""
+    assert train.lr_milestones(1) == [] and train.lr_milestones(2) == [1, 1] and train.lr_milestones(3) == [1, 2]
+    assert train.lr_milestones(20) == [10, 14] and train.lr_milestones(40) == [20, 28]
+    checkpoint = torch.load(trained / 'results' / f'{prefix("shop")}_checkpoint.pth', weights_only=True)
+    assert checkpoint['args']['num_epochs'] == 1
+    assert [group['lr'] for group in checkpoint['optimizer']['param_groups']] == [1e-4]
+    assert not checkpoint['scheduler']['milestones']

@@ -121,6 +121,7 @@ def test_self_retrieval_matches_oracle(chunk_size):
     assert recalls[-1] < 1  # single-image classes are misses even when K exceeds the gallery
 
 
+@pytest.mark.slow
 def test_many_hard_queries_need_full_counts():
     """Over 256 queries whose best same-class item is outside their top R, with K beyond R."""
     vectors, labels = random_embeddings(700, 4, 200, seed=3)

@@ -86,6 +86,7 @@ def test_the_csv_has_val_columns_and_the_run_names_its_selection(val_run):
     assert f'test R@1: {selected["test_recall@1"]:.2f}%' in result.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_the_model_is_chosen_by_validation_not_test(six, tmp_path, monkeypatch):
     """Epoch 2 has the best validation R@1 and the worst test R@1: its model and database are the run's."""
     evaluate_epoch, features_of = engine.evaluate_epoch, {}
@@ -107,6 +108,7 @@ def test_the_model_is_chosen_by_validation_not_test(six, tmp_path, monkeypatch):
     assert torch.load(tmp_path / f'{prefix("six")}_checkpoint.pth', weights_only=True)['best_recall'] == 60.0
 
 
+@pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_same_results(six, val_run, tmp_path):
     """Ctrl-C in epoch 2, --resume: the CSV and the selected model equal those of the uninterrupted run."""
     results, _ = val_run
