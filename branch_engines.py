@@ -212,7 +212,8 @@ def _mode_difference(model, images, training, autocast, amp):
                 try:
                     logits = step(model, images, training, autocast)
                 except Exception as e:  # a module it cannot run, shapes it does not give, whatever the module raises
-                    return f'it fails on this model ({type(e).__name__}: {str(e).strip().splitlines()[0]})'
+                    message = (str(e).strip().splitlines() or ['no message'])[0]
+                    return f'it fails on this model ({type(e).__name__}: {message})'
             results[name] = logits, [p.grad for p in model.parameters()]
     tolerance = TOLERANCE['autocast' if amp else 'float32']
     (loop, loop_grads), (grouped, grouped_grads) = results['loop'], results['grouped']

@@ -296,3 +296,21 @@ def test_checking_an_engine_leaves_the_model_untouched():
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(torch.equal(before[name], tensor) for name, tensor in net.state_dict().items())
     assert all(p.grad is None for p in net.parameters()) and not net.training and net.branch_engine is None
+
+
+class OneBranchReLU(nn.ReLU):
+    """A module written for one branch's 512 channels, refusing others with an error without a message: the grouped
+    engine runs it on the channels of every branch at once."""
+
+    def forward(self, x):
+        if x.shape[1] != 512:
+            raise ValueError()
+        return super().forward(x)
+
+
+def test_a_module_that_fails_without_a_message_falls_back_in_one_line():
+    net = Model(5, 3, share_type='layer3', pretrained=False)
+    for branch in net.branches:
+        branch.features.append(OneBranchReLU())
+    difference = branch_engines.engine_difference(net, torch.randn(4, 3, 64, 64))
+    assert difference == 'it fails on this model (ValueError: no message) in training'

@@ -266,7 +266,7 @@ def test_a_study_varies_a_loss_s_settings():
                                                '--seeds', '1'])
     _, runs = study.grid(args, ['--data_name', 'tiny'])
     assert [run.args.loss for run in runs] == ['normsoftmax', 'normsoftmax:temperature=0.1']
-    assert runs[1].paths['model.pth'].endswith(f'{prefix()[:0]}_normsoftmax-temperature=0.1_model.pth')
+    assert runs[1].paths['model.pth'].endswith('_normsoftmax-temperature=0.1_model.pth')
     with pytest.raises(utils.UsageError, match='normsoftmax and normsoftmax:temperature=0.05 are the same value'):
         study.check_distinct('loss', ['normsoftmax', 'normsoftmax:temperature=0.05'],
                              vars(study.parse_train_flags([])))
