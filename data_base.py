@@ -91,7 +91,7 @@ def database_to_complete(path, selected, database_items, model_path):
     if not isinstance(stored, dict) or stored.get('epoch') != selected or any(
             len(stored.get(f'{split}_images', ())) != len(items) for split, items in database_items.items()):
         return 'all'
-    if stored.get('model_fingerprint') not in (None, utils.weights_fingerprint(utils.safe_load(model_path, 'model'))):
+    if stored.get('model_fingerprint') != utils.weights_fingerprint(utils.safe_load(model_path, 'model')):
         return 'all'
     return None if 'train_features' in stored else 'train'
 
@@ -133,11 +133,22 @@ def database_problem(splits):
 
 
 def embedding_model(path):
-    """The fingerprint of the weights that embedded the database at path (utils.weights_fingerprint), or None where it
-    names none (the original's, and databases written before it did)."""
-    database = utils.safe_load(path, 'embedding database', verify=False, mmap=True)
+    """The fingerprint of the weights that embedded the database at path (utils.weights_fingerprint), or None for the
+    original REIR's, which names none (model_named)."""
+    return model_named(utils.safe_load(path, 'embedding database', verify=False, mmap=True), path)
+
+
+def model_named(database, path):
+    """The fingerprint of the model a loaded database (read from path) names, None where it is the original's (its
+    own shape: original.is_original_database); refused where a database of this repository names none, or not in
+    the form utils.weights_fingerprint writes (another run's model would embed queries against it unchecked)."""
+    if original.is_original_database(database):
+        return None
     fingerprint = database.get('model_fingerprint') if isinstance(database, dict) else None
-    return fingerprint if isinstance(fingerprint, str) else None
+    if not utils.is_weights_fingerprint(fingerprint):
+        raise utils.ReirError(f'{path}: names no model that embedded it (its model_fingerprint is {fingerprint!r}); '
+                              f'write it again with train.py --resume and the run\'s flags')
+    return fingerprint
 
 
 def check_embedded_by(database_path, model_path, weights):
@@ -163,7 +174,7 @@ def check_model_beside(database_path):
         model_path = run_files.run_of_file(database_path, kinds=('data_base.pth',))[1]['model.pth']
     except utils.UsageError:
         return  # a file name without a run's prefix: no model beside it to check
-    if os.path.isfile(model_path) and embedding_model(database_path) is not None:
+    if os.path.isfile(model_path) and embedding_model(database_path) is not None:  # (the original's names none)
         weights = utils.safe_load(model_path, 'model', mmap=True)
         if run_files.is_model_state(weights):
             check_embedded_by(database_path, model_path, weights)
@@ -174,13 +185,13 @@ def load_database(path):
     original REIR's (original.database_from_original), refused (naming the file) unless each split is whole
     (database_problem). Relative image paths are read from the folder the run
     worked in when they are not found from this one."""
-    database = utils.safe_load(path, 'embedding database')
-    if original.is_original_database(database):
-        database = original.database_from_original(database)
+    stored = utils.safe_load(path, 'embedding database')
+    database = original.database_from_original(stored) if original.is_original_database(stored) else stored
     names = [key[:-len('_features')] for key in database if key.endswith('_features')] \
         if isinstance(database, dict) else []
     if not names or any(f'{name}_{kind}' not in database for name in names for kind in ('images', 'labels')):
         raise utils.ReirError(f'{path}: not an embedding database (<split>_images, _labels and _features)')
+    model_named(stored, path)
     splits = {name: (database[f'{name}_images'], database[f'{name}_labels'], database[f'{name}_features'])
               for name in names}
     problem = database_problem(splits)

@@ -3,7 +3,9 @@ stops it on a stop signal once its state is saved, the checkpoint a --resume sta
 what it restores (the trainable states; the rest is a run_files.RunState) and the position inside an epoch it
 continues from, the stop signals and the random states, and torchrun's restarts, which continue a run by themselves."""
 import argparse
+import collections
 import contextlib
+import math
 import os
 import signal
 import time
@@ -27,6 +29,9 @@ RESUME_FREE_FLAGS = ('resume', 'overwrite', 'num_workers', 'gpu_ids', 'load_ids'
                      'branch_impl', 'checkpoint_every', 'eval_batch_size', 'compile')
 # flags added after runs were started: what a checkpoint without them was trained with
 LATER_FLAG_DEFAULTS = {'val_classes': 0, 'loss': DEFAULT_LOSS, 'm_per_class': 0}
+# what a checkpoint's learning-rate schedule must hold as the run's flags make it (the milestones and gamma of
+# train.lr_milestones and LR_GAMMA, the base rate of --lr)
+SCHEDULE_KEYS = ('milestones', 'gamma', 'base_lrs')
 EPOCH_START = (0, [0.0, 0, 0, 0])  # (steps done, running sums: loss, correct labels, images, skipped images)
 # under torch.distributed, the processes agree on a stop or a timed checkpoint (a collective) every this many steps
 # or evaluation batches
@@ -58,19 +63,17 @@ def differing_flags(saved, args):
 def restore(checkpoint, trainable, data, paths, state, args, process):
     """Continue a run from its checkpoint: load its states into the trainable objects (model, loss, optimizer,
     scheduler, scaler by name; the optimizer's kernel then chosen for this device, as a state names the kernel of the
-    device that saved it), and write again what the checkpoint can give back where it is missing or damaged: the
-    results CSV and curves, args.json beside a model (lost_files), and the files of the best epoch where its model is
-    lost and the checkpoint holds that epoch (refused where it does not: best_files_lost). data: loaders.RunData."""
+    device that saved it), refused in one line where its steps contradict its running sums (steps_problem) or its
+    schedule the run's (schedule_problem), and write again what the checkpoint can give back where it is missing or
+    damaged: the results CSV and curves, args.json beside a model (lost_files), and the files of the best epoch where
+    its model is lost and the checkpoint holds that epoch (refused where it does not: best_files_lost). data:
+    loaders.RunData."""
     path = paths['checkpoint.pth']
-    if state.step > len(data.train):
-        raise utils.ReirError(f'{path}: it stands at step {state.step} of an epoch of {len(data.train)} steps; delete '
-                              f'it and start again without --resume')
-    for name, obj in trainable.items():
-        try:
-            obj.load_state_dict(checkpoint[name])
-        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
-            raise utils.ReirError(f'{path}: its {name} state does not fit this run ({str(e).splitlines()[0]}); '
-                                  f'delete it and start again without --resume') from None
+    schedule = {key: trainable['scheduler'].state_dict()[key] for key in SCHEDULE_KEYS}  # the run's, from its flags
+    problem = steps_problem(state, data.train, process) or load_states(checkpoint, trainable) \
+        or schedule_problem(trainable, schedule, state.epoch)
+    if problem:
+        raise utils.ReirError(f'{path}: {problem}; delete it and start again without --resume')
     engine.use_adam_kernel(trainable['optimizer'], process.device)
     rewrite_best = engine.broadcast_from_main(best_files_lost(paths, state) if process.main else None)
     utils.log(f'resumed from {path} at {position_note(state.epoch, state.step)}')
@@ -80,6 +83,72 @@ def restore(checkpoint, trainable, data, paths, state, args, process):
         files.update(data_base.best_files(paths, trainable['model'], data, features, state.epoch - 1))
     if process.main:
         run_files.save_together(files)
+
+
+def load_states(checkpoint, trainable):
+    """Load a checkpoint's states into the trainable objects, by name; what does not fit, or None."""
+    for name, obj in trainable.items():
+        try:
+            obj.load_state_dict(checkpoint[name] if name != 'scheduler' else repaired_schedule(checkpoint[name]))
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            return f'its {name} state does not fit this run ({str(e).splitlines()[0]})'
+    return None
+
+
+def steps_problem(state, loader, process):
+    """What makes the steps a RunState has done of its epoch contradict its running sums or the epoch's loader, or
+    None: beyond the epoch's steps, running sums at the start of an epoch, or sums of another number of images than
+    its steps give (each full but an epoch's last; checked where as many processes resume as wrote them)."""
+    steps, step = len(loader), state.step
+    if step > steps:
+        return f'its "step" {step} is beyond the {steps} steps of an epoch'
+    if not step and state.running:
+        return f'its "step" is 0 with the running sums of {state.running[0]["sums"][2]} images'
+    if not step or len(state.running) != process.world:
+        return None
+    _, correct, seen, skipped = state.running[process.rank]['sums']
+    if seen != images_in_steps(loader, step):
+        return f'its "step" {step} contradicts its running sums, of {seen} images where {step} steps take ' \
+               f'{images_in_steps(loader, step)}'
+    if not 0 <= correct <= seen * state.ids.shape[0] or not 0 <= skipped <= seen:
+        return f'its "running" sums count {correct} correct labels and {skipped} skipped images of {seen} images'
+    return None
+
+
+def images_in_steps(loader, steps):
+    """How many images the first `steps` batches of an epoch of a training loader hold: full batches, but for the
+    last of an epoch whose images do not fill it (unless the loader drops it)."""
+    epoch_images = len(loader) * loader.batch_size if loader.drop_last else len(loader.sampler)
+    return min(steps * loader.batch_size, epoch_images)
+
+
+def repaired_schedule(state):
+    """A scheduler's state without the (milestone, count) pairs that checkpoints written before 2026-12 added to its
+    milestones (a Counter) at every save, the learning rate unchanged: a run started then resumes."""
+    milestones = state.get('milestones')
+    if not isinstance(milestones, collections.Counter):
+        return state
+    return {**state, 'milestones': collections.Counter({key: count for key, count in milestones.items()
+                                                        if not isinstance(key, tuple)})}
+
+
+def schedule_problem(trainable, schedule, epoch):
+    """What makes a restored learning-rate schedule contradict the run's (schedule: the state of the scheduler its
+    flags build, SCHEDULE_KEYS) or the epoch the run stands at, or the optimizer's learning rate contradict the
+    schedule, or None."""
+    scheduler, optimizer = trainable['scheduler'], trainable['optimizer']
+    restored = {key: scheduler.state_dict()[key] for key in SCHEDULE_KEYS}
+    differing = next((key for key in SCHEDULE_KEYS if restored[key] != schedule[key]), None)
+    if differing:
+        return f'its "scheduler" {differing} is {restored[differing]!r}, the run\'s {schedule[differing]!r}'
+    if scheduler.last_epoch != epoch - 1:
+        return f'its "scheduler" last_epoch is {scheduler.last_epoch}, where at epoch {epoch} it is {epoch - 1}'
+    drops = sum(count for milestone, count in scheduler.milestones.items() if milestone <= scheduler.last_epoch)
+    expected = [rate * scheduler.gamma ** drops for rate in scheduler.base_lrs]  # MultiStepLR's closed form
+    rates = [group['lr'] for group in optimizer.param_groups]
+    if len(rates) != len(expected) or any(not math.isclose(r, e, rel_tol=1e-9) for r, e in zip(rates, expected)):
+        return f'its "optimizer" learning rate {rates[0]:g} is not the schedule\'s {expected[0]:g} at epoch {epoch}'
+    return None
 
 
 def epoch_position(state, process):

@@ -7,6 +7,7 @@ import copy
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import tempfile
@@ -35,6 +36,7 @@ EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
 # job, data dicts not fingerprinted, the original's loss (which holds no state)
 CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': '',
                            'loss': {}}
+TEMPORARY_SUFFIX = '.tmp'  # of the temporary a file is written to before it is renamed into place (save_together)
 HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training list as "epoch 0" (utils.epoch_seed)
 
 
@@ -102,21 +104,28 @@ class RunName:
                 f'{self.meta_class_size}_ids.pth')
 
 
-def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None):
+def run_of_file(path, kinds=RUN_FILE_KINDS, prefix=None, prefix_option='--prefix'):
     """(RunName, RunName.paths, kind) of a file a run wrote, named <prefix>_<kind> (the original REIR named its files so
     too). prefix: the run's prefix, for a file whose name does not carry it; the paths are then those of that prefix
-    beside the file, with the file itself as its kind."""
+    beside the file, with the file itself as its kind. The loss the prefix names must be one there is. prefix_option:
+    how the caller gives prefix (evaluate.py's --prefix, torch.hub's prefix=), for the advice."""
     name = os.path.basename(path)
+    given = f'{prefix_option}{prefix}' if prefix_option.endswith('=') else f'{prefix_option} {prefix}'
     kind = next((k for k in kinds if name.endswith(f'_{k}')), None)
     if kind is None and prefix:
         raise utils.UsageError(f'{path}: expected a file whose name ends in _{" or _".join(kinds)}')
     run = RunName.parse(prefix or name[:-len(kind) - 1]) if kind else None
     if run is None and prefix:
-        raise utils.UsageError(f'--prefix {prefix}: not a run\'s prefix (<data_name>_<crop_type>_<label_type>_'
+        raise utils.UsageError(f'{given}: not a run\'s prefix (<data_name>_<crop_type>_<label_type>_'
                                f'<random|unrandom>_<share_type>_<model_type>_<E>_<M>)')
     if run is None:
         raise utils.UsageError(f'{path}: expected a file named <prefix>_{" or <prefix>_".join(kinds)}, with the '
-                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>), or pass --prefix')
+                               f'prefix train.py writes (<data_name>_<crop_type>_..._<E>_<M>), or pass '
+                               f'{prefix_option}')
+    try:
+        loss_choice.LossChoice.parse(run.loss)
+    except ValueError as e:
+        raise utils.UsageError(f'{prefix or name}: its prefix names the loss {run.loss}: {e}') from None
     return run, {**run.paths(os.path.dirname(path)), kind: path}, kind
 
 
@@ -133,8 +142,8 @@ def save_together(writers):
         for path, write in writers.items():
             directory = os.path.dirname(path) or '.'
             os.makedirs(directory, exist_ok=True)
-            fd, temporaries[path] = tempfile.mkstemp(dir=directory, prefix=f'.{os.path.basename(path)}.',
-                                                     suffix='.tmp')
+            fd, temporaries[path] = tempfile.mkstemp(dir=directory, prefix=temporary_prefix(path),
+                                                     suffix=TEMPORARY_SUFFIX)
             os.close(fd)
             os.chmod(temporaries[path], 0o666 & ~current_umask())  # mkstemp makes 0600 files
             write(temporaries[path])
@@ -149,6 +158,11 @@ def save_together(writers):
     except BaseException:
         remove_temporaries(temporaries)
         raise
+
+
+def temporary_prefix(path):
+    """The name a file's temporary starts with: .<name>. (then mkstemp's 8 random characters, TEMPORARY_SUFFIX)."""
+    return f'.{os.path.basename(path)}.'
 
 
 def remove_temporaries(temporaries):
@@ -196,18 +210,21 @@ class BackgroundWrites:
 
 
 def host_copy(obj):
-    """obj with every tensor copied to the CPU, containers copied too: what a write in the background may read while
-    training changes the originals."""
+    """obj with every tensor copied to the CPU, containers copied too, each of its own type and with the same keys and
+    values (a scheduler's milestones are a Counter, a module's state an OrderedDict): what a write in the background
+    may read while training changes the originals."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to('cpu', copy=True)
     if isinstance(obj, dict):
-        copied = copy.copy(obj)  # of its own type: a scheduler's milestones are a Counter
-        copied.update((key, host_copy(value)) for key, value in obj.items())
+        copied = copy.copy(obj)  # of its own type, with its attributes (an OrderedDict's _metadata, a default_factory)
+        for key, value in obj.items():
+            copied[key] = host_copy(value)  # assigned: a Counter's update() would add counts
         return copied
     if isinstance(obj, list):
         return [host_copy(value) for value in obj]
     if isinstance(obj, tuple):
-        return tuple(host_copy(value) for value in obj)
+        values = [host_copy(value) for value in obj]
+        return type(obj)(*values) if hasattr(obj, '_fields') else type(obj)(values)  # a namedtuple takes fields
     return obj
 
 
@@ -227,7 +244,8 @@ def remove_stale_temporaries(directory, prefix):
     """Delete the temporaries that a killed write of the run's files (<prefix>_<kind>, RUN_OUTPUTS) left; the
     kind is matched exactly, so that another run whose prefix begins with this one keeps its own."""
     for name in os.listdir(directory):
-        if name.endswith('.tmp') and any(name.startswith(f'.{prefix}_{kind}.') for kind in RUN_OUTPUTS):
+        if name.endswith(TEMPORARY_SUFFIX) and any(name.startswith(temporary_prefix(f'{prefix}_{kind}'))
+                                                   for kind in RUN_OUTPUTS):
             os.remove(os.path.join(directory, name))
 
 
@@ -280,48 +298,96 @@ def atomic_torch_save(obj, path):
 
 # ----------------------------------------------------------------------------- claiming a run
 
-def open_lock_file(path):
-    """The lock file at path, opened (made, with its folder, where missing) for a POSIX record lock (lockf): the data
-    loader's worker processes do not inherit it, so it ends with the process that took it, even on SIGKILL. A lock
-    file stays (removing it would let two processes lock two files of one name)."""
-    directory = os.path.dirname(path) or '.'
-    try:
-        os.makedirs(directory, exist_ok=True)
-        return open(path, 'a')
-    except OSError as e:
-        raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
-                              f'--results_dir') from None
+def missing_folders(directory):
+    """The folders of the path directory that do not exist, deepest first (those os.makedirs would make)."""
+    missing, directory = [], os.path.abspath(directory)
+    while not os.path.exists(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    return missing
 
 
-def held_elsewhere(path):
-    """Whether another process holds the lock file at path (a run in progress, RunLock). This process must not hold
-    it: closing any file of a lock releases the process's lock."""
-    try:
-        with open(path, 'a') as f:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-        return e.errno in (errno.EACCES, errno.EAGAIN)
-    return False
+def write_problem(paths):
+    """Why a run cannot write its files at paths (RunName.paths), or None: the folder they go to, or the nearest
+    existing folder above it, is not a folder or not writable, or a path, or the temporary name a file is written under
+    first (save_together), is longer than the file system takes. Checked before a run claims anything, so that a
+    refused run writes nothing and an accepted one does not fail at its first save, an epoch later."""
+    directory = os.path.dirname(paths['lock']) or '.'
+    existing = os.path.dirname(missing_folders(directory)[-1]) if not os.path.exists(directory) else directory
+    if not os.path.isdir(existing):
+        return f'{existing} is not a folder'
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f'{existing}/ is not writable'
+    name_max, path_max = os.pathconf(existing, 'PC_NAME_MAX'), os.pathconf(existing, 'PC_PATH_MAX')
+    for path in (*paths.values(), lock_path(paths['ids'])):
+        longest = os.path.join(os.path.dirname(path), f'{temporary_prefix(path)}{"x" * 8}{TEMPORARY_SUFFIX}')
+        if len(os.fsencode(longest)) >= path_max:
+            return (f'its files\' paths would be {len(os.fsencode(longest))} bytes long, and the file system takes '
+                    f'{path_max - 1}')
+        too_long = [name for name in longest.split(os.sep) if len(os.fsencode(name)) > name_max]
+        if too_long:
+            return f'the name {too_long[0][:40]}... is longer than the {name_max} bytes the file system takes'
+    return None
 
 
-class RunLock:
-    """An exclusive lock on results/.<prefix>.lock (open_lock_file), held while the process lives: a second start of
-    the same run fails at once instead of writing over the first's files."""
+class LockFile:
+    """An exclusive POSIX record lock (lockf) on the file at path, made (with its folders) to be locked and removed when
+    released, with the folders it made where they are left empty: a command that is refused leaves nothing. The data
+    loader's worker processes do not inherit the lock, so it ends with the process that took it, even on SIGKILL.
+    Removing a lock file is safe because a process that locks one checks that it is still the file at path (one
+    removed while it waited is locked again under its new file). wait: wait for another holder, else raise
+    BlockingIOError."""
 
-    def __init__(self, path, prefix):
+    def __init__(self, path, wait):
         self.path = path
-        self.file = open_lock_file(path)
+        directory = os.path.dirname(path) or '.'
+        self.made = missing_folders(directory)
         try:
-            fcntl.lockf(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.makedirs(directory, exist_ok=True)
+            while not self.locked(path, wait):
+                pass
+        except BlockingIOError:
+            self.remove_made_folders()
+            raise
+        except OSError as e:
+            self.remove_made_folders()
+            raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
+                                  f'--results_dir') from None
+        except BaseException:
+            self.remove_made_folders()
+            raise
+
+    def locked(self, path, wait):
+        """Open and lock the file at path: whether it is still the file there once locked (else it was released and
+        removed meanwhile: lock the next one). Raises BlockingIOError where another process holds it."""
+        self.file = open(path, 'a')
+        try:
+            fcntl.lockf(self.file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except OSError as e:
             self.file.close()
-            if e.errno not in (errno.EACCES, errno.EAGAIN):
-                raise utils.ReirError(f'cannot lock {self.path} ({e.strerror})') from None
-            raise utils.ReirError(f'{prefix} is being trained by another process (it holds {self.path}); wait for it, '
-                                  f'or change a setting of the prefix or --results_dir') from None
+            if e.errno in (errno.EACCES, errno.EAGAIN):
+                raise BlockingIOError(e.errno, e.strerror) from None
+            raise
+        except BaseException:
+            self.file.close()
+            raise
+        if same_file(self.file, path):
+            return True
+        self.file.close()
+        return False
 
     def release(self):
+        with contextlib.suppress(OSError):
+            os.remove(self.path)  # while locked: a process that opened it meanwhile finds it gone once it locks it
         self.file.close()
+        self.remove_made_folders()
+
+    def remove_made_folders(self):
+        for folder in self.made:
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return  # not empty: the run wrote there
 
     def __enter__(self):
         return self
@@ -330,19 +396,64 @@ class RunLock:
         self.release()
 
 
-@contextlib.contextmanager
+def same_file(file, path):
+    """Whether the open file is the one at path."""
+    try:
+        found = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(file.fileno())
+    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
+
+
+def lock_path(path):
+    """The lock file of a file that several runs share: .<name>.lock beside it."""
+    return os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock')
+
+
+def held_elsewhere(path):
+    """Whether another process holds the lock file at path (a run in progress, RunLock). This process must not hold
+    it: closing any file of a lock releases the process's lock."""
+    try:
+        fd = os.open(path, os.O_WRONLY)  # not made where it is gone: its run has ended
+    except OSError:
+        return False
+    with open(fd, 'w') as f:
+        try:
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            return e.errno in (errno.EACCES, errno.EAGAIN)
+    return False
+
+
+class RunLock(LockFile):
+    """The lock of a run in progress, results/.<prefix>.lock (LockFile): a second start of the same run fails at once
+    instead of writing over the first's files."""
+
+    def __init__(self, path, prefix):
+        try:
+            super().__init__(path, wait=False)
+        except BlockingIOError:
+            raise utils.ReirError(f'{prefix} is being trained by another process (it holds {path}); wait for it, or '
+                                  f'change a setting of the prefix or --results_dir') from None
+
+
 def ids_lock(path):
-    """The meta-class ids file at path to this process alone, waited for (.<ids name>.lock beside it): runs that share
-    it check what it holds and write it one at a time, so that none trains on ids another replaces."""
-    with open_lock_file(os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock')) as f:
-        fcntl.lockf(f, fcntl.LOCK_EX)
-        yield
+    """The meta-class ids file at path to this process alone, waited for (a LockFile beside it, lock_path): runs that
+    share it check what it holds and write it one at a time, so that none trains on ids another replaces."""
+    return LockFile(lock_path(path), wait=True)
 
 
 def claim_run(args, run, paths):
-    """Lock the run's prefix (RunLock) and refuse a start that would replace an earlier run with this prefix
-    unasked: its files need --resume (continue it) or --overwrite (start_run removes them once the run is certain to
-    start). Returns the lock."""
+    """Lock the run's prefix (RunLock), once its paths are known to be writable (write_problem), and refuse a start
+    that would replace an earlier run with this prefix unasked: its files need --resume (continue it) or --overwrite
+    (start_run removes them once the run is certain to start). Returns the lock, whose release leaves no lock file
+    and no folder it made that the run left empty."""
+    problem = write_problem(paths)
+    if problem:
+        folder = args.results_dir if len(args.results_dir) <= 120 else \
+            f'{args.results_dir[:60]}...{args.results_dir[-40:]} ({len(args.results_dir)} characters)'
+        raise utils.ReirError(f'--results_dir {folder}: {problem}; pass another --results_dir')
     lock = RunLock(paths['lock'], run.prefix)
     remove_stale_temporaries(args.results_dir, run.prefix)
     existing = [paths[kind] for kind in RUN_OUTPUTS if os.path.exists(paths[kind])]
@@ -512,28 +623,48 @@ def settings_problem(settings):
 
 
 def run_settings(paths):
-    """The flags of the run whose files are paths (run_paths), from <prefix>_args.json (written with its model)
-    or else its checkpoint; where neither exists, those the original REIR embedded with when the model is one it
-    saved (original.ORIGINAL_SETTINGS), else None. A file that exists but does not hold the settings in the
-    form SETTINGS_FORMAT says is refused, naming it."""
+    """The flags of the run whose files are paths (RunName.paths), from the first of its records that is there
+    (settings_records): <prefix>_args.json, its checkpoint, its embedding database; the normalization from the first
+    that records it. Where none is there, those the original REIR embedded with when the model is one it saved
+    (original.ORIGINAL_SETTINGS), else None."""
+    records = settings_records(paths)
+    if not records:
+        return dict(original.ORIGINAL_SETTINGS) if is_original_model(paths['model.pth']) else None
+    settings = dict(records[0][1])
+    for key in ('mean', 'std'):
+        settings[key] = next((record[key] for _, record in records if record.get(key) is not None), None)
+    return settings
+
+
+def settings_records(paths):
+    """[(file, the settings it records)] of the run whose files are paths, for the files that are there:
+    <prefix>_args.json (written with its model), its checkpoint's flags, its embedding database's settings (where it
+    can be read). A file that is there but does not hold the settings in the form SETTINGS_FORMAT says is refused,
+    naming it."""
+    records = []
     path = paths['args.json']
     if os.path.isfile(path):
         try:
             with open(path) as f:
-                saved = json.load(f)
+                records.append((path, json.load(f)))
         except (OSError, UnicodeDecodeError, ValueError) as e:
             raise utils.ReirError(f'{path}: the run\'s settings cannot be read ({type(e).__name__}); write the file '
                                   f'again or delete it') from None
-    else:
-        path = paths['checkpoint.pth']
-        checkpoint = peek_checkpoint(path)
-        if checkpoint is None:
-            return dict(original.ORIGINAL_SETTINGS) if is_original_model(paths['model.pth']) else None
-        saved = checkpoint['args']
-    problem = settings_problem(saved)
-    if problem:
-        raise utils.ReirError(f'{path}: {problem}; write the file again or delete it')
-    return saved
+    checkpoint = peek_checkpoint(paths['checkpoint.pth'])
+    if checkpoint is not None:
+        records.append((paths['checkpoint.pth'], checkpoint['args']))
+    database = paths['data_base.pth']
+    try:
+        stored = utils.safe_load(database, 'embedding database', verify=False, mmap=True)
+    except utils.ReirError:
+        stored = None  # missing or damaged: the database itself is not what is asked for here
+    if isinstance(stored, dict) and 'settings' in stored:
+        records.append((database, stored['settings']))
+    for path, settings in records:
+        problem = settings_problem(settings)
+        if problem:
+            raise utils.ReirError(f'{path}: {problem}; write the file again or delete it')
+    return records
 
 
 def is_original_model(path):
@@ -546,13 +677,13 @@ def is_original_model(path):
 
 def embedding_settings(paths, overrides, model_needed):
     """The settings of EMBEDDING_DEFAULTS for the run whose files are paths (RunName.paths): the overrides that
-    are not None, else the run's own (run_settings). The settings that change an embedding
-    (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the run's files no longer say
-    them, the user is asked to pass them. The others (recalls, data_path) default. mean and std are the run's
-    recorded normalization, or None (see normalization); held_out_classes the training classes it held out for
-    validation (--val_classes)."""
+    are not None, else the run's own (run_settings), which its records must agree on (check_records_agree). The
+    settings that change an embedding (EMBEDDING_SETTINGS) are never guessed: when a model must embed images and the
+    run's files no longer say them, the user is asked to pass them. The others (recalls, data_path) default. mean and
+    std are the run's recorded normalization, or None (see normalization); held_out_classes the training classes it
+    held out for validation (--val_classes)."""
     saved = run_settings(paths) or {}
-    check_settings_agree(paths, saved, [k for k in EMBEDDING_SETTINGS if overrides.get(k) is None])
+    check_records_agree(paths, [k for k in EMBEDDING_SETTINGS if overrides.get(k) is None])
     settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
     settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -560,21 +691,34 @@ def embedding_settings(paths, overrides, model_needed):
     settings.update(held_out_classes=saved.get('held_out_classes', []))
     missing = [k for k in EMBEDDING_SETTINGS if k not in settings]
     if model_needed and missing:
-        raise utils.ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: {paths["args.json"]} '
-                              f'and {os.path.basename(paths["checkpoint.pth"])} are gone; pass --image_size N and '
-                              f'--exact_pipeline or --no-exact_pipeline as the run was trained')
+        raise utils.ReirError(f'cannot tell the run\'s {" and ".join("--" + k for k in missing)}: '
+                              f'{paths["args.json"]}, its checkpoint and its database are gone; pass --image_size N '
+                              f'and --exact_pipeline or --no-exact_pipeline as the run was trained')
     return SimpleNamespace(**settings)
 
 
-def check_settings_agree(paths, saved, keys):
-    """Refuse settings of keys that <prefix>_args.json (saved) and the run's checkpoint both hold and disagree on (a
-    hand-edited file): the model would embed otherwise than it was trained."""
-    checkpoint = peek_checkpoint(paths['checkpoint.pth']) if os.path.isfile(paths['args.json']) else None
-    trained_with = checkpoint['args'] if checkpoint else {}
-    for key in keys:
-        if key in saved and key in trained_with and saved[key] != trained_with[key]:
-            raise utils.ReirError(f'{paths["args.json"]} says {key} {saved[key]!r}, the run\'s checkpoint '
-                                  f'{trained_with[key]!r}: put back the file the run wrote, or pass --{key}')
+def check_records_agree(paths, keys):
+    """Refuse a run whose records (settings_records) disagree on a setting of keys or on the normalization (mean,
+    std), where two of them hold it: a hand-edited file, and the model would embed otherwise than it was trained. The
+    advice names the value of the later record (the checkpoint's or the database's: args.json is the one a person
+    edits)."""
+    records = settings_records(paths)
+    for key in (*keys, 'mean', 'std'):
+        held = [(path, settings[key]) for path, settings in records if settings.get(key) is not None]
+        differing = [(path, value) for path, value in held[1:] if value != held[0][1]]
+        if differing:
+            (first, value), (other, recorded) = held[0], differing[0]
+            advice = f'pass {setting_flag(key, recorded)}' if key in keys else 'train the run again'
+            raise utils.ReirError(f'{first} says {key} {value!r}, {os.path.basename(other)} {recorded!r}: put back '
+                                  f'the file the run wrote, or {advice}')
+
+
+def setting_flag(key, value):
+    """The flag of evaluate.py that gives a setting of EMBEDDING_SETTINGS the value: --image_size 32,
+    --no-exact_pipeline."""
+    if isinstance(value, bool):
+        return f'--{"" if value else "no-"}{key}'
+    return f'--{key} {value}'
 
 
 def normalization(settings, data_dicts):
@@ -635,7 +779,8 @@ def _is_running(value):
 
 @dataclass
 class RunState:
-    """What a run's checkpoint holds besides the trainable states: the run's flags and what it drew (meta-class ids,
+    """What a run's checkpoint holds besides the trainable states: the run's flags, as args.json records them
+    (recorded_settings), and what it drew (meta-class ids,
     sampled training list, held-out classes), a fingerprint of the data it trains on and the torchrun job training
     it, where it stands (the epoch in progress, its steps done, each process's running sums and random states after
     them: resume.Checkpointer) and what it has measured. One object, built when a run begins (begin) and written
@@ -666,24 +811,24 @@ class RunState:
         ids. The ids and the list cover the training classes that are not held out. Writes nothing (start_run saves
         drawn ids).
         elastic_job: the torchrun job of the process (engine.Process.job)."""
-        current = dict(args=vars(args), data_fingerprint=utils.data_fingerprint(data_dicts), elastic_job=elastic_job)
+        current = dict(data_fingerprint=utils.data_fingerprint(data_dicts), elastic_job=elastic_job)
         if checkpoint is not None and checkpoint['data_fingerprint'] not in ('', current['data_fingerprint']):
             raise utils.ReirError(f'--resume: {utils.data_dicts_path(args.data_path, args.data_name, args.crop_type)} '
                                   f'is not the data the run started on (the dataset was prepared again, or --data_path '
                                   f'names another copy); resume on that data, or start over with --overwrite')
         if checkpoint is not None:
             lists = _checked_lists(checkpoint, paths['checkpoint.pth'], args, data_dicts['train'])
-            problem = _position_problem(checkpoint, args)
+            problem = _position_problem(checkpoint, args) or _files_problem(checkpoint, paths)
             if problem:
                 raise utils.ReirError(f'{paths["checkpoint.pth"]}: {problem}; delete it and start again without '
                                       f'--resume')
-            return cls(**lists, **current, **{key: checkpoint[key] for key in
-                                              ('epoch', 'step', 'running', 'best_recall', 'results')})
+            return cls(**lists, args=recorded_settings(args, data_dicts, lists['held_out']), **current,
+                       **{key: checkpoint[key] for key in ('epoch', 'step', 'running', 'best_recall', 'results')})
         train_dict, held_out = split_validation(args, data_dicts['train'])
         ids = draw_or_load_ids(args, run, paths, len(train_dict), torch.Generator().manual_seed(args.seed))
         sampling = torch.Generator().manual_seed(utils.epoch_seed(args.seed, 0))
         return cls(ids=ids, train_items=utils.sample_train_images(train_dict, sampling), held_out=sorted(held_out),
-                   **current)
+                   args=recorded_settings(args, data_dicts, held_out), **current)
 
     def record(self, stats, metrics):
         """Add the epoch's row to the results: training loss and accuracy (stats), the test metrics, then the
@@ -788,6 +933,28 @@ def _position_problem(checkpoint, args):
         return f'its best recall {checkpoint["best_recall"]} is not its results\' ({selected})'
     if step and not checkpoint['running']:
         return f'it stands at step {step} without the running sums of those steps'
+    return None
+
+
+def _files_problem(checkpoint, paths):
+    """What of a checkpoint contradicts the run's files beside it (RunName.paths), where they are there, or None: its
+    ids not those of the ids file the run wrote, its results not the results CSV's, whose rows may run one epoch
+    ahead of it (a kill between the renames of an epoch's files leaves the checkpoint of the epoch's start)."""
+    if os.path.isfile(paths['ids']):
+        saved = utils.safe_load(paths['ids'], 'meta-class ids')
+        if not (isinstance(saved, torch.Tensor) and saved.shape == checkpoint['ids'].shape
+                and torch.equal(saved.long(), checkpoint['ids'].long())):
+            return f'its "ids" are not those of {paths["ids"]}, which the run wrote'
+    try:
+        written = read_results(paths['results.csv'])
+    except utils.ReirError:
+        return None  # missing or damaged: --resume writes it again from the checkpoint
+    results, epoch = checkpoint['results'], checkpoint['epoch']
+    if len(written) > epoch:
+        return f'its "epoch" {epoch} is behind {paths["results.csv"]}, which holds {len(written)} epochs'
+    for row, saved in zip(written, results):
+        if set(row) != set(saved) or any(not math.isclose(row[key], saved[key], rel_tol=1e-9) for key in row):
+            return f'its "results" are not those of {paths["results.csv"]} at epoch {row["epoch"]}'
     return None
 
 

@@ -35,22 +35,32 @@ class Preprocess:
 
 
 def model_file(run):
-    """The model file of a run given as that file or as its path without the kind (results/<prefix>)."""
+    """The model file of a run given as that file or as its path without the kind (results/<prefix>); refused where
+    neither is there."""
     run = os.fspath(run)
-    if os.path.isfile(run) or run.endswith('_model.pth'):
-        return run
-    return f'{run}_model.pth'
+    if os.path.isdir(run):
+        raise utils.UsageError(f'{run} is a folder: pass a run\'s <prefix>_model.pth, or results/<prefix>')
+    candidates = (run,) if run.endswith('_model.pth') else (run, f'{run}_model.pth')
+    found = [path for path in candidates if os.path.isfile(path)]
+    if not found:
+        raise utils.ReirError(f'{run}: model not found' + (f' (nor {os.path.basename(candidates[-1])} beside it)'
+                                                           if len(candidates) > 1 else ''))
+    return found[0]
 
 
-def run_normalization(run, settings):
-    """(mean, std) the run normalized its images with: recorded with the run, else the known statistics of its
-    dataset (those the original REIR used), else those of the dataset prepared under the run's data path."""
+def run_normalization(run, settings, data_path):
+    """(mean, std) the run normalized its images with: recorded with the run (its args.json, checkpoint or database),
+    else those of the dataset prepared under data_path where the call names it, else the known statistics of its
+    dataset (those the original REIR used): never those of a dataset that the caller's folder happens to hold."""
     if settings.mean is not None:
         return settings.mean, settings.std
+    if data_path is not None:
+        data_dicts = utils.load_data_dicts(data_path, run.data_name, run.crop_type)
+        return data_dicts['mean'], data_dicts['std']
     if run.data_name in utils.KNOWN_STATS:
         return utils.KNOWN_STATS[run.data_name]
-    data_dicts = utils.load_data_dicts(settings.data_path, run.data_name, run.crop_type)
-    return data_dicts['mean'], data_dicts['std']
+    raise utils.ReirError(f'the normalization of {run.prefix} is recorded nowhere (its args.json, checkpoint and '
+                          f'database are gone): pass data_path=, the folder of the prepared dataset it trained on')
 
 
 def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=None, device='cpu'):
@@ -59,16 +69,17 @@ def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=N
 
     run: its <prefix>_model.pth, this repository's or the original REIR's (epochs/<prefix>_model.pth), or
     results/<prefix>. The settings come from the prefix (or prefix, for a file named otherwise) and the run's
-    <prefix>_args.json or checkpoint beside the model; a model the original saved embeds as the original did
+    <prefix>_args.json, checkpoint or database beside the model; a model the original saved embeds as the original did
     (256 pixels, whole images decoded). image_size and exact_pipeline override them; a run whose files no longer
-    say them needs them."""
+    say them needs them, and data_path (the prepared datasets) gives the normalization of one whose files no longer
+    record it."""
     if image_size is not None and not (utils.is_int(image_size) and image_size > 0):
         raise utils.UsageError(f'image_size {image_size!r}: the side of the network input is a positive integer')
     path = model_file(run)
-    name, paths, _ = run_files.run_of_file(path, kinds=('model.pth',), prefix=prefix)
-    model = engine.load_model(path, name).to(device)  # first: a missing model, or one of another prefix, is the error
+    name, paths, _ = run_files.run_of_file(path, kinds=('model.pth',), prefix=prefix, prefix_option='prefix=')
+    model = engine.load_model(path, name).to(device)  # first: a model of another prefix is the error
     overrides = dict(image_size=image_size, exact_pipeline=exact_pipeline, data_path=data_path)
     settings = run_files.embedding_settings(paths, overrides, model_needed=True)
     transform, min_side = utils.input_pipeline(name.crop_type, False, settings.image_size,
-                                               *run_normalization(name, settings), settings.exact_pipeline)
+                                               *run_normalization(name, settings, data_path), settings.exact_pipeline)
     return model, Preprocess(transform, min_side)

@@ -87,9 +87,30 @@ def run_cli(main_function, args, interrupted='interrupted'):
         print('error: CUDA out of memory: lower --batch_size, --ensemble_size or --image_size, or pass --amp',
               file=sys.stderr)
         sys.exit(1)
+    except RuntimeError as error:
+        reason = shared_memory_failure(error)
+        if reason is None:
+            raise
+        print(f'error: the data loader\'s worker processes cannot pass images through shared memory ({reason}): '
+              f'raise the limit that stops them (ulimit -f, the size of /dev/shm), or pass --num_workers 0',
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         print(interrupted() if callable(interrupted) else interrupted, file=sys.stderr)
         sys.exit(130)
+
+
+def shared_memory_failure(error):
+    """The reason where error is a DataLoader worker's failure to put a batch in shared memory (a file-size limit, a
+    full /dev/shm), as torch words it, else None."""
+    text = str(error)
+    if 'DataLoader worker' not in text:
+        return None
+    found = re.search(r'unable to (?:resize file|write to file|allocate shared memory)[^\n]*?: ([^:\n]+)$', text,
+                      re.MULTILINE)
+    if found:
+        return found[1].strip()
+    return 'out of shared memory' if 'out of shared memory' in text else None
 
 
 def int_in_range(low, high=None):
@@ -276,6 +297,9 @@ def data_fingerprint(data_dicts):
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+FINGERPRINT_LENGTH = 16  # hexadecimal digits of a weights_fingerprint
+
+
 def weights_fingerprint(state_dict):
     """A short hash of a model's weights (the names, types, shapes and values of its state_dict): which model embedded
     an embedding database."""
@@ -284,7 +308,12 @@ def weights_fingerprint(state_dict):
         tensor = state_dict[name].detach().cpu().contiguous()
         digest.update(f'{name}:{tensor.dtype}:{tuple(tensor.shape)};'.encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()[:16]
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def is_weights_fingerprint(value):
+    """Whether value has the form of a weights_fingerprint."""
+    return isinstance(value, str) and re.fullmatch(f'[0-9a-f]{{{FINGERPRINT_LENGTH}}}', value) is not None
 
 
 # ----------------------------------------------------------------------------- randomness

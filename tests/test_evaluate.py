@@ -1,13 +1,18 @@
 import json
+import os
+import resource
 import shutil
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 import torch
 
+import data_utils
 import trained as trained_runs
 import utils
-from conftest import assert_one_line_error, prefix, run_main
+from conftest import REPO, assert_one_line_error, make_folder_dataset, prefix, run_main
 
 
 @pytest.mark.parametrize('name', ['tiny', 'shop'])
@@ -140,16 +145,26 @@ def test_damaged_run_settings_are_one_line(trained, tmp_path, change, fragment, 
     assert_one_line_error(run_main(script, *flags), 1, f'{path}: {fragment}')
 
 
-def test_an_args_json_that_disagrees_with_the_checkpoint_is_refused(trained, tmp_path):
-    """A hand-edited image size in args.json was used silently; a flag that says it settles it."""
-    for kind in ('model.pth', 'args.json', 'checkpoint.pth'):
+@pytest.mark.parametrize('record', ['checkpoint.pth', 'data_base.pth'])
+@pytest.mark.parametrize('edit, fragment, settles', [
+    ({'image_size': 64}, 'says image_size 64, {record} 32', ['--image_size', '32']),
+    ({'exact_pipeline': True}, 'says exact_pipeline True, {record} False', ['--no-exact_pipeline']),
+    ({'mean': [0.5, 0.5, 0.5]}, 'says mean [0.5, 0.5, 0.5], {record} [', None),
+])
+def test_an_args_json_that_disagrees_with_the_runs_records_is_refused(trained, tmp_path, record, edit, fragment,
+                                                                      settles):
+    """A hand-edited setting in args.json was used silently, beside the checkpoint or, with the checkpoint gone, the
+    database that records the settings it was embedded with; the advice names the recorded value."""
+    for kind in ('model.pth', 'args.json', record):
         shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
     settings = json.loads((tmp_path / f'{prefix()}_args.json').read_text())
-    (tmp_path / f'{prefix()}_args.json').write_text(json.dumps({**settings, 'image_size': 64}))
+    (tmp_path / f'{prefix()}_args.json').write_text(json.dumps({**settings, **edit}))
     flags = [tmp_path / f'{prefix()}_model.pth', '--batch_size', '4', '--num_workers', '0']
-    assert_one_line_error(run_main('evaluate', *flags), 1, 'args.json says image_size 64, the run\'s checkpoint 32',
-                          '--image_size')
-    assert run_main('evaluate', *flags, '--image_size', '32').returncode == 0
+    expected = fragment.format(record=f'{prefix()}_{record}')
+    assert_one_line_error(run_main('evaluate', *flags), 1, f'{prefix()}_args.json {expected}',
+                          f'pass {" ".join(settles)}' if settles else 'train the run again')
+    if settles:
+        assert run_main('evaluate', *flags, *settles).returncode == 0
 
 
 def test_load_run_names_what_is_wrong_with_the_model(trained, tmp_path):
@@ -162,3 +177,60 @@ def test_load_run_names_what_is_wrong_with_the_model(trained, tmp_path):
         trained_runs.load_run(str(results / f'{prefix()}_model.pth'), prefix=prefix(E=3))
     with pytest.raises(utils.UsageError, match='image_size 0'):
         trained_runs.load_run(str(results / prefix()), image_size=0)
+    with pytest.raises(utils.UsageError, match=f'{results} is a folder: pass a run\'s <prefix>_model.pth'):
+        trained_runs.load_run(str(results))
+    with pytest.raises(utils.ReirError, match=f'{tmp_path / "nosuch"}: model not found'):
+        trained_runs.load_run(str(tmp_path / 'nosuch'))
+    with pytest.raises(utils.UsageError, match='prefix=cub_x: not a run\'s prefix') as refused:
+        trained_runs.load_run(str(results / f'{prefix()}_model.pth'), prefix='cub_x')
+    assert '--prefix' not in str(refused.value)
+
+
+def transform_mean(transform):
+    return next(step for step in transform.transform.transforms if hasattr(step, 'mean')).mean
+
+
+def test_load_run_takes_the_normalization_from_the_run_never_from_the_callers_folder(trained, tmp_path, monkeypatch):
+    """With args.json and the checkpoint gone the database records it; with all three gone a dataset of that name in
+    the caller's folder (here one prepared with other colours) is not the run's: the call names data_path, or is
+    refused."""
+    recorded = json.loads((trained / 'results' / f'{prefix()}_args.json').read_text())['mean']
+    for kind in ('model.pth', 'data_base.pth'):
+        shutil.copy(trained / 'results' / f'{prefix()}_{kind}', tmp_path)
+    make_folder_dataset(str(tmp_path / 'data' / 'tiny'), {'train': 4, 'test': 3}, class_offset=90)
+    data_utils.prepare(str(tmp_path / 'data'), 'tiny', num_workers=1)
+    assert torch.load(tmp_path / 'data' / 'tiny' / 'uncropped_data_dicts.pth', weights_only=True)['mean'] != recorded
+    monkeypatch.chdir(tmp_path)
+    model = str(tmp_path / f'{prefix()}_model.pth')
+    assert list(transform_mean(trained_runs.load_run(model)[1])) == recorded
+    (tmp_path / f'{prefix()}_data_base.pth').unlink()
+    with pytest.raises(utils.ReirError, match='recorded nowhere .* pass data_path='):
+        trained_runs.load_run(model, image_size=32, exact_pipeline=False)
+    _, transform = trained_runs.load_run(model, image_size=32, exact_pipeline=False, data_path=str(trained / 'data'))
+    assert list(transform_mean(transform)) == recorded
+
+
+def test_a_prefix_naming_an_unknown_loss_says_so_first(trained, tmp_path):
+    """It asked for --image_size first (the file's settings are gone with its name)."""
+    shutil.copy(trained / 'results' / f'{prefix()}_model.pth', tmp_path / 'copy_model.pth')
+    result = run_main('evaluate', tmp_path / 'copy_model.pth', '--prefix', f'{prefix()}_pml.NoSuchLoss')
+    assert_one_line_error(result, 2, 'its prefix names the loss pml.NoSuchLoss', 'is not one of its losses')
+
+
+def test_a_worker_that_cannot_use_shared_memory_is_one_line():
+    """torch's words when a DataLoader worker cannot make the shared-memory file of a batch (a file-size limit)."""
+    error = RuntimeError('Caught RuntimeError in DataLoader worker process 0.\nOriginal Traceback (most recent call '
+                         'last):\n  File "collate.py", line 273\nRuntimeError: unable to resize file '
+                         '</torch_27801_2251333379_0> to the right size: File too large (27)\n')
+    assert utils.shared_memory_failure(error) == 'File too large (27)'
+    assert utils.shared_memory_failure(RuntimeError('Caught ValueError in DataLoader worker process 0.')) is None
+
+
+@pytest.mark.slow  # a process of its own, under a file-size limit
+def test_evaluate_under_a_file_size_limit_is_one_line(trained):
+    limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (10 * 1024, resource.RLIM_INFINITY))  # noqa: E731
+    result = subprocess.run([sys.executable, os.path.join(REPO, 'evaluate.py'),
+                             trained / 'results' / f'{prefix()}_model.pth', '--num_workers', '2'],
+                            capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert_one_line_error(result, 1, 'cannot pass images through shared memory (File too large (27))',
+                          '--num_workers 0')

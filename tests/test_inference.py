@@ -9,7 +9,7 @@ import data_base
 import figures
 import inference
 import utils
-from conftest import assert_one_line_error, prefix, run_main, write_image
+from conftest import assert_one_line_error, copy_of_run, prefix, run_main, run_train, write_image
 
 
 def test_retrieval_grid_for_a_database_image(trained):
@@ -137,3 +137,26 @@ def test_a_database_names_its_model_and_another_model_is_refused(trained, tmp_pa
                                    '--results_dir', tmp_path / 'out'), 1, 'was embedded by another model')
     assert run_main('ablation', '--better_data_base', database, '--worse_data_base', database, '--results_dir',
                     tmp_path / 'out').returncode == 0
+
+
+@pytest.mark.parametrize('fingerprint', ['removed', None, 5, 'not hexadecimal!'])
+def test_a_database_of_this_repository_that_names_no_model_is_refused(trained, tmp_path, fingerprint):
+    """Only the original REIR's layout may lack the model's name: a database of this repository without it (removed,
+    or not a fingerprint) is neither queried, scored nor compared."""
+    results = copy_of_run(trained, tmp_path)
+    database = results / f'{prefix()}_data_base.pth'
+    stored = torch.load(database, weights_only=True)
+    if fingerprint == 'removed':
+        del stored['model_fingerprint']
+    else:
+        stored['model_fingerprint'] = fingerprint
+    torch.save(stored, database)
+    query = trained / 'data' / 'tiny' / 'test' / 'class_01' / '0.jpg'
+    for result in (run_main('inference', '--query_img_name', query, '--data_base', database),
+                   run_main('evaluate', database),
+                   run_main('ablation', '--better_data_base', database, '--worse_data_base', database,
+                            '--results_dir', tmp_path / 'out')):
+        assert_one_line_error(result, 1, 'names no model that embedded it', 'train.py --resume')
+    if fingerprint == 'removed':  # as the line says, the run writes it again
+        assert run_train(trained, '--resume', results=results).returncode == 0
+        assert run_main('evaluate', database).returncode == 0

@@ -1,6 +1,7 @@
 """Runs that go wrong stop and say so, and no run loses or mixes up another's files: divergence, batch norm
 on single images, existing files, the per-run lock, failed saves, damaged inputs, missing outputs."""
 import argparse
+import collections
 import contextlib
 import os
 import re
@@ -96,8 +97,9 @@ def test_a_second_start_of_a_running_run_fails_at_once(tiny):
     with run_files.RunLock(str(tiny / 'results' / f'.{prefix()}.lock'), prefix()):
         result = run_script('train.py', '--data_path', tiny / 'data', '--data_name', 'tiny',
                             '--results_dir', tiny / 'results', *TINY)
+        assert [name for name in os.listdir(tiny / 'results')] == [f'.{prefix()}.lock']  # the holder's, kept
     assert_one_line_error(result, 1, 'is being trained by another process')
-    assert [name for name in os.listdir(tiny / 'results')] == [f'.{prefix()}.lock']
+    assert not (tiny / 'results').exists()  # the holder's lock, and the folder it made, gone with it
 
 
 @pytest.mark.slow  # a process of its own, which imports torch
@@ -212,7 +214,7 @@ def test_a_checkpoint_that_is_not_the_format_is_never_written(tmp_path):
 
 def test_unwritable_results_dir(tiny):
     (tiny / 'file').write_text('')
-    assert_one_line_error(run_train(tiny, results=tiny / 'file'), 1, 'cannot write', '--results_dir')
+    assert_one_line_error(run_train(tiny, results=tiny / 'file'), 1, 'file is not a folder', '--results_dir')
 
 
 # ----------------------------------------------------------------------------- validated before training
@@ -276,6 +278,7 @@ def test_resume_refuses_when_the_best_model_is_lost(trained, tmp_path):
     # epoch 1 the best: its weights are not in the checkpoint
     checkpoint['results'][0]['test_recall@1'] = checkpoint['best_recall'] = 101.0
     torch.save(checkpoint, checkpoint_path)
+    (results / f'{prefix()}_results.csv').unlink()  # else it contradicts the checkpoint
     (results / f'{prefix()}_model.pth').unlink()
     result = run_train(trained, '--resume', results=results)
     assert_one_line_error(result, 1, 'the model of the best epoch, 1, is lost', '--overwrite')
@@ -397,7 +400,7 @@ def test_a_crop_type_the_demo_lacks_is_one_line_and_draws_nothing(tmp_path):
     result = run_script('train.py', '--data_path', tmp_path / 'data', '--data_name', 'demo', '--crop_type', 'cropped',
                         '--results_dir', tmp_path / 'results', '--no_pretrained', '--num_workers', '2')
     assert_one_line_error(result, 2, '--crop_type cropped needs bounding boxes')
-    assert not (tmp_path / 'data').exists() and file_digests(tmp_path / 'results') == {}  # only the run's lock
+    assert not (tmp_path / 'data').exists() and not (tmp_path / 'results').exists()
 
 
 @pytest.mark.parametrize('text, expected', [('tiny/', 'tiny'), ('tiny', 'tiny')])
@@ -430,7 +433,7 @@ def test_a_stop_signal_before_training_ends_the_run_at_once(tiny, monkeypatch):
     assert result.returncode == utils.STOPPED_EXIT_CODE, result.stderr
     assert result.stderr.splitlines()[-1] == ('stopped by SIGTERM before training: no checkpoint was written, so '
                                               'there is nothing to resume; run the same command again')
-    assert os.listdir(tiny / 'results') == [f'.{prefix()}.lock']
+    assert not (tiny / 'results').exists()  # not even the run's lock
 
 
 @pytest.mark.slow
@@ -490,17 +493,36 @@ def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, sign
     (lambda c: c.update(train_items=[('train/x.jpg', 7)]), 'its training list names images that are not'),
     (lambda c: c.update(train_items=c['train_items'][:1]), 'its training list leaves out training classes'),
     (lambda c: inside_epoch_2(c, running=[]), 'it stands at step 2 without the running sums'),
-    (lambda c: inside_epoch_2(c, step=50), 'it stands at step 50 of an epoch of 4 steps'),
+    (lambda c: inside_epoch_2(c, step=50), 'its "step" 50 is beyond the 4 steps of an epoch'),
     (lambda c: inside_epoch_2(c, running=[{'sums': [0, 0, 0, 0], 'rng': {}}]), 'its "running" is not'),
+    # fields each of the right kind, that contradict each other or the run's files
+    (lambda c: inside_epoch_2(c, step=0), 'its "step" is 0 with the running sums of 8 images'),
+    (lambda c: inside_epoch_2(c, step=3), 'its "step" 3 contradicts its running sums, of 8 images where 3 steps '
+                                          'take 12'),
+    (lambda c: inside_epoch_2(c, step=4), 'its "step" 4 contradicts its running sums'),  # the epoch's last step
+    (lambda c: inside_epoch_2(c, running=[{'sums': [1.0, 17, 8, 0], 'rng': {'cpu': torch.get_rng_state(),
+                                                                          'cuda': []}}]), 'count 17 correct labels'),
+    (lambda c: c.update(ids=c['ids'][[1, 0]]), 'its "ids" are not those of'),
+    (lambda c: c.update(epoch=1, results=[], best_recall=-1.0), 'its "epoch" 1 is behind'),
+    (lambda c: c['results'][0].update(train_loss=c['results'][0]['train_loss'] + 1),
+     'its "results" are not those of'),
+    (lambda c: c['optimizer']['param_groups'][0].update(lr=1e-3), 'its "optimizer" learning rate 0.001 is not the '
+                                                                  "schedule's 1e-06 at epoch 3"),
+    (lambda c: c['scheduler'].update(last_epoch=1), 'its "scheduler" last_epoch is 1, where at epoch 3 it is 2'),
+    (lambda c: c['scheduler'].update(milestones=collections.Counter({2: 1})), 'its "scheduler" milestones is'),
+    (lambda c: c['scheduler'].update(base_lrs=[0.1]), 'its "scheduler" base_lrs is [0.1], the run\'s [0.0001]'),
 ])
 def test_a_damaged_checkpoint_is_one_line_on_resume(trained, tmp_path, change, fragment):
+    """Refused before anything is trained or written."""
     results = copy_of_run(trained, tmp_path)
     path = results / f'{prefix()}_checkpoint.pth'
     checkpoint = torch.load(path, weights_only=True)
     change(checkpoint)
     torch.save(checkpoint, path)
+    before = written_files(results)
     assert_one_line_error(run_train(trained, '--resume', results=results), 1, f'{path}: ' * ('ids' not in fragment),
                           fragment)
+    assert written_files(results) == before
 
 
 @pytest.mark.parametrize('change, fragment', [

@@ -276,6 +276,7 @@ def test_a_finished_run_whose_best_model_is_lost_is_damaged_unless_its_checkpoin
     for best, state in ((1, 'damaged'), (2, 'interrupted')):
         results = [dict(row, **{column: 100.0 if row['epoch'] == best else 0.0}) for row in checkpoint['results']]
         torch.save({**checkpoint, 'results': results}, run.paths['checkpoint.pth'])
+        run_files.write_results_csv(results, run.paths['results.csv'])  # else the checkpoint contradicts it
         for damage in (os.remove, lambda path: open(path, 'wb').write(whole[:len(whole) // 2])):
             damage(model)
             assert study.run_state(run)[0] == state, study.run_state(run)
