@@ -69,7 +69,7 @@ def restore(checkpoint, trainable, data, paths, state, args, process):
     its model is lost and the checkpoint holds that epoch (refused where it does not: best_files_lost). data:
     loaders.RunData."""
     path = paths['checkpoint.pth']
-    schedule = {key: trainable['scheduler'].state_dict()[key] for key in SCHEDULE_KEYS}  # the run's, from its flags
+    schedule = schedule_of(trainable['scheduler'])  # the run's, as its flags built it
     problem = steps_problem(state, data.train, process) or load_states(checkpoint, trainable) \
         or schedule_problem(trainable, schedule, state.epoch)
     if problem:
@@ -132,12 +132,18 @@ def repaired_schedule(state):
                                                         if not isinstance(key, tuple)})}
 
 
+def schedule_of(scheduler):
+    """What of a scheduler's state the run's flags set (SCHEDULE_KEYS)."""
+    state = scheduler.state_dict()
+    return {key: state[key] for key in SCHEDULE_KEYS}
+
+
 def schedule_problem(trainable, schedule, epoch):
     """What makes a restored learning-rate schedule contradict the run's (schedule: the state of the scheduler its
     flags build, SCHEDULE_KEYS) or the epoch the run stands at, or the optimizer's learning rate contradict the
     schedule, or None."""
     scheduler, optimizer = trainable['scheduler'], trainable['optimizer']
-    restored = {key: scheduler.state_dict()[key] for key in SCHEDULE_KEYS}
+    restored = schedule_of(scheduler)
     differing = next((key for key in SCHEDULE_KEYS if restored[key] != schedule[key]), None)
     if differing:
         return f'its "scheduler" {differing} is {restored[differing]!r}, the run\'s {schedule[differing]!r}'

@@ -4,8 +4,6 @@ writes (temporary files renamed into place together), the formats of the files a
 checkpoint holds besides the trainable states."""
 import contextlib
 import copy
-import errno
-import fcntl
 import json
 import math
 import os
@@ -19,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+import locks
 import loss_choice
 import original
 import utils
@@ -298,28 +297,19 @@ def atomic_torch_save(obj, path):
 
 # ----------------------------------------------------------------------------- claiming a run
 
-def missing_folders(directory):
-    """The folders of the path directory that do not exist, deepest first (those os.makedirs would make)."""
-    missing, directory = [], os.path.abspath(directory)
-    while not os.path.exists(directory):
-        missing.append(directory)
-        directory = os.path.dirname(directory)
-    return missing
-
-
 def write_problem(paths):
     """Why a run cannot write its files at paths (RunName.paths), or None: the folder they go to, or the nearest
     existing folder above it, is not a folder or not writable, or a path, or the temporary name a file is written under
     first (save_together), is longer than the file system takes. Checked before a run claims anything, so that a
     refused run writes nothing and an accepted one does not fail at its first save, an epoch later."""
     directory = os.path.dirname(paths['lock']) or '.'
-    existing = os.path.dirname(missing_folders(directory)[-1]) if not os.path.exists(directory) else directory
+    existing = os.path.dirname(locks.missing_folders(directory)[-1]) if not os.path.exists(directory) else directory
     if not os.path.isdir(existing):
         return f'{existing} is not a folder'
     if not os.access(existing, os.W_OK | os.X_OK):
         return f'{existing}/ is not writable'
     name_max, path_max = os.pathconf(existing, 'PC_NAME_MAX'), os.pathconf(existing, 'PC_PATH_MAX')
-    for path in (*paths.values(), lock_path(paths['ids'])):
+    for path in (*paths.values(), locks.lock_path(paths['ids'])):
         longest = os.path.join(os.path.dirname(path), f'{temporary_prefix(path)}{"x" * 8}{TEMPORARY_SUFFIX}')
         if len(os.fsencode(longest)) >= path_max:
             return (f'its files\' paths would be {len(os.fsencode(longest))} bytes long, and the file system takes '
@@ -330,105 +320,9 @@ def write_problem(paths):
     return None
 
 
-class LockFile:
-    """An exclusive POSIX record lock (lockf) on the file at path, made (with its folders) to be locked and removed when
-    released, with the folders it made where they are left empty: a command that is refused leaves nothing. The data
-    loader's worker processes do not inherit the lock, so it ends with the process that took it, even on SIGKILL.
-    Removing a lock file is safe because a process that locks one checks that it is still the file at path (one
-    removed while it waited is locked again under its new file). wait: wait for another holder, else raise
-    BlockingIOError."""
-
-    def __init__(self, path, wait):
-        self.path = path
-        directory = os.path.dirname(path) or '.'
-        self.made = missing_folders(directory)
-        try:
-            os.makedirs(directory, exist_ok=True)
-            while not self.locked(path, wait):
-                pass
-        except BlockingIOError:
-            self.remove_made_folders()
-            raise
-        except OSError as e:
-            self.remove_made_folders()
-            raise utils.ReirError(f'cannot write the run\'s files in {directory}/ ({e.strerror}): pass a writable '
-                                  f'--results_dir') from None
-        except BaseException:
-            self.remove_made_folders()
-            raise
-
-    def locked(self, path, wait):
-        """Open and lock the file at path: whether it is still the file there once locked (else it was released and
-        removed meanwhile: lock the next one). Raises BlockingIOError where another process holds it."""
-        self.file = open(path, 'a')
-        try:
-            fcntl.lockf(self.file, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except OSError as e:
-            self.file.close()
-            if e.errno in (errno.EACCES, errno.EAGAIN):
-                raise BlockingIOError(e.errno, e.strerror) from None
-            raise
-        except BaseException:
-            self.file.close()
-            raise
-        if same_file(self.file, path):
-            return True
-        self.file.close()
-        return False
-
-    def release(self):
-        with contextlib.suppress(OSError):
-            os.remove(self.path)  # while locked: a process that opened it meanwhile finds it gone once it locks it
-        self.file.close()
-        self.remove_made_folders()
-
-    def remove_made_folders(self):
-        for folder in self.made:
-            try:
-                os.rmdir(folder)
-            except OSError:
-                return  # not empty: the run wrote there
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info):
-        self.release()
-
-
-def same_file(file, path):
-    """Whether the open file is the one at path."""
-    try:
-        found = os.stat(path)
-    except FileNotFoundError:
-        return False
-    held = os.fstat(file.fileno())
-    return (found.st_dev, found.st_ino) == (held.st_dev, held.st_ino)
-
-
-def lock_path(path):
-    """The lock file of a file that several runs share: .<name>.lock beside it."""
-    return os.path.join(os.path.dirname(path), f'.{os.path.basename(path)}.lock')
-
-
-def held_elsewhere(path):
-    """Whether another process holds the lock file at path (a run in progress, RunLock). This process must not hold
-    it: closing any file of a lock releases the process's lock."""
-    try:
-        fd = os.open(path, os.O_WRONLY)  # not made where it is gone: its run has ended
-    except OSError:
-        return False
-    with open(fd, 'w') as f:
-        try:
-            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            return e.errno in (errno.EACCES, errno.EAGAIN)
-    return False
-
-
-class RunLock(LockFile):
-    """The lock of a run in progress, results/.<prefix>.lock (LockFile): a second start of the same run fails at once
-    instead of writing over the first's files."""
+class RunLock(locks.LockFile):
+    """The lock of a run in progress, results/.<prefix>.lock (locks.LockFile): a second start of the same run fails
+    at once instead of writing over the first's files."""
 
     def __init__(self, path, prefix):
         try:
@@ -439,9 +333,9 @@ class RunLock(LockFile):
 
 
 def ids_lock(path):
-    """The meta-class ids file at path to this process alone, waited for (a LockFile beside it, lock_path): runs that
+    """The meta-class ids file at path to this process alone, waited for (a locks.LockFile beside it): runs that
     share it check what it holds and write it one at a time, so that none trains on ids another replaces."""
-    return LockFile(lock_path(path), wait=True)
+    return locks.LockFile(locks.lock_path(path), wait=True)
 
 
 def claim_run(args, run, paths):
@@ -514,7 +408,7 @@ def ids_refusal(args, run, path, ids):
     if not os.path.isfile(path):
         return None
     saved = utils.safe_load(path, 'meta-class ids')
-    if isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids):
+    if same_ids(saved, ids):
         return None
     sharing = runs_sharing_ids(args.results_dir, run)
     if sharing:
@@ -524,6 +418,11 @@ def ids_refusal(args, run, path, ids):
         return (f'{path} holds other ids than --seed {args.seed} draws: reuse them with --load_ids, or pass '
                 f'--overwrite to replace them')
     return None
+
+
+def same_ids(saved, ids):
+    """Whether what an ids file holds (saved) is the meta-class ids tensor ids."""
+    return isinstance(saved, torch.Tensor) and saved.shape == ids.shape and torch.equal(saved.long(), ids.long())
 
 
 def runs_sharing_ids(results_dir, run):
@@ -537,7 +436,7 @@ def runs_sharing_ids(results_dir, run):
                 prefixes.add(other.prefix)
         other = RunName.parse(name[1:-len('.lock')]) if name.startswith('.') and name.endswith('.lock') else None
         if other is not None and other != run and other.ids_name == run.ids_name \
-                and held_elsewhere(os.path.join(results_dir, name)):
+                and locks.held_elsewhere(os.path.join(results_dir, name)):
             prefixes.add(other.prefix)
     return sorted(prefixes)
 
@@ -622,12 +521,12 @@ def settings_problem(settings):
     return None
 
 
-def run_settings(paths):
+def run_settings(paths, records=None):
     """The flags of the run whose files are paths (RunName.paths), from the first of its records that is there
-    (settings_records): <prefix>_args.json, its checkpoint, its embedding database; the normalization from the first
-    that records it. Where none is there, those the original REIR embedded with when the model is one it saved
-    (original.ORIGINAL_SETTINGS), else None."""
-    records = settings_records(paths)
+    (records: settings_records, read where not given): <prefix>_args.json, its checkpoint, its embedding database; the
+    normalization from the first that records it. Where none is there, those the original REIR embedded with when the
+    model is one it saved (original.ORIGINAL_SETTINGS), else None."""
+    records = settings_records(paths) if records is None else records
     if not records:
         return dict(original.ORIGINAL_SETTINGS) if is_original_model(paths['model.pth']) else None
     settings = dict(records[0][1])
@@ -682,8 +581,9 @@ def embedding_settings(paths, overrides, model_needed):
     run's files no longer say them, the user is asked to pass them. The others (recalls, data_path) default. mean and
     std are the run's recorded normalization, or None (see normalization); held_out_classes the training classes it
     held out for validation (--val_classes)."""
-    saved = run_settings(paths) or {}
-    check_records_agree(paths, [k for k in EMBEDDING_SETTINGS if overrides.get(k) is None])
+    records = settings_records(paths)
+    check_records_agree(records, [k for k in EMBEDDING_SETTINGS if overrides.get(k) is None])
+    saved = run_settings(paths, records) or {}
     settings = {k: saved.get(k, EMBEDDING_DEFAULTS[k]) for k in EMBEDDING_DEFAULTS if k not in EMBEDDING_SETTINGS}
     settings.update({k: saved[k] for k in EMBEDDING_SETTINGS if k in saved})
     settings.update({k: v for k, v in overrides.items() if v is not None})
@@ -697,12 +597,11 @@ def embedding_settings(paths, overrides, model_needed):
     return SimpleNamespace(**settings)
 
 
-def check_records_agree(paths, keys):
+def check_records_agree(records, keys):
     """Refuse a run whose records (settings_records) disagree on a setting of keys or on the normalization (mean,
     std), where two of them hold it: a hand-edited file, and the model would embed otherwise than it was trained. The
     advice names the value of the later record (the checkpoint's or the database's: args.json is the one a person
     edits)."""
-    records = settings_records(paths)
     for key in (*keys, 'mean', 'std'):
         held = [(path, settings[key]) for path, settings in records if settings.get(key) is not None]
         differing = [(path, value) for path, value in held[1:] if value != held[0][1]]
@@ -942,8 +841,7 @@ def _files_problem(checkpoint, paths):
     ahead of it (a kill between the renames of an epoch's files leaves the checkpoint of the epoch's start)."""
     if os.path.isfile(paths['ids']):
         saved = utils.safe_load(paths['ids'], 'meta-class ids')
-        if not (isinstance(saved, torch.Tensor) and saved.shape == checkpoint['ids'].shape
-                and torch.equal(saved.long(), checkpoint['ids'].long())):
+        if not same_ids(saved, checkpoint['ids']):
             return f'its "ids" are not those of {paths["ids"]}, which the run wrote'
     try:
         written = read_results(paths['results.csv'])

@@ -12,11 +12,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from conftest import REPO  # noqa: E402
 
 # the library, each module above the ones it may import: the method (network, losses, embedding); what --loss names;
-# engines that compute its branches faster; datasets, ids and metrics; the original REIR's files; a run's files and
-# state; figures; how a run reads its images; running a model; the embedding database; keeping and continuing a run;
-# the original's recipes; loading a trained run
-LIBRARY = ('model', 'loss_choice', 'branch_engines', 'utils', 'original', 'run_files', 'figures', 'loaders', 'engine',
-           'data_base', 'resume', 'recipes', 'trained')
+# engines that compute its branches faster; datasets, ids and metrics; the original REIR's files; file locks that leave
+# nothing behind; a run's files and state; figures; how a run reads its images; running a model; the embedding database;
+# keeping and continuing a run; the original's recipes; loading a trained run
+LIBRARY = ('model', 'loss_choice', 'branch_engines', 'utils', 'original', 'locks', 'run_files', 'figures', 'loaders',
+           'engine', 'data_base', 'resume', 'recipes', 'trained')
 # the scripts, and hubconf.py, torch.hub's entry points, which stand on the library as they do
 SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation', 'hubconf'}
 OWN_JOBS = {('train', 'data_utils'),       # train.py draws the demo dataset when it is missing

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import engine
+import locks
 import run_files
 import train
 import utils
@@ -208,13 +209,13 @@ def test_a_lock_released_and_removed_while_others_wait_is_held_by_one_process_at
     """A released lock file is removed: the processes that opened it before, and wait, must lock the file at the path
     again, or one of them and a process that comes later (and makes a new file) would both hold the lock."""
     path = tmp_path / '.ids.pth.lock'
-    hold = ('import sys, time; sys.path.insert(0, sys.argv[1]); import run_files; '
-            'lock = run_files.LockFile(sys.argv[2], wait=True); print(time.monotonic(), flush=True); time.sleep(3); '
+    hold = ('import sys, time; sys.path.insert(0, sys.argv[1]); import locks; '
+            'lock = locks.LockFile(sys.argv[2], wait=True); print(time.monotonic(), flush=True); time.sleep(3); '
             'print(time.monotonic(), flush=True); lock.release()')
 
     def holder():
         return subprocess.Popen([sys.executable, '-c', hold, REPO, str(path)], stdout=subprocess.PIPE, text=True)
-    with run_files.LockFile(str(path), wait=True):
+    with locks.LockFile(str(path), wait=True):
         holders = [holder(), holder()]
         time.sleep(4)  # both have imported torch and wait on the file
     holders.append(holder())  # comes while the first of them holds the lock
