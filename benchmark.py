@@ -4,7 +4,7 @@
     python benchmark.py branches [--quick]   # grouped branch engine vs the per-branch loop
     python benchmark.py data [--quick]       # the training input pipeline vs PIL + the original transforms
     python benchmark.py checkpoint [--quick] # train.py's checkpoint write (atomic, fsynced) vs a plain torch.save
-    python benchmark.py step [--quick]       # a training step's time by phase, and an epoch's beyond compute
+    python benchmark.py step [--quick]       # a step's time by phase, the log's cost, an epoch's beyond compute
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
@@ -28,6 +28,7 @@ import engine
 import loaders
 import resume
 import run_files
+import tensorboard_log
 import utils
 from branch_engines import BRANCH_IMPLS
 from model import EnsembleCrossEntropy, Model
@@ -448,7 +449,9 @@ STEP_COLUMNS = ['device', 'model_type', 'share_type', 'ensemble_size', 'meta_cla
                 'eval_batch_size', 'amp', 'compile', 'branch_impl', 'num_workers', 'steps', 'step_ms',
                 'data_wait_ms', 'forward_backward_ms', 'optimizer_ms', 'ops_per_step', 'kernels_per_step',
                 'gpu_idle_pct', 'checkpoint_mib', 'checkpoint_write_s', 'checkpoint_copy_s', 'step_ms_during_write',
-                'embed_images_per_s_train_batch', 'embed_images_per_s_eval_batch']
+                'embed_images_per_s_train_batch', 'embed_images_per_s_eval_batch', 'step_ms_without_log',
+                'step_ms_with_log', 'log_overhead_pct']
+LOG_ROUNDS = 5  # of steps without and with the TensorBoard log, alternated
 
 
 def synchronize(device):
@@ -514,6 +517,43 @@ def run_steps(model, trainable, codes, batches, config, steps):
         engine.train_step(model, trainable, (images, labels), codes, config['amp'])
     synchronize(device)
     return 1000 * (time.perf_counter() - start) / steps
+
+
+def steps_with_sums(model, trainable, codes, batches, config, log):
+    """Milliseconds per step of config['steps'] steps as train_one_epoch runs them: engine.train_step, the epoch's
+    running sums kept (engine.EpochSums) and, with a log (tensorboard_log.RunLog), each step kept for it; the log's
+    steps written at the end, as train.py writes them once a second (a block takes about that long here) and before
+    a checkpoint."""
+    device, steps = torch.device(config['device']), config['steps']
+    sums = engine.EpochSums((0, [0.0, 0, 0, 0]), steps, config['ensemble_size'], device)
+    lr = trainable['optimizer'].param_groups[0]['lr']
+    synchronize(device)
+    start = time.perf_counter()
+    for step in range(1, steps + 1):
+        images, labels, failures = next(batches)
+        loss, correct = engine.train_step(model, trainable, (images, labels), codes, config['amp'])
+        sums.add(step, loss, correct, images.shape[0], failures)
+        if log is not None:
+            log.add_step(1, step, sums, lr)
+    sums.read()
+    if log is not None:
+        log.position()  # the steps written and the file flushed
+    synchronize(device)
+    return 1000 * (time.perf_counter() - start) / steps
+
+
+def log_overhead(model, trainable, codes, batches, config, folder):
+    """A step's milliseconds without and with the TensorBoard log (steps_with_sums), the median of LOG_ROUNDS rounds
+    that alternate the two, in the same process on the same batches stream."""
+    times = {False: [], True: []}
+    with tensorboard_log.RunLog(os.path.join(folder, 'tensorboard'), config['steps'], main=True) as log:
+        for _ in range(LOG_ROUNDS):
+            for logged in (False, True):
+                times[logged].append(steps_with_sums(model, trainable, codes, batches, config,
+                                                     log if logged else None))
+    without, with_log = (float(np.median(times[logged])) for logged in (False, True))
+    return dict(step_ms_without_log=round(without, 2), step_ms_with_log=round(with_log, 2),
+                log_overhead_pct=round(100 * (with_log / without - 1), 2))
 
 
 def operations_per_step(model, trainable, codes, batches, config):
@@ -596,6 +636,7 @@ def step_profile(config, folder, queue):
     model.train()
     run_steps(model, trainable, codes, stream, config, 2)  # warm-up: workers, allocations, cuDNN's choices
     row = dict(step_ms=round(run_steps(model, trainable, codes, stream, config, config['steps']), 2))
+    row.update(log_overhead(model, trainable, codes, stream, config, folder))
     row.update(profiled_steps(model, trainable, codes, stream, config))
     row['ops_per_step'], row['kernels_per_step'], row['gpu_idle_pct'] = operations_per_step(
         model, trainable, codes, stream, config)
@@ -643,6 +684,8 @@ def benchmark_step(args):
           f"{config['eval_batch_size']}, amp={config['amp']}, compile={config['compile']}:")
     print(f"  step {row['step_ms']:.1f} ms as train.py runs it; timed alone: data wait {row['data_wait_ms']:.1f} ms, "
           f"forward+backward {row['forward_backward_ms']:.1f} ms, optimizer {row['optimizer_ms']:.1f} ms")
+    print(f"  TensorBoard log: {row['step_ms_without_log']:.1f} ms a step without it, {row['step_ms_with_log']:.1f} "
+          f"ms with it ({row['log_overhead_pct']:+.2f}%; medians of {LOG_ROUNDS} alternating rounds)")
     launches = '' if row['kernels_per_step'] is None else \
         f", {row['kernels_per_step']} CUDA kernel launches, the GPU idle {row['gpu_idle_pct']}% of the step"
     print(f"  {row['ops_per_step']} operations per step{launches}")

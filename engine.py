@@ -428,7 +428,22 @@ class EpochSums:
     def means(self):
         """The mean loss and accuracy so far, for a progress bar."""
         loss_sum, correct, seen, _ = self.read()
-        return {'loss': f'{loss_sum / seen:.4f}', 'acc': f'{100 * correct / (seen * self.ensemble_size):.2f}%'}
+        loss, accuracy = self.mean_of(loss_sum, correct, seen)
+        return {'loss': f'{loss:.4f}', 'acc': f'{accuracy:.2f}%'}
+
+    def mean_of(self, loss_sum, correct, seen):
+        """(mean loss, accuracy in percent) of running sums."""
+        return loss_sum / seen, 100 * correct / (seen * self.ensemble_size)
+
+    def snapshot(self):
+        """The running sums after the latest step, kept on the device (a copy), for a log that reads those of many
+        steps at once (means_of)."""
+        return self.sums.clone(), self.seen
+
+    def means_of(self, snapshots):
+        """[(mean loss, accuracy in percent)] of snapshots, read in one host sync."""
+        sums = torch.stack([sums for sums, _ in snapshots]).tolist()
+        return [self.mean_of(loss_sum, correct, seen) for (loss_sum, correct), (_, seen) in zip(sums, snapshots)]
 
     def epoch_stats(self):
         """The epoch's mean loss, accuracy in percent and skipped images over every process, and this process's

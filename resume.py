@@ -296,13 +296,14 @@ class Checkpointer:
     minutes; 0: never), and where a stop signal (StopSignals, deferred while entered) stops the run: after the step
     in progress, or within the evaluation or the embedding of the database, with a checkpoint of the run after its
     last step, followed by utils.Stopped. A divergence (engine.Diverged) ends the run with its one line. A checkpoint
-    holds the trainable states, the RunState and every process's running sums and random states; the main process
-    writes it, and the epoch's files, in a thread (run_files.BackgroundWrites) from host copies. Under
-    torch.distributed the processes must decide alike whether to save or stop, and agreeing is a collective: they agree
-    every STOP_AGREEMENT_EVERY steps (or evaluation batches), not at every one."""
+    holds the trainable states, the RunState, every process's running sums and random states and the files of the
+    TensorBoard log (log: tensorboard_log.RunLog) once they hold every step before it; the main process writes it,
+    and the epoch's files, in a thread (run_files.BackgroundWrites) from host copies. Under torch.distributed the
+    processes must decide alike whether to save or stop, and agreeing is a collective: they agree every
+    STOP_AGREEMENT_EVERY steps (or evaluation batches), not at every one."""
 
-    def __init__(self, every, paths, trainable, data, signals, process):
-        self.every, self.paths, self.trainable, self.data = every, paths, trainable, data
+    def __init__(self, every, paths, trainable, data, signals, process, log):
+        self.every, self.paths, self.trainable, self.data, self.log = every, paths, trainable, data, log
         self.signals, self.process = signals, process
         self.state = self.position = None  # the RunState, and (step, running sums) after its epoch's last step
 
@@ -371,7 +372,7 @@ class Checkpointer:
         running = engine.gather_objects({'sums': sums, 'rng': rng_states(self.process.gpu_ids)})
         if self.process.main:
             self.writes.submit({self.paths['checkpoint.pth']: self.state.checkpoint_file(
-                self.trainable, step=step, running=running)})
+                self.trainable, step=step, running=running, log=self.log.position())})
         self.saved()
 
     def after_step(self, step, sums):
@@ -390,18 +391,20 @@ class Checkpointer:
 
     def end_epoch(self, state, best_features):
         """Write the epoch's files together in the background, so that a failed save keeps the previous epoch's
-        complete set: the results CSV, the curves, at a best epoch (best_features: its features by database split, else
-        None) the files of data_base.best_files, and the checkpoint of the next epoch's start, renamed last so that a
-        kill between the renames leaves the previous checkpoint, from which --resume redoes this epoch. Then stop if a
-        stop signal has come."""
+        complete set: the results CSV, the curves (and the epoch's results into the TensorBoard log), at a best epoch
+        (best_features: its features by database split, else None) the files of data_base.best_files, and the
+        checkpoint of the next epoch's start, renamed last so that a kill between the renames leaves the previous
+        checkpoint, from which --resume redoes this epoch. Then stop if a stop signal has come."""
         if self.process.main:
             results = list(state.results)  # the next epoch adds its row while these are written
             best = {} if best_features is None else data_base.best_files(
                 self.paths, self.trainable['model'], self.data, best_features, state.epoch)
+            self.log.epoch_results(results[-1])
             self.writes.submit({self.paths['results.csv']: run_files.csv_file(results),
                                 self.paths['curves.png']: figures.curves_file(results), **best,
                                 self.paths['checkpoint.pth']: state.checkpoint_file(
-                                    self.trainable, epoch=state.epoch + 1, step=0, running=[])})
+                                    self.trainable, epoch=state.epoch + 1, step=0, running=[],
+                                    log=self.log.position())})
         self.saved()
         self.position = None
         if state.epoch < state.args['num_epochs'] and self.stop_requested():

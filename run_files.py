@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import shutil
+import socket
 import tempfile
 import threading
 from dataclasses import dataclass, field, fields
@@ -26,6 +28,9 @@ from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES
 RESULTS_DIR = 'results'
 # every file train.py writes for a run, <prefix>_<kind>, and --overwrite removes (RunName.paths names them all)
 RUN_OUTPUTS = ('results.csv', 'curves.png', 'model.pth', 'args.json', 'data_base.pth', 'checkpoint.pth')
+# the run's TensorBoard log, a folder (tensorboard_log.py), which --overwrite removes too; one without the run's other
+# files is of a start that saved nothing, which a new start replaces (so it does not count as the run's files)
+RUN_LOG = 'tensorboard'
 RUN_FILE_KINDS = ('model.pth', 'data_base.pth')  # the files of a run that evaluate.py reads
 # what evaluate.py and inference.py need of a run besides its name: train.py's defaults, which they use
 # for a setting only when the user passes it (EMBEDDING_SETTINGS change an embedding and are never guessed)
@@ -34,7 +39,7 @@ EMBEDDING_SETTINGS = ('image_size', 'exact_pipeline')
 # what a checkpoint written before a key existed stands for: the start of an epoch, no classes held out, no torchrun
 # job, data dicts not fingerprinted, the original's loss (which holds no state)
 CHECKPOINT_KEY_DEFAULTS = {'step': 0, 'running': [], 'held_out': [], 'elastic_job': '', 'data_fingerprint': '',
-                           'loss': {}}
+                           'loss': {}, 'log': {}}
 TEMPORARY_SUFFIX = '.tmp'  # of the temporary a file is written to before it is renamed into place (save_together)
 HOLD_OUT_DRAW = -1  # the held-out classes are drawn as "epoch -1", the training list as "epoch 0" (utils.epoch_seed)
 
@@ -87,11 +92,11 @@ class RunName:
                 f'{self.model_type}_{self.ensemble_size}_{self.meta_class_size}{loss}')
 
     def paths(self, results_dir):
-        """Every file of the run in results_dir, by kind: <prefix>_<kind> for each of RUN_OUTPUTS and for evaluate.py's
-        'eval.csv'; 'ids', the meta-class ids, which runs that differ only in share type, backbone, --with_random or
-        --loss share; 'lock' (RunLock)."""
+        """Every file of the run in results_dir, by kind: <prefix>_<kind> for each of RUN_OUTPUTS, for evaluate.py's
+        'eval.csv' and for the log folder (RUN_LOG); 'ids', the meta-class ids, which runs that differ only in share
+        type, backbone, --with_random or --loss share; 'lock' (RunLock)."""
         prefix_path = os.path.join(results_dir, self.prefix)
-        return {**{kind: f'{prefix_path}_{kind}' for kind in (*RUN_OUTPUTS, 'eval.csv')},
+        return {**{kind: f'{prefix_path}_{kind}' for kind in (*RUN_OUTPUTS, 'eval.csv', RUN_LOG)},
                 'ids': os.path.join(results_dir, self.ids_name),
                 'lock': os.path.join(results_dir, f'.{self.prefix}.lock')}
 
@@ -308,8 +313,11 @@ def write_problem(paths):
         return f'{existing} is not a folder'
     if not os.access(existing, os.W_OK | os.X_OK):
         return f'{existing}/ is not writable'
+    log = paths[RUN_LOG]
+    if os.path.exists(log) and not (os.path.isdir(log) and os.access(log, os.W_OK | os.X_OK)):
+        return f'{log} is not a writable folder, where the run\'s TensorBoard log goes'
     name_max, path_max = os.pathconf(existing, 'PC_NAME_MAX'), os.pathconf(existing, 'PC_PATH_MAX')
-    for path in (*paths.values(), locks.lock_path(paths['ids'])):
+    for path in (*paths.values(), locks.lock_path(paths['ids']), *longest_log_paths(log)):
         longest = os.path.join(os.path.dirname(path), f'{temporary_prefix(path)}{"x" * 8}{TEMPORARY_SUFFIX}')
         if len(os.fsencode(longest)) >= path_max:
             return (f'its files\' paths would be {len(os.fsencode(longest))} bytes long, and the file system takes '
@@ -318,6 +326,13 @@ def write_problem(paths):
         if too_long:
             return f'the name {too_long[0][:40]}... is longer than the {name_max} bytes the file system takes'
     return None
+
+
+def longest_log_paths(folder):
+    """The longest paths a run's TensorBoard log writes in folder: an event file, whose name holds the time, host and
+    process (TensorBoard's), and the Projector's metadata under its step."""
+    event = f'events.out.tfevents.{"9" * 10}.{socket.gethostname()}.{"9" * 7}.{"9" * 3}'
+    return [os.path.join(folder, event), os.path.join(folder, '9' * 7, 'query', 'metadata.tsv')]
 
 
 class RunLock(locks.LockFile):
@@ -379,6 +394,8 @@ def remove_earlier_files(args, paths):
         for kind in RUN_OUTPUTS:
             if os.path.exists(paths[kind]):
                 os.remove(paths[kind])
+        if os.path.isdir(paths[RUN_LOG]):
+            shutil.rmtree(paths[RUN_LOG])
 
 
 def draw_or_load_ids(args, run, paths, num_class, generator):
@@ -676,14 +693,25 @@ def _is_running(value):
         for p in value)
 
 
+def _is_log_record(value):
+    """Whether value is what RunState.log holds (tensorboard_log.RunLog.position): {} or {'files': {name: size}}, each
+    name a file's in the log folder (never a path: --resume truncates the files it names)."""
+    if value == {}:
+        return True
+    files = value.get('files') if isinstance(value, dict) and set(value) == {'files'} else None
+    return isinstance(files, dict) and all(
+        isinstance(name, str) and name == os.path.basename(name) and name not in ('', '.', '..')
+        and utils.is_int(size) and size >= 0 for name, size in files.items())
+
+
 @dataclass
 class RunState:
     """What a run's checkpoint holds besides the trainable states: the run's flags, as args.json records them
-    (recorded_settings), and what it drew (meta-class ids,
-    sampled training list, held-out classes), a fingerprint of the data it trains on and the torchrun job training
-    it, where it stands (the epoch in progress, its steps done, each process's running sums and random states after
-    them: resume.Checkpointer) and what it has measured. One object, built when a run begins (begin) and written
-    with the trainable states (checkpoint_file); each field says what it must hold (CHECKPOINT_FORMAT)."""
+    (recorded_settings), and what it drew (meta-class ids, sampled training list, held-out classes), a fingerprint of
+    the data it trains on and the torchrun job training it, where it stands (the epoch in progress, its steps done,
+    each process's running sums and random states after them, and its TensorBoard log's files then:
+    resume.Checkpointer) and what it has measured. One object, built when a run begins (begin) and written with the
+    trainable states (checkpoint_file); each field says what it must hold (CHECKPOINT_FORMAT)."""
     args: dict = _held('a dict of flags', lambda v: isinstance(v, dict))
     ids: torch.Tensor = _held('an (E, C) tensor of integers', lambda v: isinstance(v, torch.Tensor) and v.dim() == 2
                               and not (v.is_floating_point() or v.is_complex() or v.dtype == torch.bool))
@@ -697,6 +725,8 @@ class RunState:
     epoch: int = _held('an epoch number from 1', lambda v: utils.is_int(v) and v >= 1, default=1)
     step: int = _held('a step count from 0', lambda v: utils.is_int(v) and v >= 0, default=0)
     running: list = _held('a list of running sums and random states', _is_running, default_factory=list)
+    log: dict = _held('{"files": {event file name: size}} of its TensorBoard log', _is_log_record,
+                      default_factory=dict)
     best_recall: float = _held('a number', utils.is_number, default=-1.0)
     results: list = _held('a list of result rows', lambda v: isinstance(v, list) and all(
         isinstance(row, dict) and utils.is_int(row.get('epoch')) for row in v), default_factory=list)
@@ -722,7 +752,8 @@ class RunState:
                 raise utils.ReirError(f'{paths["checkpoint.pth"]}: {problem}; delete it and start again without '
                                       f'--resume')
             return cls(**lists, args=recorded_settings(args, data_dicts, lists['held_out']), **current,
-                       **{key: checkpoint[key] for key in ('epoch', 'step', 'running', 'best_recall', 'results')})
+                       **{key: checkpoint[key]
+                          for key in ('epoch', 'step', 'running', 'log', 'best_recall', 'results')})
         train_dict, held_out = split_validation(args, data_dicts['train'])
         ids = draw_or_load_ids(args, run, paths, len(train_dict), torch.Generator().manual_seed(args.seed))
         sampling = torch.Generator().manual_seed(utils.epoch_seed(args.seed, 0))

@@ -10,11 +10,11 @@ continues, the epochs (train_one_epoch, evaluation, the epoch's files), and the 
 model. Everything a run writes starts with its prefix (run_files.RunName): <prefix>_results.csv (a row per epoch),
 _model.pth, _args.json and _data_base.pth (at the best Recall@K for the first K of --recalls: on the test split as
 the original REIR, or with --val_classes N on N training classes held out of training), _checkpoint.pth (every
-epoch and every --checkpoint_every steps, for --resume: the trainable states and a run_files.RunState), _curves.png
-and the meta-class ids (REFERENCE.md describes each file). SIGTERM or SIGUSR1 stops a run after its current step (or
-evaluation batch) with a checkpoint (exit code utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a restarted
-run continues from its checkpoint. Nothing is written, and --overwrite removes nothing, before every check that can
-refuse the command has passed.
+epoch and every --checkpoint_every steps, for --resume: the trainable states and a run_files.RunState), _curves.png,
+the TensorBoard log _tensorboard/ (tensorboard_log.py) and the meta-class ids (REFERENCE.md describes each file).
+SIGTERM or SIGUSR1 stops a run after its current step (or evaluation batch) with a checkpoint (exit code
+utils.STOPPED_EXIT_CODE); under torchrun --max-restarts a restarted run continues from its checkpoint. Nothing is
+written, and --overwrite removes nothing, before every check that can refuse the command has passed.
 """
 import signal
 
@@ -41,6 +41,7 @@ import loaders
 import loss_choice
 import resume
 import run_files
+import tensorboard_log
 import utils
 from branch_engines import BRANCH_IMPLS
 from model import BACKBONES, DEFAULT_LOSS, SHARE_TYPES
@@ -188,7 +189,9 @@ def train(args, run, paths, process, signals):
 
     # ------------------------------------------------------------------ epochs
     # from here a stop signal stops the run once its state is saved, and files are written while training goes on
-    with resume.Checkpointer(args.checkpoint_every, paths, trainable, data, signals, process) as checkpointer:
+    resumed = checkpoint is not None
+    with tensorboard_log.RunLog.open(paths, state, len(data.train), process.main, resumed) as log, \
+            resume.Checkpointer(args.checkpoint_every, paths, trainable, data, signals, process, log) as checkpointer:
         for epoch in range(state.epoch, args.num_epochs + 1):
             start = checkpointer.enter_epoch(state, epoch)
             data.train.sampler.set_epoch(epoch, skip=start[0] * args.batch_size)
@@ -203,6 +206,7 @@ def train(args, run, paths, process, signals):
         checkpointer.wait()  # its model is read back from its file
         data_base.complete_database(model, data, paths, state.results, args, process.device,
                                    checkpointer.stop_requested)
+        log.finish(paths['data_base.pth'], state.results, state.args)  # HParams and the Projector
     utils.log(state.selection_note(paths['model.pth']))
 
 
@@ -225,7 +229,8 @@ def train_one_epoch(model, trainable, loader, state, start, checkpointer, args):
     images, and the epoch's steps with this process's sums at its end (engine.EpochSums.epoch_stats). Every branch
     learns each image's meta-class: its class's column of the run's ids. The checkpointer may save (and stop) after
     every step (resume.Checkpointer.after_step). The sums stay on the device, read (a host sync) only for the progress
-    bar every SYNC_SECONDS, for a checkpoint and at the end, each time checking that every loss so far was finite."""
+    bar (and the TensorBoard log, checkpointer.log, which keeps every step's) every SYNC_SECONDS, for a checkpoint and
+    at the end, each time checking that every loss so far was finite."""
     model.train()
     process = checkpointer.process
     codes = state.ids.t().to(process.device)  # (C, E): every class's meta-class in every branch
@@ -236,8 +241,10 @@ def train_one_epoch(model, trainable, loader, state, start, checkpointer, args):
     for step, (images, labels, failures) in enumerate(progress, start=start[0] + 1):
         loss, correct = engine.train_step(model, trainable, (images, labels), codes, args.amp)
         sums.add(step, loss, correct, images.shape[0], failures)
+        checkpointer.log.add_step(state.epoch, step, sums, trainable['optimizer'].param_groups[0]['lr'])
         if time.monotonic() - last_read >= SYNC_SECONDS:
             progress.set_postfix(sums.means())
+            checkpointer.log.write_steps()
             last_read = time.monotonic()
         checkpointer.after_step(step, sums)
     return sums.epoch_stats()

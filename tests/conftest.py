@@ -19,6 +19,8 @@ import pytest
 import torch
 from PIL import Image
 from scipy.io import savemat
+from tensorboard.backend.event_processing.event_file_loader import LegacyEventFileLoader
+from tensorboard.plugins.hparams import metadata as hparams_metadata
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -26,6 +28,7 @@ sys.path.insert(0, REPO)
 import data_utils  # noqa: E402  (the repository's modules, found through REPO)
 import engine  # noqa: E402
 import run_files  # noqa: E402
+import tensorboard_log  # noqa: E402
 import train  # noqa: E402
 import utils  # noqa: E402
 
@@ -211,6 +214,8 @@ def folder_root(tmp_path):
 
 # ----------------------------------------------------------------------------- tiny training runs
 
+NO_LOG = tensorboard_log.RunLog(None, 1, main=False)  # the log of a process that writes none (not the main one)
+
 # the whole backbone shared (half the parameters of the default layer1, half of every checkpoint to write), where a
 # test does not need branches of their own
 TINY = ['--no_pretrained', '--image_size', '32', '--ensemble_size', '2', '--meta_class_size', '2', '--share_type',
@@ -252,8 +257,9 @@ def signal_during_call(monkeypatch, module, name, call, signum):
 
 def copy_of_run(trained, tmp_path, name='tiny'):
     """A results folder holding a copy of one of the session's runs (see trained)."""
-    shutil.copytree(trained / 'results', tmp_path / 'results',
-                    ignore=lambda _, names: [n for n in names if not n.startswith(f'{name}_')])
+    top = str(trained / 'results')
+    shutil.copytree(top, tmp_path / 'results',
+                    ignore=lambda folder, names: [n for n in names if folder == top and not n.startswith(f'{name}_')])
     return tmp_path / 'results'
 
 
@@ -285,14 +291,38 @@ class CodeOnLoad:
 
 
 def written_files(results):
-    """{name: bytes} of the files a results folder holds, its hidden lock files left out."""
-    return {name: (results / name).read_bytes() for name in os.listdir(results) if not name.startswith('.')}
+    """{path under results: bytes} of the files a results folder holds, in its folders too (a run's TensorBoard log),
+    its hidden lock files left out."""
+    return {str(path.relative_to(results)): path.read_bytes() for path in sorted(results.rglob('*'))
+            if path.is_file() and not path.name.startswith('.')}
 
 
 def file_digests(results):
     """{name: sha256} of the files a results folder holds, its hidden lock files left out: what written_files says,
     in a form whose difference an assertion can print."""
     return {name: hashlib.sha256(content).hexdigest() for name, content in written_files(results).items()}
+
+
+def log_events(folder):
+    """Every event with a summary in the log's event files, as TensorBoard reads them (its loader of the files'
+    events as written, without the merging of steps that its views do)."""
+    return [event for name in sorted(os.listdir(folder)) if 'tfevents' in name
+            for event in LegacyEventFileLoader(str(folder / name)).Load() if event.HasField('summary')]
+
+
+def scalar_points(folder):
+    """[(tag, step, value)] of every scalar the log holds, sorted: a point logged twice is there twice."""
+    return sorted((value.tag, event.step, value.simple_value) for event in log_events(folder)
+                  for value in event.summary.value if value.HasField('simple_value'))
+
+
+def session_start(folder):
+    """The HParams plugin's session start info of the log: the run's flags as TensorBoard's HParams tab reads them."""
+    infos = [hparams_metadata.parse_session_start_info_plugin_data(value.metadata.plugin_data.content)
+             for event in log_events(folder) for value in event.summary.value
+             if value.tag == hparams_metadata.SESSION_START_INFO_TAG]
+    assert len(infos) == 1
+    return infos[0]
 
 
 def prefix(name='tiny', E=2, M=2, share='layer4', with_random=False):

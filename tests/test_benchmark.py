@@ -9,6 +9,7 @@ import torch
 import benchmark
 import run_files
 import utils
+from conftest import scalar_points
 
 
 class Queue(list):
@@ -97,6 +98,10 @@ def test_the_step_profile_times_every_phase_of_train_py_s_step(tmp_path, monkeyp
                                         'checkpoint_write_s', 'embed_images_per_s_train_batch',
                                         'embed_images_per_s_eval_batch'))
     assert row['ops_per_step'] > 100 and row['kernels_per_step'] is None and row['gpu_idle_pct'] is None
+    # the log's cost: its steps written, LOG_ROUNDS blocks of 2 (each numbered as the first epoch's)
+    assert row['step_ms_with_log'] > 0 and row['step_ms_without_log'] > 0
+    logged = [step for tag, step, _ in scalar_points(tmp_path / 'tensorboard') if tag == 'train/loss']
+    assert sorted(logged) == sorted([1, 2] * benchmark.LOG_ROUNDS)
     before, now = benchmark.epoch_budget(row, config, 'cub')
     assert before['training'] == now['training'] and now['database'] == 0 < before['database']
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]

@@ -21,8 +21,8 @@ import loaders
 import resume
 import run_files
 import utils
-from conftest import (DEVICES, REPO, TINY, TORCHRUN_ENV, one_thread, prefix, run_train, signal_during_call,
-                      torchrun_command)
+from conftest import (DEVICES, NO_LOG, REPO, TINY, TORCHRUN_ENV, one_thread, prefix, run_train, scalar_points,
+                      signal_during_call, torchrun_command)
 
 FLAGS = [*TINY, '--num_workers', '1']  # a loader worker, which a signal to the process group reaches too
 STEPS = 4  # of an epoch of the tiny dataset: 16 images, 4 a step
@@ -32,15 +32,18 @@ INSIDE = [(epoch, step) for epoch in (1, 2) for step in range(1, STEPS)]
 
 @pytest.fixture(scope='module')
 def references(prepared, tmp_path_factory):
-    """{with_random: results CSV} of uninterrupted runs with FLAGS, without --checkpoint_every."""
-    csvs = {}
+    """{with_random: (results CSV, TensorBoard log's scalar points)} of uninterrupted runs with FLAGS, without
+    --checkpoint_every."""
+    references = {}
     for with_random in (False, True):
         results = tmp_path_factory.mktemp('reference')
         with one_thread():
             result = run_train(prepared, *FLAGS, *(['--with_random'] if with_random else []), results=results)
         assert result.returncode == 0, result.stderr
-        csvs[with_random] = (results / f'{prefix(with_random=with_random)}_results.csv').read_text()
-    return csvs
+        name = prefix(with_random=with_random)
+        references[with_random] = ((results / f'{name}_results.csv').read_text(),
+                                   scalar_points(results / f'{name}_{run_files.RUN_LOG}'))
+    return references
 
 
 def saved_position(checkpoint):
@@ -132,7 +135,8 @@ def no_process_left(group):
 
 def resume_and_compare(tiny, folder, flags, position, expected):
     """--resume the run in folder (without --checkpoint_every: the default), and check that it continued from
-    position and wrote the results CSV expected."""
+    position and wrote the results CSV and the TensorBoard log expected (references): each step and epoch once, with
+    the values of the run never stopped."""
     with one_thread():
         resumed = run_train(tiny, *flags, '--resume', results=folder)
     assert resumed.returncode == 0, resumed.stderr
@@ -140,8 +144,9 @@ def resume_and_compare(tiny, folder, flags, position, expected):
     where = f'step {step} of epoch {epoch}' if step else f'the end of epoch {epoch - 1}'
     assert f'resumed from {folder / prefix(with_random="--with_random" in flags)}_checkpoint.pth at {where}' \
         in resumed.stdout
-    csv = (folder / f'{prefix(with_random="--with_random" in flags)}_results.csv').read_text()
-    assert csv == expected
+    name = prefix(with_random="--with_random" in flags)
+    assert (folder / f'{name}_results.csv').read_text() == expected[0]
+    assert scalar_points(folder / f'{name}_{run_files.RUN_LOG}') == expected[1]
     assert not [name for name in os.listdir(folder) if name.endswith('.tmp')]
 
 
@@ -278,7 +283,7 @@ def test_epoch_position_on_the_same_or_another_number_of_processes():
 def test_checkpoints_are_due_every_n_steps_or_by_time(monkeypatch):
     def due(every, step, minutes=0.0):
         monkeypatch.setattr(time, 'monotonic', lambda: 0.0)  # (t + 600) - t is not always 600 in floats
-        checkpointer = resume.Checkpointer(every, {}, {}, None, None, process(0, 1))
+        checkpointer = resume.Checkpointer(every, {}, {}, None, None, process(0, 1), NO_LOG)
         checkpointer.saved()
         monkeypatch.setattr(time, 'monotonic', lambda: 60.0 * minutes)
         return checkpointer.due(step, 10, checkpointer.time_is_up())
@@ -351,6 +356,8 @@ def test_a_worker_killed_under_torchrun_is_restarted_and_resumes(gloo_run, prepa
     assert reference.returncode == 0, reference.stderr
     name = f'{prefix()}_results.csv'
     assert (results / name).read_text() == (gloo_run.results / name).read_text()
+    log = f'{prefix()}_{run_files.RUN_LOG}'  # rank 0's, cut back to the checkpoint the restart continued
+    assert scalar_points(results / log) == scalar_points(gloo_run.results / log)
 
 
 @pytest.mark.slow

@@ -23,7 +23,7 @@ import resume
 import run_files
 import train
 import utils
-from conftest import (REPO, TINY, assert_one_line_error, copy_of_run, file_digests, loss_becomes, prefix,
+from conftest import (NO_LOG, REPO, TINY, assert_one_line_error, copy_of_run, file_digests, loss_becomes, prefix,
                       run_as_command, run_main, run_script, run_train, written_files)
 
 
@@ -186,10 +186,11 @@ def test_the_checkpoint_is_renamed_last(monkeypatch):
     monkeypatch.setattr(run_files.RunState, 'checkpoint_file', lambda *args, **position: None)
     monkeypatch.setattr(data_base, 'best_files', lambda paths, *args: {paths[kind]: None for kind in
                                                                         ('model.pth', 'data_base.pth', 'args.json')})
-    state = run_files.RunState(args={'num_epochs': 1}, ids=torch.zeros(1, 2).long(), train_items=[])
+    state = run_files.RunState(args={'num_epochs': 1}, ids=torch.zeros(1, 2).long(), train_items=[],
+                               results=[{'epoch': 1, 'test_recall@1': 50.0}])  # as RunState.record leaves it
     checkpointer = resume.Checkpointer(0, {kind: kind for kind in run_files.RUN_OUTPUTS}, {'model': None}, None,
                                        argparse.Namespace(received=None, deferred=contextlib.nullcontext),
-                                       engine.Process(0, 1, torch.device('cpu'), []))
+                                       engine.Process(0, 1, torch.device('cpu'), []), NO_LOG)
     with checkpointer:
         checkpointer.end_epoch(state, best_features={})
     assert sorted(order) == sorted(run_files.RUN_OUTPUTS) and order[-1] == 'checkpoint.pth'
@@ -495,6 +496,9 @@ def test_a_signal_while_the_demo_is_drawn_ends_the_run_in_seconds(tmp_path, sign
     (lambda c: inside_epoch_2(c, running=[]), 'it stands at step 2 without the running sums'),
     (lambda c: inside_epoch_2(c, step=50), 'its "step" 50 is beyond the 4 steps of an epoch'),
     (lambda c: inside_epoch_2(c, running=[{'sums': [0, 0, 0, 0], 'rng': {}}]), 'its "running" is not'),
+    # a log record naming a path, which --resume would truncate, or of another shape
+    (lambda c: c.update(log={'files': {'../../victim': 0}}), 'its "log" is not'),
+    (lambda c: c.update(log={'files': [1]}), 'its "log" is not'),
     # fields each of the right kind, that contradict each other or the run's files
     (lambda c: inside_epoch_2(c, step=0), 'its "step" is 0 with the running sums of 8 images'),
     (lambda c: inside_epoch_2(c, step=3), 'its "step" 3 contradicts its running sums, of 8 images where 3 steps '

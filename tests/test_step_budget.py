@@ -24,7 +24,7 @@ import resume
 import run_files
 import train
 import utils
-from conftest import REPO, assert_one_line_error, copy_of_run, loss_becomes, prefix, run_train
+from conftest import NO_LOG, REPO, assert_one_line_error, copy_of_run, loss_becomes, prefix, run_train
 from model import EnsembleCrossEntropy, Model
 
 
@@ -213,7 +213,7 @@ def test_the_epoch_files_are_written_from_copies(tmp_path):
     weight = model.weight.detach().clone()
     process = engine.Process(0, 1, torch.device('cpu'), [])
     signals = SimpleNamespace(received=None, deferred=contextlib.nullcontext)
-    with resume.Checkpointer(0, paths, trainable, None, signals, process) as checkpointer:
+    with resume.Checkpointer(0, paths, trainable, None, signals, process, NO_LOG) as checkpointer:
         checkpointer.end_epoch(state, best_features=None)
         with torch.no_grad():
             model.weight.add_(1)
@@ -287,7 +287,7 @@ def test_processes_agree_on_a_stop_every_few_steps(monkeypatch):
     monkeypatch.setattr(dist, 'is_initialized', lambda: True)
     monkeypatch.setattr(engine, 'any_process', lambda flags, device: agreed.append(at[-1]) or [False] * len(flags))
     checkpoints = resume.Checkpointer(None, {}, {}, None, SimpleNamespace(received=None),
-                                      engine.Process(0, 2, torch.device('cpu'), []))
+                                      engine.Process(0, 2, torch.device('cpu'), []), NO_LOG)
     checkpoints.saved()
     every = resume.STOP_AGREEMENT_EVERY
     assert every > 1

@@ -2,6 +2,7 @@
 resumed when interrupted, summarized over seeds."""
 import math
 import os
+import pathlib
 import shlex
 import signal
 import subprocess
@@ -18,7 +19,7 @@ import run_files
 import study
 import train
 from conftest import (REPO, TINY, assert_one_line_error, file_digests, interrupt_in_epoch, run_as_command, run_main,
-                      written_files)
+                      scalar_points, session_start, written_files)
 
 ENSEMBLE = TINY.index('--ensemble_size')
 # the TINY flags, the ensemble size left to the study; then 2 of the tiny dataset's 4 training classes held out
@@ -112,6 +113,12 @@ def test_a_study_runs_train_processes_skips_finished_runs_and_resumes_interrupte
             assert row[f'{metric}_std'] == pytest.approx(std)
             assert row[f'{metric}_ci95'] == pytest.approx(12.7062047 * std / math.sqrt(2))  # t(0.975, 1 d.o.f.)
     assert (results / 'study_grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    for (ensemble_size, seed), run in runs.items():  # each run's log: its flags in HParams, each step once
+        [log] = pathlib.Path(run.folder).glob(f'*_{run_files.RUN_LOG}')
+        flags = session_start(log).hparams
+        assert (flags['ensemble_size'].number_value, flags['seed'].number_value) == (int(ensemble_size), seed)
+        steps = [step for tag, step, _ in scalar_points(log) if tag == 'train/loss']
+        assert steps == list(range(1, len(steps) + 1))
 
     before = (results / 'study_grid.csv').read_bytes()
     again = run_as_command('study.py', *command)

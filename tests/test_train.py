@@ -15,7 +15,7 @@ import run_files
 import train
 import utils
 from conftest import (TINY, CodeOnLoad, assert_one_line_error, copy_of_run, prefix, run_main, run_train,
-                      written_files)
+                      scalar_points, written_files)
 from model import Model
 
 
@@ -263,7 +263,13 @@ def test_two_process_gloo_run_writes_what_one_process_writes(gloo_run, trained):
     assert distributed.stdout.count('Epoch 3/3 |') == 1  # only rank 0 prints
     assert '2 processes of 2 images a step' in distributed.stdout
     assert sorted(os.listdir(results)) == sorted([f'{prefix()}_{kind}' for kind in run_files.RUN_OUTPUTS]
-                                                 + ['tiny_uncropped_fixed_2_2_ids.pth'])  # no lock is left
+                                                 + [f'{prefix()}_{run_files.RUN_LOG}',
+                                                    'tiny_uncropped_fixed_2_2_ids.pth'])  # no lock is left
+    log = results / f'{prefix()}_{run_files.RUN_LOG}'
+    assert len([name for name in os.listdir(log) if 'tfevents' in name]) == 1  # rank 0's alone
+    points = scalar_points(log)  # 8 training images: 2 steps an epoch, of 2 images in each process
+    assert [step for tag, step, _ in points if tag == 'train/loss'] == list(range(1, 7))
+    assert [step for tag, step, _ in points if tag == 'val/recall@1'] == [2, 4, 6]
     database = torch.load(results / f'{prefix()}_data_base.pth', weights_only=True)
     reference = torch.load(trained / 'results' / f'{prefix()}_data_base.pth', weights_only=True)
     assert database['test_images'] == reference['test_images']  # shards gathered back in dataset order
