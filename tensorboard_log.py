@@ -34,6 +34,7 @@ PROJECTOR_CONFIG = 'projector_config.pbtxt'  # where torch's add_embedding descr
 FINISH_TAGS = ('_hparams_/', 'selected/')  # the tags a run's finish writes, by their beginning
 FINISHED_TAG = 'selected/epoch'  # the finish's last
 COMMAND_FLAGS = ('resume', 'overwrite')  # flags of the command, not of the run: left out of its HParams
+NOT_FLAGS = ('mean', 'std', 'held_out_classes')  # what the recorded settings hold besides the flags
 RESULT_ROLES = ('test', 'val')  # the results columns <role>_<metric> logged as <role>/<metric> after every epoch
 
 
@@ -171,7 +172,7 @@ def hparams_of(settings, row):
     metrics ({'selected/<column>': value}) with the epoch."""
     flags = {}
     for name, value in settings.items():
-        if name in COMMAND_FLAGS or name in ('mean', 'std', 'held_out_classes'):
+        if name in COMMAND_FLAGS or name in NOT_FLAGS:
             continue
         flags[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
     metrics = {f'selected/{column}': value for column, value in row.items()
@@ -211,6 +212,8 @@ def read_events(path, start=0, end=None):
     """The events with a summary in an event file, from byte start to end (its end where None), and why it could not
     be read whole (None when it could): shorter than end, a record cut short, or one whose checksum fails
     (TensorBoard's record format: length, its masked CRC-32C, data, its masked CRC-32C)."""
+    # read here rather than with TensorBoard's record reader, which can neither start at an offset nor stop at the
+    # size a checkpoint recorded, and does not say where a damaged record begins
     events = []
     with open(path, 'rb') as f:
         f.seek(start)
