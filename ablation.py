@@ -117,7 +117,8 @@ def top_images(task, query, k):
 def run_names(paths):
     """The two runs' names: their prefixes, or their folders where the prefixes are equal (runs of a study), so that
     the comparisons of other runs keep files of their own."""
-    names = [os.path.basename(path).removesuffix('_data_base.pth') for path in paths]
+    names = [os.path.basename(path).removesuffix('_data_base.pth').removesuffix(f'_{data_base.INDEX_KIND}')
+             for path in paths]
     if names[0] == names[1]:
         names = [os.path.basename(os.path.dirname(os.path.abspath(path))) for path in paths]
     return names

@@ -5,12 +5,13 @@
     python benchmark.py data [--quick]       # the training input pipeline vs PIL + the original transforms
     python benchmark.py checkpoint [--quick] # train.py's checkpoint write (atomic, fsynced) vs a plain torch.save
     python benchmark.py step [--quick]       # a step's time by phase, the log's cost, an epoch's beyond compute
+    python benchmark.py index [--quick]      # index.py vs evaluate.py's pipeline; faiss IVF, HNSW vs exact at 1M
 
 Each case runs in a fresh worker process, so that its peak memory (Linux VmHWM, reset once the inputs
 exist) is its own. Results go to results/benchmark_<name>.csv and a summary is printed.
 """
 import argparse
-import importlib.util
+import itertools
 import multiprocessing
 import os
 import platform
@@ -25,10 +26,12 @@ from PIL import Image
 
 import branch_engines
 import engine
+import faiss_search
 import loaders
 import resume
 import run_files
 import tensorboard_log
+import trained
 import utils
 from branch_engines import BRANCH_IMPLS
 from model import EnsembleCrossEntropy, Model
@@ -137,7 +140,7 @@ def run_in_worker(target, *args):
 
 def benchmark_eval(args):
     methods = ('reir', 'faiss')
-    if importlib.util.find_spec('faiss') is None:  # the baseline is an optional dependency
+    if not faiss_search.available():  # the baseline is an optional dependency
         print('faiss-cpu is not installed (pip install faiss-cpu): measuring reir alone', file=sys.stderr)
         methods = ('reir',)
     n = 12_000 if args.quick else SOP_TEST_IMAGES
@@ -707,6 +710,155 @@ def benchmark_step(args):
     write_csv(frame, 'step')
 
 
+# ----------------------------------------------------------------------------- index
+
+INDEX_WIDTH = 48 * 12  # the default run's embedding: E = 48 members of M = 12 meta-classes
+FAISS_K = 10
+
+
+def demo_run(folder, config):
+    """A run's files as index.py reads them: the model (random weights: speed does not depend on them) and the
+    args.json that says how it embeds; returns the model's path."""
+    run = run_files.RunName('bench', 'uncropped', 'fixed', False, config['share_type'], 'resnet18',
+                            config['ensemble_size'], config['meta_class_size'])
+    paths = run.paths(folder)
+    torch.manual_seed(0)
+    model = Model(config['meta_class_size'], config['ensemble_size'], config['share_type'], pretrained=False)
+    run_files.save_together({paths['model.pth']: run_files.torch_file(model.state_dict()), paths['args.json']:
+                             run_files.json_file(dict(image_size=config['image_size'], exact_pipeline=False,
+                                                      mean=[0.5] * 3, std=[0.25] * 3))})
+    return paths['model.pth']
+
+
+def evaluation_pipeline_seconds(model_path, root, config):
+    """Seconds of evaluate.py's pipeline over the folder's images: its loader (loaders.build_eval_data) and
+    engine.extract_features, with the model index.py embeds with."""
+    opened = trained.open_run(model_path)
+    classes = {}
+    for relative in sorted(os.listdir(root)):
+        classes[relative] = [f'{relative}/{name}' for name in sorted(os.listdir(os.path.join(root, relative)))]
+    device = torch.device('cpu')
+    start = time.perf_counter()
+    _, _, split_loaders = loaders.build_eval_data({'test': classes}, root, opened.preprocess.transform,
+                                                  opened.preprocess.min_side, config['batch_size'],
+                                                  loaders.loader_options(config['num_workers'], 0, device))
+    engine.extract_features(opened.model, split_loaders['test'], device, False)
+    return time.perf_counter() - start
+
+
+def index_seconds(model_path, root, config, results):
+    """Seconds of index.py over the folder, from its command line to the written index (--overwrite: anew)."""
+    import index  # to run index.py's own job
+    args = index.get_args_parser().parse_args([model_path, '--images', root, '--results_dir', results, '--overwrite',
+                                               '--batch_size', str(config['batch_size']), '--gpu_ids', 'cpu',
+                                               '--num_workers', str(config['num_workers'])])
+    start = time.perf_counter()
+    index.main(args)
+    return time.perf_counter() - start
+
+
+def benchmark_index_speed(args):
+    """index.py's images/s against evaluate.py's pipeline on one folder of photo-like JPEGs, alternated, the best of
+    each."""
+    import tempfile
+    config = dict(share_type='layer4', ensemble_size=12, meta_class_size=12, image_size=64, batch_size=128,
+                  num_workers=min(2, os.cpu_count() or 1))  # the README demo's model
+    count = 120 if args.quick else 600
+    best = {'evaluate': float('inf'), 'index': float('inf')}
+    with tempfile.TemporaryDirectory() as folder:
+        root = os.path.join(folder, 'photos')
+        write_photos(root, count, args.seed)
+        root = os.path.join(root, 'train')
+        model_path = demo_run(os.path.join(folder, 'run'), config)
+        for _ in range(2 if args.quick else 3):
+            best['evaluate'] = min(best['evaluate'], evaluation_pipeline_seconds(model_path, root, config))
+            best['index'] = min(best['index'], index_seconds(model_path, root, config, os.path.join(folder, 'out')))
+    return [dict(case='embedding', method=method, images=count, image_size_src='~1000x700',
+                 images_per_s=round(count / seconds, 1), **config) for method, seconds in best.items()]
+
+
+LOW_RANK, LOW_RANK_NOISE = 32, 0.7  # exact R@1 about 83% at SOP's size, as clustered_embeddings' 86%
+
+
+def low_rank_embeddings(n, d, num_classes, seed):
+    """n unit vectors of width d that vary in LOW_RANK dimensions only, as a trained network's embeddings do (their
+    intrinsic dimension is far below their width): class centres plus each image's noise in R^LOW_RANK, mapped into
+    R^d by one random orthonormal basis, normalized."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(num_classes, (n,), generator=generator)
+    centres = torch.randn(num_classes, LOW_RANK, generator=generator)
+    basis = torch.linalg.qr(torch.randn(d, LOW_RANK, generator=generator))[0]   # (d, LOW_RANK)
+    vectors = torch.empty(n, d)
+    for start in range(0, n, 65536):
+        block = centres[labels[start:start + 65536]]
+        block += LOW_RANK_NOISE * torch.randn(block.shape, generator=generator)
+        vectors[start:start + 65536] = torch.nn.functional.normalize(block @ basis.t(), dim=1)
+    return vectors, labels
+
+
+SYNTHETIC = {'low_rank': low_rank_embeddings,  # as learned embeddings: what an approximate index is made for
+             'clustered': lambda n, d, classes, seed: clustered_embeddings(n, d, classes, seed, torch.float32)}
+SEARCH_EFFORTS = {'ivf': (faiss_search.IVF_PROBES, 128, 512), 'hnsw': (faiss_search.HNSW_EF_SEARCH, 512, 2048)}
+
+
+def set_effort(index, kind, effort):
+    """IVF's lists visited (nprobe) or HNSW's candidates kept (efSearch): what a search spends for its recall."""
+    if kind == 'ivf':
+        index.nprobe = effort
+    else:
+        index.hnsw.efSearch = effort
+
+
+def faiss_case(kind, n, seed, vectors_kind, queue):
+    """Build and query times of a faiss index of kind over n unit vectors of INDEX_WIDTH (SYNTHETIC[vectors_kind], in
+    SOP-like classes of about 5), and its Recall@1 and @FAISS_K against the exact search
+    (faiss_search.recall_against_exact) at each search effort of SEARCH_EFFORTS, the first the one index.py writes;
+    kind 'exact' is the exact search itself (faiss.knn), the baseline of the query time."""
+    vectors, _ = SYNTHETIC[vectors_kind](n, INDEX_WIDTH, max(2, n * SOP_TEST_CLASSES // SOP_TEST_IMAGES), seed)
+    vectors = vectors.numpy()
+    queries = vectors[np.random.default_rng(seed).permutation(n)[:faiss_search.RECALL_QUERIES]]
+    start = time.perf_counter()
+    index = None if kind == 'exact' else faiss_search.build(vectors, kind, seed=seed)
+    build = time.perf_counter() - start
+    rows = []
+    for effort in SEARCH_EFFORTS.get(kind, (None,)):
+        if index is not None:
+            set_effort(index, kind, effort)
+        start = time.perf_counter()
+        if index is None:
+            faiss_search.exact_neighbours(vectors, queries, FAISS_K + 1)
+        else:
+            faiss_search.search(index, queries, FAISS_K + 1)
+        query = time.perf_counter() - start
+        recalls = {k: 1.0 for k in (1, FAISS_K)} if index is None else \
+            faiss_search.recall_against_exact(index, vectors, (1, FAISS_K), seed=seed)[0]
+        rows.append(dict(case='faiss', vectors=vectors_kind, method=kind, n=n, d=INDEX_WIDTH, search_effort=effort,
+                         build_s=round(build, 2),
+                         query_ms=round(1000 * query / len(queries), 3),
+                         **{f'recall@{k}': round(100 * r, 2) for k, r in recalls.items()}))
+    queue.put(rows)
+
+
+def benchmark_index(args):
+    rows = benchmark_index_speed(args)
+    speeds = {row['method']: row['images_per_s'] for row in rows}
+    print(f"embedding {rows[0]['images']} photos: index.py {speeds['index']:.1f} images/s, evaluate.py's pipeline "
+          f"{speeds['evaluate']:.1f} ({speeds['index'] / speeds['evaluate']:.2f}x)", flush=True)
+    n = args.faiss_vectors if args.faiss_vectors is not None else 100_000 if args.quick else 1_000_000
+    if not faiss_search.available():
+        print(f'faiss is not installed ({faiss_search.INSTALL}): no faiss measurements', file=sys.stderr)
+    elif n:
+        for vectors_kind, kind in itertools.product(args.vectors, ('exact', 'ivf', 'hnsw')):
+            for row in run_in_worker(faiss_case, kind, n, args.seed, vectors_kind):
+                effort = '' if row['search_effort'] is None else \
+                    f" ({'nprobe' if kind == 'ivf' else 'efSearch'} {row['search_effort']})"
+                print(f"faiss {vectors_kind} {kind:>5}{effort} n={n:,} d={INDEX_WIDTH}: build {row['build_s']:.1f} s, "
+                      f"query {row['query_ms']:.3f} ms, Recall@1 {row['recall@1']:.2f}%, Recall@{FAISS_K} "
+                      f"{row[f'recall@{FAISS_K}']:.2f}%", flush=True)
+                rows.append(row)
+    write_csv(pd.DataFrame([dict(row, machine=machine_name()) for row in rows]), 'index')
+
+
 # ----------------------------------------------------------------------------- common
 
 def machine_name():
@@ -763,6 +915,16 @@ def get_args_parser():
     step.add_argument('--compile', action='store_true')
     step.add_argument('--folder', default=run_files.RESULTS_DIR, help='where the checkpoint is written')
     step.set_defaults(run=benchmark_step)
+    index = commands.add_parser('index', help='index.py\'s embedding speed vs evaluate.py\'s pipeline; faiss IVF and '
+                                              'HNSW against the exact search at 1,000,000 vectors')
+    index.add_argument('--quick', action='store_true', help='120 photos and 100,000 vectors')
+    index.add_argument('--faiss_vectors', type=utils.int_in_range(0), default=None,
+                       help='vectors of the faiss cases (default 1,000,000; 0: the embedding speed alone)')
+    index.add_argument('--vectors', nargs='+', default=list(SYNTHETIC), choices=list(SYNTHETIC),
+                       help='the synthetic embeddings: low_rank (32 intrinsic dimensions, as a trained network\'s), '
+                            'clustered (noise in every dimension: a worst case)')
+    index.add_argument('--seed', type=int, default=0)
+    index.set_defaults(run=benchmark_index)
     return parser
 
 

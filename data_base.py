@@ -61,14 +61,19 @@ def complete_database(model, data, paths, results, args, device, stop_requested)
 
 # ----------------------------------------------------------------------------- its format
 
-def database_file(splits, dataset_root, settings, epoch, weights):
+INDEX_KIND = 'index.pth'  # index.py's gallery of a folder: <prefix>_<name>_index.pth
+INDEX_RECORD = 'index'    # its record of the folder, files and model (index_record)
+INDEX_LABELS = ('none', 'folders')
+
+
+def database_file(splits, dataset_root, settings, epoch, weights, extra=None):
     """The embedding database that evaluate.py and inference.py read: for every split, from
     splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
     the working folder, the class keys and the features in float16; with the folder those paths start from,
     the run's settings (plain values), the epoch of the model that embedded them and the fingerprint of its weights
     (the state_dict weights; hashed as the file is written, in the background during training), so that the file
-    describes itself."""
-    database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch}
+    describes itself; and the entries of extra (an index's record of its folder, INDEX_RECORD)."""
+    database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch, **(extra or {})}
     for split, (items, features) in splits.items():
         database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
         database[f'{split}_labels'] = [key for _, key in items]
@@ -94,6 +99,35 @@ def database_to_complete(path, selected, database_items, model_path):
     if stored.get('model_fingerprint') != utils.weights_fingerprint(utils.safe_load(model_path, 'model')):
         return 'all'
     return None if 'train_features' in stored else 'train'
+
+
+def run_of(path, kinds=('data_base.pth',), prefix=None):
+    """run_files.run_of_file for the files that hold embeddings: a run's (of kinds) and index.py's
+    <prefix>_<name>_index.pth, whose run is the prefix it records (its name cannot say where the prefix ends: a name
+    and a loss may both hold underscores); an index's scores go to <prefix>_<name>_index_eval.csv, not the run's."""
+    if not os.path.basename(path).endswith(f'_{INDEX_KIND}'):
+        return run_files.run_of_file(path, kinds, prefix)
+    recorded = index_record(path)['prefix']
+    if not os.path.basename(path).startswith(f'{prefix or recorded}_'):
+        raise utils.ReirError(f'{path}: the index of {recorded} is named for another run; give it its name again, '
+                              f'<prefix>_<name>_{INDEX_KIND}')
+    run, paths, kind = run_files.run_of_file(path, (INDEX_KIND,), prefix or recorded)
+    return run, {**paths, 'eval.csv': path.removesuffix('.pth') + '_eval.csv'}, kind
+
+
+def index_record(path, stored=None):
+    """The record an index.py gallery at path keeps of its folder (INDEX_RECORD: prefix, name, labels, source, files,
+    unreadable, faiss), read from stored where it is loaded; refused, naming the file, where it has none whole."""
+    if stored is None:
+        stored = utils.safe_load(path, 'index', verify=False, mmap=True)
+    record = stored.get(INDEX_RECORD) if isinstance(stored, dict) else None
+    whole = isinstance(record, dict) and isinstance(record.get('prefix'), str) and isinstance(record.get('name'), str) \
+        and record.get('labels') in INDEX_LABELS and isinstance(record.get('source'), dict) \
+        and all(isinstance(record.get(key), list) for key in ('files', 'unreadable'))
+    if not whole:
+        raise utils.ReirError(f'{path}: not an index that index.py wrote (no whole "{INDEX_RECORD}" record); write it '
+                              f'again with index.py --overwrite')
+    return record
 
 
 def resolve_database(name):
@@ -162,20 +196,27 @@ def check_embedded_by(database_path, model_path, weights):
 
 def load_run_database(path):
     """load_database, refused where the model of the database's run beside it did not embed it: a database scored or
-    compared alone must still be that model's."""
+    compared alone must still be that model's; and an index of unlabelled images, which has no classes."""
     database = load_database(path)
     check_model_beside(path)
+    if os.path.basename(path).endswith(f'_{INDEX_KIND}') and index_record(path)['labels'] == 'none':
+        raise utils.ReirError(f'{path} has no classes to score or compare by: index the folder with --labels folders '
+                              f'(each image\'s class its first folder)')
     return database
 
 
 def check_model_beside(database_path):
-    """check_embedded_by for the model of the database's run beside it, where there is one."""
+    """check_embedded_by for the model of the database's run beside it, where there is one; a model the original REIR
+    saved (an index.py gallery it embedded) by its weights under this Model's names, which the gallery names."""
     try:
-        model_path = run_files.run_of_file(database_path, kinds=('data_base.pth',))[1]['model.pth']
+        run, paths, _ = run_of(database_path)
     except utils.UsageError:
         return  # a file name without a run's prefix: no model beside it to check
+    model_path = paths['model.pth']
     if os.path.isfile(model_path) and embedding_model(database_path) is not None:  # (the original's names none)
         weights = utils.safe_load(model_path, 'model', mmap=True)
+        if original.is_original_state(weights):
+            weights = engine.load_model(model_path, run).state_dict()
         if run_files.is_model_state(weights):
             check_embedded_by(database_path, model_path, weights)
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from run_files import atomic_torch_save, atomic_write
 from utils import (EVAL_SPLITS, KNOWN_STATS, UNREADABLE_IMAGE_ERRORS, ReirError, data_dicts_path, dataset_name,
-                   positive_int, run_cli, short_side_size, to_rgb)
+                   is_visible, positive_int, run_cli, short_side_size, shown, to_rgb)
 
 DOWNLOADS = {
     'car': 'Cars196: https://ai.stanford.edu/~jkrause/cars/car_dataset.html (car_ims.tgz, cars_annos.mat)',
@@ -38,7 +38,6 @@ CUB_TRAIN_CLASSES = range(1, 101)  # classes 1-100 train, 101-200 test
 FOLDER_SPLITS = tuple(('train',) + splits for splits in EVAL_SPLITS)
 CROP_QUALITY = 95
 SHORT_SIDE_DIR = 'short'  # data/<name>/short<N>/: copies resized by --short_side N
-MAX_REPORTED = 5
 POOL_MIN_TASKS = 64  # fewer tasks than this are done in the process itself (map_in_workers)
 
 DEMO_CLASSES = 200
@@ -183,13 +182,8 @@ def class_folder_images(root, split, dangling):
 
 
 def visible_entries(folder):
-    """The names in a folder, sorted, without hidden files (.DS_Store, the temporaries of an interrupted
-    write) and temporaries (*.tmp)."""
-    return sorted(name for name in os.listdir(folder) if not name.startswith('.') and not name.endswith('.tmp'))
-
-
-def shown(names):
-    return ', '.join(sorted(names)[:MAX_REPORTED]) + (', ...' if len(names) > MAX_REPORTED else '')
+    """The names in a folder that are a dataset's (utils.is_visible), sorted."""
+    return sorted(name for name in os.listdir(folder) if is_visible(name))
 
 
 READERS = {'car': read_car, 'cub': read_cub, 'sop': read_sop, 'isc': read_isc}

@@ -2,6 +2,7 @@
 building and placing the model (its branch engine, torch.compile, DataParallel or DistributedDataParallel), the
 training step, embedding and retrieval evaluation. train.py, evaluate.py and benchmark.py all run models through
 these functions, so that each is written once."""
+import argparse
 import copy
 import importlib.util
 import itertools
@@ -27,6 +28,20 @@ EVAL_BATCH_SIZE = 128
 
 
 # ----------------------------------------------------------------------------- devices
+
+def add_embedding_flags(parser):
+    """The flags of a script that embeds images with a trained run (evaluate.py, index.py): the settings that change
+    an embedding, when the run's files do not say them, and how it runs."""
+    parser.add_argument('--image_size', default=None, type=utils.positive_int,
+                        help='network input side (default: the run\'s)')
+    parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
+                        help='decode and resize as the original REIR does, or not (default: as the run did)')
+    parser.add_argument('--batch_size', default=EVAL_BATCH_SIZE, type=utils.positive_int,
+                        help='images per embedding batch')
+    parser.add_argument('--gpu_ids', default=None, help='as in train.py; the model embeds on the first of them')
+    parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
+    parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA')
+
 
 def select_devices(gpu_ids):
     """(device, GPU ids for DataParallel). gpu_ids None is the default: the GPUs among 0,1 that exist."""
@@ -518,15 +533,20 @@ def extract_features(model, loader, device, amp, stop_requested=None):
     checked = batches_of_every_shard(loader) if stop_requested else 0
     start = 0
     for batch_index, (images, _, batch_readable) in enumerate(loader):
-        with torch.inference_mode(), autocast(device, amp):
-            logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
-            features[start:start + images.shape[0]] = embed(logits.float())
+        features[start:start + images.shape[0]] = embed_batch(model, images, device, amp)
         readable[start:start + images.shape[0]] = batch_readable
         start += images.shape[0]
         if batch_index < checked and stop_requested(batch_index + 1):
             raise utils.StopRequested('a stop signal')
     total = len(loader.dataset)  # gathered outside inference mode, whose tensors gloo cannot receive into (torch 2.4)
     return gather_shards(features, total, device).cpu(), gather_shards(readable, total, device).cpu().bool()
+
+
+def embed_batch(model, images, device, amp):
+    """(B, E * M) float32 embeddings, on device, of a batch of images by an unwrapped model in evaluation mode."""
+    with torch.inference_mode(), autocast(device, amp):
+        logits = model(images.to(device, non_blocking=True, memory_format=memory_format(device, amp)))
+        return embed(logits.float())
 
 
 def retrieval_scores(features, labels, recalls):

@@ -9,7 +9,8 @@ A `_model.pth` is re-embedded over the test images (query and gallery where the 
 settings come from the file name (the prefix) and, for the image size, input pipeline, data path and recalls, from the
 run's <prefix>_args.json (or its checkpoint); flags override them, and a model is never run with a guessed
 image size or pipeline. Prints the metrics line of train.py and writes <prefix>_eval.csv beside
-the input.
+the input. An index.py index of a labelled folder (--labels folders) is scored as a database, each image querying the
+others, into <prefix>_<name>_index_eval.csv.
 
 The files the original REIR saved work too: its model state_dict (epochs/<prefix>_model.pth) is mapped onto this
 Model and embeds as the original did (256 pixels, whole images decoded; original.py), and its database is scored
@@ -28,22 +29,16 @@ import utils
 def get_args_parser():
     parser = argparse.ArgumentParser(description='Evaluate a trained REIR model or embedding database')
     parser.add_argument('path', help='results/<prefix>_model.pth or results/<prefix>_data_base.pth (also the '
-                                     'original REIR\'s epochs/<prefix>_model.pth and results/<prefix>_data_base.pth)')
+                                     'original REIR\'s epochs/<prefix>_model.pth and results/<prefix>_data_base.pth, '
+                                     'and index.py\'s <prefix>_<name>_index.pth of a folder indexed with --labels '
+                                     'folders)')
     parser.add_argument('--prefix', default=None,
                         help='the run\'s prefix, for a file whose name does not carry it (<data_name>_<crop_type>_'
                              '<label_type>_<random|unrandom>_<share_type>_<model_type>_<E>_<M>)')
     parser.add_argument('--recalls', default=None, type=utils.recall_list,
                         help='K of Recall@K (default: the run\'s, else 1,2,4,8)')
     parser.add_argument('--data_path', default=None, help='prepared datasets (default: the run\'s, else data)')
-    parser.add_argument('--image_size', default=None, type=utils.positive_int,
-                        help='network input side (default: the run\'s)')
-    parser.add_argument('--exact_pipeline', action=argparse.BooleanOptionalAction, default=None,
-                        help='decode and resize as the original REIR does, or not (default: as the run did)')
-    parser.add_argument('--batch_size', default=engine.EVAL_BATCH_SIZE, type=utils.positive_int,
-                        help='images per embedding batch')
-    parser.add_argument('--gpu_ids', default=None, help='as in train.py; the model embeds on the first of them')
-    parser.add_argument('--num_workers', default=min(8, os.cpu_count() or 1), type=int)
-    parser.add_argument('--amp', action='store_true', help='mixed precision on CUDA')
+    engine.add_embedding_flags(parser)
     return parser
 
 
@@ -93,10 +88,10 @@ def evaluate_model(path, run, settings, args):
 
 
 def main(args):
-    run, paths, kind = run_files.run_of_file(args.path, prefix=args.prefix)
+    run, paths, kind = data_base.run_of(args.path, run_files.RUN_FILE_KINDS, args.prefix)
     settings = run_files.embedding_settings(paths, {k: getattr(args, k) for k in run_files.EMBEDDING_DEFAULTS},
                                             model_needed=kind == 'model.pth')
-    if kind == 'data_base.pth':
+    if kind != 'model.pth':  # a run's database, or index.py's index of a labelled folder
         scores = evaluate_database(args.path, settings.recalls)
     else:
         scores = evaluate_model(args.path, run, settings, args)

@@ -19,7 +19,9 @@ import torch
 from PIL import ImageFont
 
 import data_base
+import faiss_search
 import figures
+import folder_index
 import run_files
 import trained
 import utils
@@ -43,83 +45,169 @@ def get_args_parser():
     return parser
 
 
-def query_class(query_path, database):
-    """The class key of the query when it is one of the database's images, else None."""
-    query_path = os.path.abspath(query_path)
-    for images, labels, _ in database.values():
-        for path, label in zip(images, labels):
-            if os.path.abspath(path) == query_path:
-                return label
-    return None
+class Gallery:
+    """The split of the database a query searches: image paths, class keys, (N, d) features, and where each image
+    is, by absolute path (a query that is one of them is left out of its own results)."""
+
+    def __init__(self, images, labels, features):
+        self.images, self.labels, self.features = images, labels, features
+        self.position = {os.path.abspath(path): i for i, path in enumerate(images)}
 
 
-def retrieve(query_feature, query_label, split, query_path, count):
+def classes_by_path(database):
+    """{absolute path: class key} of the database's images: a query's class, when it is one of them."""
+    return {os.path.abspath(path): label for images, labels, _ in database.values()
+            for path, label in zip(images, labels)}
+
+
+def retrieve(query_feature, query_label, split, own, count):
     """Indices and similarities of the count database images of split (images, labels, features) most similar to
-    the query, the query itself excluded, in the order of the metrics (utils.ranking: among equal scores an image of
-    another class than query_label first)."""
+    the query, its own position own (None where it is not one of them) excluded, in the order of the metrics
+    (utils.ranking: among equal scores an image of another class than query_label first)."""
     images, labels, features = split
     scores = features.float() @ query_feature                                   # (N,)
-    own = torch.tensor([os.path.abspath(p) == os.path.abspath(query_path) for p in images])
-    scores[own] = float('-inf')
-    top = utils.ranking(scores.numpy(), [label == query_label for label in labels], min(count, int((~own).sum())))
+    if own is not None:
+        scores[own] = float('-inf')
+    available = len(images) - (own is not None)
+    top = utils.ranking(scores.numpy(), [label == query_label for label in labels], min(count, available))
     return top, scores[top].tolist()
 
 
-def query_embedding(args, run, database_path, database):
-    """The query's embedding (E*M,): from the run's model (--model, else <prefix>_model.pth beside the database);
-    where there is no model file (an original REIR database alone), the stored one of the query when it is one of
-    the database's images, as the original's inference.py does."""
-    model_path = args.model or run_files.run_of_file(database_path, kinds=('data_base.pth',))[1]['model.pth']
+def retrieve_with_faiss(index, query_feature, own, count, size):
+    """retrieve by a faiss index beside an index.py gallery of size images (faiss_search): its order, no tie rule."""
+    k = min(count + (own is not None), size)
+    similarities, indices = faiss_search.search(index, query_feature[None].numpy(), k)
+    found = [(int(i), float(s)) for i, s in zip(indices[0], similarities[0]) if i >= 0 and i != own][:count]
+    return [i for i, _ in found], [s for _, s in found]
+
+
+class UnreadableQuery(utils.ReirError):
+    """A query that is no readable image: one of a folder's is left out, a single one ends the command."""
+
+
+def query_embedder(args, run, model_path, database_path, database):
+    """A function from a query's path to its embedding (E*M,): by the run's model (--model, else <prefix>_model.pth
+    beside the database); where there is no model file (an original REIR database alone), the stored one of the
+    query when it is one of the database's images, as the original's inference.py does."""
+    model_path = args.model or model_path
     if not os.path.isfile(model_path):
-        query = os.path.abspath(args.query_img_name)
-        stored = [features[i] for images, _, features in database.values()
-                  for i, path in enumerate(images) if os.path.abspath(path) == query]
-        if not stored:
-            raise utils.ReirError(f'no model at {model_path} to embed the query with: pass --model <prefix>_model.pth '
-                                  f'(the original REIR kept it in epochs/), or query an image of the database')
-        utils.log(f'no model at {model_path}: the query\'s embedding is the one stored in {database_path}')
-        return stored[0].float()
+        return stored_embedding(model_path, database_path, database)
     own = run_files.RunName.parse(os.path.basename(model_path).removesuffix('_model.pth'))
     if own is not None and own != run:
         raise utils.ReirError(f'{model_path} is the model of {own.prefix}, not of the database\'s run {run.prefix}')
     model, transform = trained.load_run(model_path, run.prefix, args.image_size, args.exact_pipeline,
                                         args.data_path)
     data_base.check_embedded_by(database_path, model_path, model.state_dict())
+    width = next(iter(database.values()))[2].shape[1]
+    if width != model.ensemble_size * model.meta_class_size:
+        raise utils.ReirError(f'{model_path} embeds {model.ensemble_size * model.meta_class_size} numbers an image, '
+                              f'{database_path} holds {width}: use the model and database one run wrote together')
+
+    def embed(path):
+        try:
+            query = transform(path)[None]                                        # (1, 3, S, S)
+        except utils.UNREADABLE_IMAGE_ERRORS as e:
+            raise UnreadableQuery(f'query image {path} is unreadable ({type(e).__name__})') from None
+        with torch.inference_mode():
+            return model.embedding(query)[0]                                     # (E * M,)
+    return embed
+
+
+def stored_embedding(model_path, database_path, database):
+    """query_embedder without a model: the stored embedding of a query that is one of the database's images."""
+    stored = {os.path.abspath(path): features[i] for images, _, features in database.values()
+              for i, path in enumerate(images)}
+    utils.log(f'no model at {model_path}: the query\'s embedding is the one stored in {database_path}')
+
+    def embed(path):
+        if os.path.abspath(path) not in stored:
+            raise utils.ReirError(f'no model at {model_path} to embed the query with: pass --model <prefix>_model.pth '
+                                  f'(the original REIR kept it in epochs/), or query an image of the database')
+        return stored[os.path.abspath(path)].float()
+    return embed
+
+
+def query_paths(query):
+    """The query images: the file query, or every file under the folder query (as index.py reads a folder)."""
+    if os.path.isdir(query):
+        return [os.path.join(query, relative) for relative in folder_index.image_files(query)]
+    if not os.path.isfile(query):
+        raise utils.ReirError(f'query image {query} not found')
+    return [query]
+
+
+def draw(query, results, label, output):
+    """Write the grid of a query and its results [(path, similarity, class key)] to output."""
     try:
-        query = transform(args.query_img_name)[None]                                 # (1, 3, S, S)
+        grid = figures.draw_grid(query, results, label, ImageFont.load_default())
     except utils.UNREADABLE_IMAGE_ERRORS as e:
-        raise utils.ReirError(f'query image {args.query_img_name} is unreadable ({type(e).__name__})') from None
-    with torch.inference_mode():
-        return model.embedding(query)[0]                                         # (E * M,)
+        raise utils.ReirError(f'cannot draw a retrieved image ({e}): run from the folder the database was trained '
+                              f'in, or keep the dataset where it was') from None
+    run_files.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
 
 
 def main(args):
     database_path = data_base.resolve_database(args.data_base)
-    run, _, _ = run_files.run_of_file(database_path, kinds=('data_base.pth',))
+    run, paths, kind = data_base.run_of(database_path)
     database = data_base.load_database(database_path)
     split = args.data_type or utils.eval_splits(database, database_path)[-1]  # test, or gallery
     if split not in database:
         raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')
-    if not os.path.isfile(args.query_img_name):
-        raise utils.ReirError(f'query image {args.query_img_name} not found')
-    query_feature = query_embedding(args, run, database_path, database)
+    queries = query_paths(args.query_img_name)
+    embed = query_embedder(args, run, paths['model.pth'], database_path, database)
+    gallery = Gallery(*database[split])
+    searcher = faiss_search.read_beside(database_path, gallery.features.float().numpy()) \
+        if kind == data_base.INDEX_KIND and split == folder_index.SPLIT else None
+    if searcher is not None:
+        utils.log(f'searching with {faiss_search.faiss_path(database_path)} ({type(searcher).__name__})')
+    stem = os.path.basename(database_path).removesuffix(f'_{kind}').removesuffix('_index')
+    folder = os.path.dirname(database_path)
+    rows, unreadable, classes = [], [], classes_by_path(database)
+    for query in queries:
+        try:
+            feature = embed(query)
+        except UnreadableQuery:
+            if len(queries) == 1:
+                raise
+            unreadable.append(query)
+            continue
+        label = classes.get(os.path.abspath(query))
+        own = gallery.position.get(os.path.abspath(query))
+        if searcher is None:
+            indices, similarities = retrieve(feature, label, (gallery.images, gallery.labels, gallery.features), own,
+                                             args.retrieval_num)
+        else:
+            indices, similarities = retrieve_with_faiss(searcher, feature, own, args.retrieval_num,
+                                                        len(gallery.images))
+        results = [(gallery.images[i], s, gallery.labels[i]) for i, s in zip(indices, similarities)]
+        output = os.path.join(folder, f'{figures.query_name(query)}_{stem}_retrieval.png')
+        draw(query, results, label, output)
+        print_results(query if len(queries) > 1 else None, results, label, output)
+        rows += [dict(query=query, rank=rank, path=path, similarity=round(similarity, 6), label=other,
+                      same_class='' if label is None else other == label)
+                 for rank, (path, similarity, other) in enumerate(results, start=1)]
+    finish(args.query_img_name, rows, unreadable, os.path.join(folder, f'{figures.query_name(args.query_img_name)}_'
+                                                                       f'{stem}_retrieval.csv'))
 
-    images, labels, _ = database[split]
-    label = query_class(args.query_img_name, database)
-    indices, similarities = retrieve(query_feature, label, database[split], args.query_img_name, args.retrieval_num)
-    results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
-    try:
-        grid = figures.draw_grid(args.query_img_name, results, label, ImageFont.load_default())
-    except utils.UNREADABLE_IMAGE_ERRORS as e:
-        raise utils.ReirError(f'cannot draw a retrieved image ({e}): run from the folder the database was trained '
-                              f'in, or keep the dataset where it was') from None
 
-    output = os.path.join(os.path.dirname(database_path),
-                          f'{figures.query_name(args.query_img_name)}_{run.prefix}_retrieval.png')
-    run_files.atomic_write(output, lambda tmp: grid.save(tmp, format='PNG'))
+def print_results(query, results, label, output):
+    """The results as the lines of the grid, under the query's path where there are several queries."""
+    if query is not None:
+        print(f'{query}:')
     for rank, (path, similarity, other) in enumerate(results, start=1):
         mark = ' (same class)' if label is not None and other == label else ''
         print(f'{rank}: {similarity:.4f} {path}{mark}')
+    print(f'-> {output}')
+
+
+def finish(query, rows, unreadable, output):
+    """Write the CSV of every query's results, after a warning that names the unreadable queries of a folder."""
+    if unreadable:
+        utils.warn(f'{query}: left out {len(unreadable)} unreadable files: '
+                   f'{utils.shown([os.path.relpath(path, query) for path in unreadable])}')
+    if not rows:
+        raise utils.ReirError(f'{query}: none of its files is an image that can be read')
+    run_files.atomic_write(output, run_files.csv_file(rows))
     print(f'-> {output}')
 
 

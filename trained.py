@@ -9,6 +9,7 @@ original REIR saved alike.
 hubconf.py offers the same call to torch.hub.load.
 """
 import os
+from types import SimpleNamespace
 
 import engine
 import run_files
@@ -73,6 +74,14 @@ def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=N
     (256 pixels, whole images decoded). image_size and exact_pipeline override them; a run whose files no longer
     say them needs them, and data_path (the prepared datasets) gives the normalization of one whose files no longer
     record it."""
+    opened = open_run(run, prefix, image_size, exact_pipeline, data_path, device)
+    return opened.model, opened.preprocess
+
+
+def open_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=None, device='cpu'):
+    """load_run's model and Preprocess with what they came from, as a namespace: name (the RunName), path (the model
+    file), model, preprocess, embedding (the settings that make its embeddings: image_size, exact_pipeline, mean,
+    std, as plain values) and recalls (the run's K of Recall@K)."""
     if image_size is not None and not (utils.is_int(image_size) and image_size > 0):
         raise utils.UsageError(f'image_size {image_size!r}: the side of the network input is a positive integer')
     path = model_file(run)
@@ -80,6 +89,10 @@ def load_run(run, prefix=None, image_size=None, exact_pipeline=None, data_path=N
     model = engine.load_model(path, name).to(device)  # first: a model of another prefix is the error
     overrides = dict(image_size=image_size, exact_pipeline=exact_pipeline, data_path=data_path)
     settings = run_files.embedding_settings(paths, overrides, model_needed=True)
-    transform, min_side = utils.input_pipeline(name.crop_type, False, settings.image_size,
-                                               *run_normalization(name, settings, data_path), settings.exact_pipeline)
-    return model, Preprocess(transform, min_side)
+    mean, std = run_normalization(name, settings, data_path)
+    transform, min_side = utils.input_pipeline(name.crop_type, False, settings.image_size, mean, std,
+                                               settings.exact_pipeline)
+    embedding = dict(image_size=settings.image_size, exact_pipeline=settings.exact_pipeline, mean=list(mean),
+                     std=list(std))
+    return SimpleNamespace(name=name, path=path, model=model, preprocess=Preprocess(transform, min_side),
+                           embedding=embedding, recalls=settings.recalls)

@@ -39,6 +39,7 @@ EXIF_ORIENTATION = 0x0112
 # what PIL raises for a file that is not a readable image (SyntaxError and ValueError for some broken headers)
 UNREADABLE_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 STOPPED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): stopped on request, to be continued
+MAX_REPORTED = 5  # names of skipped files a warning shows
 
 
 # ----------------------------------------------------------------------------- errors and the command line
@@ -507,6 +508,17 @@ class ResizeCrop:
         scale_x, scale_y = width / new_width, height / new_height
         box = (left * scale_x, top * scale_y, (left + size) * scale_x, (top + size) * scale_y)
         return image.resize((size, size), Image.BILINEAR, box=box)
+
+
+def shown(names):
+    """The first MAX_REPORTED of names, sorted, for a line that reports them."""
+    return ', '.join(sorted(names)[:MAX_REPORTED]) + (', ...' if len(names) > MAX_REPORTED else '')
+
+
+def is_visible(name):
+    """Whether a file or folder name is one of a dataset's: not hidden (.DS_Store, the temporaries of an interrupted
+    write) and not a temporary (*.tmp)."""
+    return not name.startswith('.') and not name.endswith('.tmp')
 
 
 def load_rgb(path, min_side=None):

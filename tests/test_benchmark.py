@@ -105,3 +105,23 @@ def test_the_step_profile_times_every_phase_of_train_py_s_step(tmp_path, monkeyp
     before, now = benchmark.epoch_budget(row, config, 'cub')
     assert before['training'] == now['training'] and now['database'] == 0 < before['database']
     assert not [name for name in os.listdir(tmp_path) if name.endswith('.tmp')]
+
+
+@pytest.mark.slow
+def test_index_cases_embed_the_folder_both_ways_and_measure_faiss_against_the_exact_search(tmp_path):
+    config = dict(share_type='layer4', ensemble_size=2, meta_class_size=2, image_size=32, batch_size=4, num_workers=0)
+    root = tmp_path / 'photos'
+    for i in range(6):
+        benchmark.photo(str(root / f'class_{i % 2}' / f'{i}.jpg'), 60, 40, np.random.default_rng(i))
+    model_path = benchmark.demo_run(str(tmp_path / 'run'), config)
+    assert benchmark.evaluation_pipeline_seconds(model_path, str(root), config) > 0
+    assert benchmark.index_seconds(model_path, str(root), config, str(tmp_path / 'out')) > 0
+    index = torch.load(next((tmp_path / 'out').glob('*_photos_index.pth')), weights_only=True)
+    assert index['test_features'].shape == (6, 4)
+    queue = Queue()
+    benchmark.faiss_case('exact', 3000, 0, 'clustered', queue)
+    benchmark.faiss_case('hnsw', 3000, 0, 'low_rank', queue)
+    exact, hnsw = queue[0], queue[1]
+    assert len(exact) == 1 and exact[0]['recall@10'] == 100.0 and exact[0]['query_ms'] > 0
+    assert [row['search_effort'] for row in hnsw] == list(benchmark.SEARCH_EFFORTS['hnsw'])
+    assert all(0 < row['recall@10'] <= 100 for row in hnsw) and hnsw[-1]['recall@10'] >= hnsw[0]['recall@10']

@@ -107,7 +107,7 @@ def test_the_grid_ranks_ties_as_the_metrics_do(k):
     features = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # the first three score alike
     labels = ['a', 'b', 'a', 'b']
     split = ([f'{i}.jpg' for i in range(4)], labels, features)
-    top, scores = inference.retrieve(torch.tensor([1.0, 0.0]), 'a', split, 'query.jpg', k)
+    top, scores = inference.retrieve(torch.tensor([1.0, 0.0]), 'a', split, None, k)
     assert top == [1, 0, 2, 3][:k] and scores == [1.0, 1.0, 1.0, 0.0][:k]
     counted = utils.same_class_in_top_k(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), k, features,
                                         torch.tensor([0, 1, 0, 1]))

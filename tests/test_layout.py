@@ -14,15 +14,18 @@ from conftest import REPO  # noqa: E402
 # the library, each module above the ones it may import: the method (network, losses, embedding); what --loss names;
 # engines that compute its branches faster; datasets, ids and metrics; the original REIR's files; file locks that leave
 # nothing behind; a run's files and state; figures; how a run reads its images; running a model; the embedding database;
-# a run's TensorBoard log; keeping and continuing a run; the original's recipes; loading a trained run
+# a run's TensorBoard log; keeping and continuing a run; the original's recipes; loading a trained run; search with
+# faiss; a folder of one's own images as a gallery (index.py's)
 LIBRARY = ('model', 'loss_choice', 'branch_engines', 'utils', 'original', 'locks', 'run_files', 'figures', 'loaders',
-           'engine', 'data_base', 'tensorboard_log', 'resume', 'recipes', 'trained')
+           'engine', 'data_base', 'tensorboard_log', 'resume', 'recipes', 'trained', 'faiss_search', 'folder_index')
 # the scripts, and hubconf.py, torch.hub's entry points, which stand on the library as they do
-SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation', 'hubconf'}
+SCRIPTS = {'data_utils', 'train', 'evaluate', 'inference', 'benchmark', 'architecture', 'study', 'ablation', 'hubconf',
+           'index'}
 OWN_JOBS = {('train', 'data_utils'),       # train.py draws the demo dataset when it is missing
             ('benchmark', 'data_utils'),   # benchmark.py data prepares short-side copies
             ('study', 'data_utils'),       # study.py draws the demo once, before its runs start side by side
-            ('study', 'train')}            # study.py has train.py parse and compare the flags of the runs it starts
+            ('study', 'train'),            # study.py has train.py parse and compare the flags of the runs it starts
+            ('benchmark', 'index')}        # benchmark.py index times index.py's own job
 
 
 # the size budgets: a function of the repository at most FUNCTION_LINES lines (an argument parser split by argument

@@ -267,3 +267,21 @@ def test_the_original_cars196_model_maps_key_for_key_onto_this_model():
     mapped = original.state_dict_from_original(network.state_dict(), 'layer1')
     assert {key: value.shape for key, value in mapped.items()} == \
         {key: value.shape for key, value in model.state_dict().items()}
+
+
+@pytest.mark.slow
+def test_index_py_embeds_a_folder_with_an_original_model(tmp_path, prepared):
+    """index.py takes the original's epochs/<prefix>_model.pth as torch.hub does: the index beside it holds the
+    embeddings its network gives, as the original embedded (256 pixels, whole images decoded)."""
+    model_path, _, run = original_model_file(tmp_path)
+    folder = prepared / 'data' / 'tiny' / 'test'
+    result = run_main('index', model_path, '--images', folder, '--data_path', prepared / 'data', '--num_workers', '0',
+                      '--labels', 'folders')
+    assert result.returncode == 0, result.stderr
+    index = torch.load(tmp_path / 'epochs' / f'{run.prefix}_test_index.pth', weights_only=True)
+    model, transform = trained.load_run(model_path, data_path=prepared / 'data')
+    with torch.no_grad():
+        first = model.embedding(transform(index['test_images'][0])[None])[0]
+    assert index['settings']['image_size'] == 256 and index['settings']['exact_pipeline'] is True
+    assert torch.allclose(index['test_features'][0].float(), first, atol=1e-3)
+    assert run_main('evaluate', tmp_path / 'epochs' / f'{run.prefix}_test_index.pth').returncode == 0
