@@ -1,9 +1,10 @@
-"""A folder of one's own images as a gallery that a trained run searches: index.py's <prefix>_<name>_index.pth, a run's
-embedding database in format (data_base.database_file) with one split, 'test', the split a self-retrieval dataset is
-scored on: evaluate.py scores a labelled index, inference.py searches it and ablation.py compares two runs' indexes of
-one folder, as they do a run's database. The embeddings are written in parts as they are made (<index>.parts/), so
-that a stopped or killed index continues where it stopped, and an update embeds only the files added or changed
-since; the result is the same file as one pass over the folder would write."""
+"""A folder of one's own images as a gallery that a trained run searches: index.py's <prefix>_<name>_index.pth, in the
+format of a run's embedding database (data_base.database_file) with one split, 'test', the split a self-retrieval
+dataset is scored on: evaluate.py scores a labelled index, inference.py searches it and ablation.py compares two runs'
+indexes of one folder, as they do a run's database. The embeddings are written in parts as they are made
+(<index>.parts/): a stopped or killed index continues where it stopped, to the file one pass writes; an update embeds
+only the files added or changed since, to one pass's images, classes and records (and embeddings, where a kernel's
+result does not depend on the batch an image shares)."""
 import os
 import shutil
 import stat
