@@ -29,18 +29,23 @@ PART_PREFIX = 'part-'
 
 # ----------------------------------------------------------------------------- the folder
 
-def image_files(folder):
+def image_files(folder, own=()):
     """{path relative to folder, '/'-separated: (size, modification time in ns)} of every file under folder that a
     dataset would hold (utils.is_visible, in visible subfolders), in the order of the paths' parts (a folder dataset's:
-    class folder, then name); a symbolic link to nothing as (-1, 0), to be reported unreadable. Refused where the
-    folder is missing or holds no file."""
+    class folder, then name); a symbolic link to nothing as (-1, 0), to be reported unreadable. The paths own (an
+    index's own files and parts, written into the folder it indexes) are left out. Refused where the folder is missing
+    or holds no file."""
     if not os.path.isdir(folder):
         raise utils.ReirError(f'{folder}: no such folder of images')
+    own = {os.path.abspath(path) for path in own}
     found = []
     for directory, subfolders, names in os.walk(folder):
-        subfolders[:] = [name for name in subfolders if utils.is_visible(name)]
+        subfolders[:] = [name for name in subfolders if utils.is_visible(name)
+                         and os.path.abspath(os.path.join(directory, name)) not in own]
         for name in filter(utils.is_visible, names):
             path = os.path.join(directory, name)
+            if os.path.abspath(path) in own:
+                continue
             try:
                 status = os.stat(path)
             except OSError:

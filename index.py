@@ -93,13 +93,13 @@ def with_faiss(kind, features, device):
 
 
 def main(args):
-    files = folder_index.image_files(args.images)
-    folder_index.check_labels(files, args.labels, args.images)
     opened = trained.open_run(args.run, args.prefix, args.image_size, args.exact_pipeline, args.data_path)
     name = args.name or index_name(os.path.basename(os.path.abspath(args.images)))
     results_dir = args.results_dir or os.path.dirname(opened.path) or '.'
     path = folder_index.index_path(results_dir, opened.name, name)
     parts = folder_index.parts_folder(path)
+    files = folder_index.image_files(args.images, own=(path, faiss_search.faiss_path(path), parts))
+    folder_index.check_labels(files, args.labels, args.images)
     with folder_index.lock(path), resume.StopSignals(path) as signals, signals.deferred():
         stored = folder_index.earlier_index(path, args.images, args.update, args.overwrite)
         kind = faiss_kind(args, stored)

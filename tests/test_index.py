@@ -188,6 +188,14 @@ def test_an_update_by_another_model_embeds_everything_and_another_folder_is_refu
     assert index_of(run, other, '--name', 'elsewhere').returncode == 0
 
 
+def test_an_index_written_into_the_folder_it_indexes_leaves_its_own_files_out(run, photos):
+    flags = ['--results_dir', photos, '--batch_size', '4']
+    assert index_of(run, photos, *flags, '--faiss', 'flat').returncode == 0
+    result = index_of(run, photos, *flags, '--update')
+    assert result.returncode == 0 and 'embedded 0 files' in result.stdout and 'unreadable' not in result.stderr
+    assert len(stored(photos / f'{prefix()}_photos_index.pth')['test_images']) == 28
+
+
 def test_a_folder_of_queries_gets_a_grid_each_and_one_csv(run, photos, tmp_path):
     assert index_of(run, photos, '--labels', 'folders').returncode == 0
     queries = tmp_path / 'queries'
