@@ -66,13 +66,14 @@ INDEX_RECORD = 'index'    # its record of the folder, files and model (index_rec
 INDEX_LABELS = ('none', 'folders')
 
 
-def database_file(splits, dataset_root, settings, epoch, weights, extra=None):
+def database_file(splits, dataset_root, settings, epoch, weights, extra=None, fingerprint=None):
     """The embedding database that evaluate.py and inference.py read: for every split, from
     splits[split] = ([(path relative to dataset_root, class key)], (N, E*M) features), the image paths from
     the working folder, the class keys and the features in float16; with the folder those paths start from,
     the run's settings (plain values), the epoch of the model that embedded them and the fingerprint of its weights
     (the state_dict weights; hashed as the file is written, in the background during training), so that the file
-    describes itself; and the entries of extra (an index's record of its folder, INDEX_RECORD)."""
+    describes itself; and the entries of extra (an index's record of its folder, INDEX_RECORD). fingerprint: the
+    weights' fingerprint where the caller has it already (index.py hashed them for its parts), not hashed again."""
     database = {'working_dir': os.getcwd(), 'settings': settings, 'epoch': epoch, **(extra or {})}
     for split, (items, features) in splits.items():
         database[f'{split}_images'] = [os.path.join(dataset_root, p) for p, _ in items]
@@ -80,7 +81,7 @@ def database_file(splits, dataset_root, settings, epoch, weights, extra=None):
         database[f'{split}_features'] = features.half()
 
     def write(tmp):
-        database['model_fingerprint'] = utils.weights_fingerprint(weights)
+        database['model_fingerprint'] = fingerprint or utils.weights_fingerprint(weights)
         run_files.torch_file(database)(tmp)
     return write
 

@@ -247,11 +247,13 @@ def gallery(files, known, labels):
 
 def index_writers(path, folder, index, opened, faiss_index):
     """The files of an index for run_files.save_together: the gallery at path (index: items, features and the
-    INDEX_RECORD entries) and, with faiss_index, the faiss index beside it (faiss_search.faiss_path)."""
+    INDEX_RECORD entries, whose source names the model's fingerprint) and, with faiss_index, the faiss index beside it
+    (faiss_search.faiss_path)."""
     settings = dict(opened.embedding, recalls=opened.recalls)
     items, features, record = index
-    writers = {path: data_base.database_file({SPLIT: (items, features)}, folder, settings, None,
-                                             opened.model.state_dict(), {data_base.INDEX_RECORD: record})}
+    writers = {path: data_base.database_file({SPLIT: (items, features)}, folder, settings, None, None,
+                                             {data_base.INDEX_RECORD: record},
+                                             record['source']['model_fingerprint'])}
     if faiss_index is not None:
         writers[faiss_search.faiss_path(path)] = faiss_search.writer(faiss_index)
     return writers

@@ -45,15 +45,6 @@ def get_args_parser():
     return parser
 
 
-class Gallery:
-    """The split of the database a query searches: image paths, class keys, (N, d) features, and where each image
-    is, by absolute path (a query that is one of them is left out of its own results)."""
-
-    def __init__(self, images, labels, features):
-        self.images, self.labels, self.features = images, labels, features
-        self.position = {os.path.abspath(path): i for i, path in enumerate(images)}
-
-
 def classes_by_path(database):
     """{absolute path: class key} of the database's images: a query's class, when it is one of them."""
     return {os.path.abspath(path): label for images, labels, _ in database.values()
@@ -155,8 +146,9 @@ def main(args):
         raise utils.ReirError(f'{database_path} has no {split} split; it holds {", ".join(database)}')
     queries = query_paths(args.query_img_name)
     embed = query_embedder(args, run, paths['model.pth'], database_path, database)
-    gallery = Gallery(*database[split])
-    searcher = faiss_search.read_beside(database_path, gallery.features.float().numpy()) \
+    images, labels, features = database[split]
+    position = {os.path.abspath(path): i for i, path in enumerate(images)}  # a query among them skips itself
+    searcher = faiss_search.read_beside(database_path, features.float().numpy()) \
         if kind == data_base.INDEX_KIND and split == folder_index.SPLIT else None
     if searcher is not None:
         utils.log(f'searching with {faiss_search.faiss_path(database_path)} ({type(searcher).__name__})')
@@ -172,14 +164,12 @@ def main(args):
             unreadable.append(query)
             continue
         label = classes.get(os.path.abspath(query))
-        own = gallery.position.get(os.path.abspath(query))
+        own = position.get(os.path.abspath(query))
         if searcher is None:
-            indices, similarities = retrieve(feature, label, (gallery.images, gallery.labels, gallery.features), own,
-                                             args.retrieval_num)
+            indices, similarities = retrieve(feature, label, database[split], own, args.retrieval_num)
         else:
-            indices, similarities = retrieve_with_faiss(searcher, feature, own, args.retrieval_num,
-                                                        len(gallery.images))
-        results = [(gallery.images[i], s, gallery.labels[i]) for i, s in zip(indices, similarities)]
+            indices, similarities = retrieve_with_faiss(searcher, feature, own, args.retrieval_num, len(images))
+        results = [(images[i], s, labels[i]) for i, s in zip(indices, similarities)]
         output = os.path.join(folder, f'{figures.query_name(query)}_{stem}_retrieval.png')
         draw(query, results, label, output)
         print_results(query if len(queries) > 1 else None, results, label, output)
